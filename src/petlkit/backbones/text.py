@@ -1,0 +1,107 @@
+"""BERT-family text encoders from transformers, with a classification head on top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from petlkit.errors import PetlError
+from petlkit.layout import BackboneLayout, BlockLayout
+
+POOLINGS = ("cls", "mean")
+
+
+class TextClassifier(nn.Module):
+    """encoder → pooled token (CLS or masked mean) → dropout → head."""
+
+    def __init__(
+        self, encoder: nn.Module, num_labels: int, pooling: str = "cls", dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise PetlError(f"unknown pooling {pooling!r}; valid: {list(POOLINGS)}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+        return self.head(self.dropout(self.pool(hidden, attention_mask)))
+
+    def petl_layout(self) -> BackboneLayout:
+        return encoder_layout(self.encoder, prefix="encoder.")
+
+
+def _block_layout(layer: nn.Module, p: str) -> BlockLayout:
+    if hasattr(layer.attention, "self"):  # BERT, RoBERTa, MiniLM, ELECTRA
+        attn = f"{p}attention.self"
+        q, k, v, out = f"{attn}.query", f"{attn}.key", f"{attn}.value", f"{p}attention.output.dense"
+    elif hasattr(layer.attention, "attn"):  # MPNet
+        attn = f"{p}attention.attn"
+        q, k, v, out = f"{attn}.q", f"{attn}.k", f"{attn}.v", f"{attn}.o"
+    else:
+        raise PetlError(
+            f"unsupported encoder layer {type(layer).__name__}: no BERT/MPNet attention"
+        )
+    return BlockLayout(
+        attn_in=attn,
+        attn_linears=(q, k, v),
+        query=q,
+        value=v,
+        attn_out=out,
+        mlp_in=f"{p}intermediate",
+        mlp_linears=(f"{p}intermediate.dense",),
+        mlp_out=f"{p}output.dense",
+        attention=attn,
+    )
+
+
+def encoder_layout(encoder: nn.Module, prefix: str = "") -> BackboneLayout:
+    """The block layout of a BERT-family transformers encoder (`encoder.layer[i]`)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None:
+        raise PetlError(f"{type(encoder).__name__} is not a BERT-family encoder (no encoder.layer)")
+    blocks = tuple(
+        _block_layout(layer, f"{prefix}encoder.layer.{i}.") for i, layer in enumerate(layers)
+    )
+    cfg = encoder.config
+    return BackboneLayout(cfg.hidden_size, cfg.num_attention_heads, blocks)
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, object]:
+    """(encoder, tokenizer) from a local transformers folder; never touches the network."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the load report lists the unused pooler; not news
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PetlError(f"{path} is not a transformers model folder (no config.json)")
+    try:
+        encoder = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler
+        encoder = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return encoder, tokenizer

@@ -1,0 +1,100 @@
+"""Loading timm-format ViT checkpoints (safetensors only) into the project's ViT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from petlkit.backbones.vit import VisionTransformer, ViTConfig
+from petlkit.errors import CheckpointError
+from petlkit.io import read_safetensors
+
+
+def infer_config(state: dict[str, torch.Tensor], img_size: int | None = None) -> ViTConfig:
+    """The ViT shape that a timm state dict describes."""
+    try:
+        proj = state["patch_embed.proj.weight"]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        pos = state["pos_embed"]
+        fc1 = state["blocks.0.mlp.fc1.weight"]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"not a timm ViT state dict: missing {err}") from err
+    dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    head = state.get("head.weight")
+    heads = max(1, dim // 64)
+    return ViTConfig(
+        img_size=img_size or grid * patch,
+        patch_size=patch,
+        in_chans=chans,
+        num_classes=0 if head is None else head.shape[0],
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=fc1.shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+
+
+def resize_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Bicubic interpolation of the patch position embeddings (the class token's is kept)."""
+    cls, grid_tokens = pos[:, :1], pos[:, 1:]
+    old = int(round(grid_tokens.shape[1] ** 0.5))
+    if old == new_grid:
+        return pos
+    grid = grid_tokens.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+def load_timm_state_dict(
+    model: VisionTransformer, state: dict[str, torch.Tensor], load_head: bool = True
+) -> None:
+    """Load timm-named weights; interpolates pos_embed to the model's image size.
+
+    With `load_head=False` (a new task) the checkpoint's head is skipped.
+    """
+    state = dict(state)
+    if "pos_embed" in state:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.cfg.grid)
+    if not load_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            "checkpoint shapes do not fit this ViT (build the model with the checkpoint's shape, "
+            "e.g. petlkit.backbones.load_vit(path)): " + "; ".join(wrong[:5])
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not load_head:
+        missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint keys do not match the ViT: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}; is it a timm VisionTransformer state dict?"
+        )
+
+
+def load_vit(
+    path: str | Path, num_classes: int | None = None, img_size: int | None = None
+) -> VisionTransformer:
+    """A ViT shaped like the checkpoint at `path`, its weights loaded; a new head if
+    `num_classes` differs from the checkpoint's."""
+    state = read_safetensors(path)
+    cfg = infer_config(state, img_size)
+    keep_head = num_classes is None or num_classes == cfg.num_classes
+    if not keep_head:
+        cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
+    model = VisionTransformer(cfg)
+    load_timm_state_dict(model, state, load_head=keep_head)
+    return model

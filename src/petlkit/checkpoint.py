@@ -1,0 +1,117 @@
+"""Adapter-only checkpoints: `adapter_config.json` + `adapter_model.safetensors`.
+
+Only what a method trained (and the task head) is stored; the backbone comes from its own source.
+Loading checks the checkpoint was made for a backbone of the same shape and fails clearly if not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from petlkit import __version__
+from petlkit.errors import CheckpointError, PetlError
+from petlkit.io import read_safetensors, write_json, write_safetensors
+from petlkit.methods.base import backbone_parameters
+from petlkit.model import PetlModel, attach
+from petlkit.registry import config_from_dict
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a backbone's shape: class, parameter count and a hash of names/shapes."""
+    params = backbone_parameters(model)
+    lines = "\n".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(params.items()))
+    return {
+        "class": type(model).__name__,
+        "num_parameters": sum(p.numel() for p in params.values()),
+        "shapes_sha256": hashlib.sha256(lines.encode()).hexdigest(),
+    }
+
+
+def _state_to_save(petl: PetlModel, name: str) -> dict[str, torch.Tensor]:
+    method = petl.methods[name]
+    state = dict(method.trainable(petl.model))
+    state.update({f"head.{n}": p for n, p in petl.model.head.named_parameters()})
+    return state
+
+
+def save_adapter(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
+    """Write method `name`'s trained parameters and the head to `folder` (atomically per file)."""
+    method = petl._get(name)
+    if method.merged:
+        raise PetlError("the model is merged: call unmerge() before saving the adapter")
+    folder = Path(folder)
+    with petl.disable():  # full fine-tuning must not hide its weights; fingerprint is shape-only
+        fingerprint = backbone_fingerprint(petl.model)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "library": "petlkit",
+        "library_version": __version__,
+        "method": method.config.to_dict(),
+        "backbone": fingerprint,
+    }
+    write_safetensors(folder / WEIGHTS_FILE, _state_to_save(petl, name), {"format": "pt"})
+    write_json(folder / CONFIG_FILE, config)
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {folder}; is it a petlkit adapter folder?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    for key in ("format_version", "method", "backbone"):
+        if key not in config:
+            raise CheckpointError(f"{path} lacks the key {key!r}; the file is incomplete")
+    if config["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {config['format_version']}, newer than this petlkit "
+            f"reads ({FORMAT_VERSION}); upgrade petlkit"
+        )
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> PetlModel:
+    """Attach the method saved in `folder` to `model` (task model or PetlModel) and load it."""
+    config = read_adapter_config(folder)
+    task_model = model.model if isinstance(model, PetlModel) else model
+    found = backbone_fingerprint(task_model)
+    want = config["backbone"]
+    if found["shapes_sha256"] != want.get("shapes_sha256"):
+        raise CheckpointError(
+            f"{folder} was saved for a {want.get('class')} backbone with "
+            f"{want.get('num_parameters'):,} parameters, but this is a {found['class']} with "
+            f"{found['num_parameters']:,}; load it into the backbone it was trained on"
+        )
+    tensors = read_safetensors(Path(folder) / WEIGHTS_FILE)
+    petl = attach(model, config_from_dict(config["method"]), name=name)
+    expected = _state_to_save(petl, name)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        petl.remove_method(name)
+        raise CheckpointError(
+            f"{folder} does not match its own config: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; the weights file belongs to another adapter"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            if param.shape != tensors[key].shape:
+                petl.remove_method(name)
+                raise CheckpointError(
+                    f"{key}: saved shape {tuple(tensors[key].shape)} != model "
+                    f"{tuple(param.shape)}; was the head built for another number of classes?"
+                )
+            param.copy_(tensors[key])
+    return petl

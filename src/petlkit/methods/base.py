@@ -1,0 +1,164 @@
+"""What every method is: an nn.Module holding its own parameters that injects into a model.
+
+Two ways to inject: wrap target modules in a `Tuner` (it keeps the original as `base_layer`), or
+register hooks on the backbone's declared extension points. A method never edits a forward.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from petlkit.config import MethodConfig
+from petlkit.errors import NotMergeableError
+from petlkit.methods.targeting import canonical_name, get_slot
+
+
+class Tuner(nn.Module):
+    """A wrapper around one module of the backbone, owned by one named method instance."""
+
+    def __init__(self, base_layer: nn.Module, owner: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.owner = owner
+        self.enabled = True
+
+    def own_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ΔW, Δb) to add to the base layer's weight and bias when merging."""
+        raise NotMergeableError(f"{type(self).__name__} has no weight-space update to merge")
+
+
+def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Canonical name → parameter of the pretrained backbone (no head, nothing a method added)."""
+    added = {id(p) for m in model.modules() if isinstance(m, Tuner) for _, p in m.own_parameters()}
+    return {
+        canonical_name(n): p
+        for n, p in model.named_parameters()
+        if not n.startswith("head.") and id(p) not in added
+    }
+
+
+class Method(nn.Module):
+    """Base of all methods. `attach` injects into a task model; `detach` undoes it exactly."""
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: None if mergeable, else the reason merging is refused.
+    merge_refusal: ClassVar[str | None] = "this method's update is not linear in the weights"
+    #: True for methods that train backbone weights in place (full fine-tuning).
+    trains_backbone: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, name: str) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}")
+        self.config = config
+        self.name = name
+        self.enabled = True
+        self._merged: list[
+            tuple[nn.Module, str, Tuner, torch.Tensor | None, torch.Tensor | None]
+        ] = []
+
+    # -- injection ---------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove every wrapper this method added, leaving the modules it wrapped."""
+        for name, tuner in self.tuners(model):
+            parent, attr = get_slot(model, name)
+            self._unwrap(parent, attr, tuner)
+
+    def wrap(self, model: nn.Module, name: str, tuner_factory) -> Tuner:
+        parent, attr = get_slot(model, name)
+        tuner = tuner_factory(getattr(parent, attr))
+        setattr(parent, attr, tuner)
+        return tuner
+
+    def _unwrap(self, parent: nn.Module, attr: str, tuner: Tuner) -> None:
+        current = getattr(parent, attr)
+        if current is tuner:
+            setattr(parent, attr, tuner.base_layer)
+            return
+        while isinstance(current, Tuner):  # another method wrapped ours: splice ours out
+            if current.base_layer is tuner:
+                current.base_layer = tuner.base_layer
+                return
+            current = current.base_layer
+
+    def tuners(self, model: nn.Module) -> list[tuple[str, Tuner]]:
+        """(canonical name, tuner) for every wrapper this method owns in `model`."""
+        return [
+            (canonical_name(n), m)
+            for n, m in model.named_modules()
+            if isinstance(m, Tuner) and m.owner == self.name
+        ]
+
+    # -- parameters --------------------------------------------------------------------------
+    def added_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Canonical name → parameter for everything this method adds to the backbone."""
+        params = {f"method.{n}": p for n, p in self.named_parameters()}
+        for name, tuner in self.tuners(model):
+            params.update({f"{name}.{n}": p for n, p in tuner.own_parameters()})
+        return params
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Canonical name → parameter for everything this method trains (head excluded)."""
+        return self.added_parameters(model)
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        self.enabled = enabled
+        for _, tuner in self.tuners(model):
+            tuner.enabled = enabled
+
+    # -- merge -------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self._merged)
+
+    def check_mergeable(self) -> None:
+        if self.merge_refusal is not None:
+            raise NotMergeableError(f"{self.name!r} ({self.config.method}): {self.merge_refusal}")
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """Fold every wrapper's update into the module it wraps and drop the wrapper."""
+        self.check_mergeable()
+        tuners = self.tuners(model)
+        for name, tuner in tuners:
+            if isinstance(tuner.base_layer, Tuner):
+                raise NotMergeableError(
+                    f"{name} is wrapped by more than one method; merge the outer one first"
+                )
+        for name, tuner in tuners:
+            base = tuner.base_layer
+            d_weight, d_bias = tuner.delta()
+            old_bias = None if base.bias is None else base.bias.detach().clone()
+            old_weight = None if base.weight is None else base.weight.detach().clone()
+            self._merged.append((*get_slot(model, name), tuner, old_weight, old_bias))
+            if d_weight is not None:
+                base.weight += d_weight.to(base.weight.dtype)
+            if d_bias is not None:
+                if base.bias is None:
+                    base.bias = nn.Parameter(torch.zeros_like(d_bias), requires_grad=False)
+                base.bias += d_bias.to(base.bias.dtype)
+            parent, attr = get_slot(model, name)
+            setattr(parent, attr, base)
+
+    @torch.no_grad()
+    def unmerge(self, model: nn.Module) -> None:
+        """Restore the exact original weights and put the wrappers back."""
+        for parent, attr, tuner, weight, bias in reversed(self._merged):
+            base = tuner.base_layer
+            if weight is not None:
+                base.weight.copy_(weight)
+            if bias is None:
+                base.bias = None
+            else:
+                base.bias.copy_(bias)
+            setattr(parent, attr, tuner)
+        self._merged.clear()

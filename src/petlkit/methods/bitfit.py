@@ -1,0 +1,63 @@
+"""BitFit (Ben Zaken et al., 2022): train only the bias terms.
+
+Implemented as a learned bias offset per layer (zero at start), so the pretrained biases stay
+untouched for `disable()` and the offset folds into the bias on `merge()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from petlkit.config import MethodConfig
+from petlkit.methods.base import Method, Tuner
+from petlkit.methods.targeting import find_targets
+from petlkit.registry import register_method
+
+BIAS_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    return module.normalized_shape[-1]
+
+
+class BiasTuner(Tuner):
+    def __init__(self, base_layer: nn.Module, owner: str) -> None:
+        super().__init__(base_layer, owner)
+        self.bias_delta = nn.Parameter(torch.zeros(_out_features(base_layer)))
+        self._channel_dim = 1 if isinstance(base_layer, nn.Conv2d) else -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled:
+            return out
+        if self._channel_dim == 1:
+            return out + self.bias_delta.view(1, -1, 1, 1)
+        return out + self.bias_delta
+
+    def delta(self) -> tuple[None, torch.Tensor]:
+        return None, self.bias_delta
+
+
+@dataclasses.dataclass(frozen=True)
+class BitFitConfig(MethodConfig):
+    """targets: full-match regex or suffix list over Linear, LayerNorm and Conv2d modules."""
+
+    targets: str | Sequence[str] = ".*"
+
+
+@register_method("bitfit")
+class BitFit(Method):
+    config_cls = BitFitConfig
+    merge_refusal = None
+
+    def attach(self, model: nn.Module) -> None:
+        for name in find_targets(model, self.config.targets, types=BIAS_TYPES):
+            self.wrap(model, name, lambda base: BiasTuner(base, self.name))

@@ -1,0 +1,66 @@
+"""Full fine-tuning and linear probing: the two ends of the trainable-parameter scale."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from petlkit.config import MethodConfig
+from petlkit.methods.base import Method, backbone_parameters
+from petlkit.registry import register_method
+
+
+@dataclasses.dataclass(frozen=True)
+class FullFineTuneConfig(MethodConfig):
+    """Train every backbone weight. Keeps the pretrained weights to give `disable()` exactly."""
+
+
+@register_method("full")
+class FullFineTune(Method):
+    config_cls = FullFineTuneConfig
+    merge_refusal = None  # the update is already in the weights: merge has nothing to do
+    trains_backbone = True
+
+    def attach(self, model: nn.Module) -> None:
+        self._params = backbone_parameters(model)
+        self._pretrained = {n: p.detach().clone() for n, p in self._params.items()}
+        self._swapped = False
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return backbone_parameters(model)
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        super().set_enabled(model, enabled)
+        if enabled == self._swapped:  # swap tensors, no copies
+            for name, param in self._params.items():
+                param.data, self._pretrained[name] = self._pretrained[name], param.data
+            self._swapped = not enabled
+
+    def detach(self, model: nn.Module) -> None:
+        """Removing full fine-tuning gives the pretrained backbone back."""
+        with torch.no_grad():
+            for name, param in self._params.items():
+                if not self._swapped:
+                    param.copy_(self._pretrained[name])
+
+    def merge(self, model: nn.Module) -> None:  # nothing to fold
+        pass
+
+    def unmerge(self, model: nn.Module) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbeConfig(MethodConfig):
+    """Train only the task head on the frozen backbone's features."""
+
+
+@register_method("linear")
+class LinearProbe(Method):
+    config_cls = LinearProbeConfig
+    merge_refusal = None
+
+    def attach(self, model: nn.Module) -> None:
+        pass

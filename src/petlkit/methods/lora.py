@@ -1,0 +1,141 @@
+"""LoRA (Hu et al., 2022): W x + (α/r)·B A x on chosen linears; mergeable.
+
+On a fused q|k|v projection (the ViT's `attn.qkv`) each chosen part (q, k, v) gets its own
+pair, exactly as LoRA on separate q and v linears would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from petlkit.config import (
+    MethodConfig,
+    check_choice,
+    check_finite,
+    check_positive_int,
+    check_probability,
+)
+from petlkit.errors import ConfigError
+from petlkit.layout import layout_of
+from petlkit.methods.base import Method, Tuner
+from petlkit.methods.targeting import find_targets
+from petlkit.registry import register_method
+
+QKV = ("q", "k", "v")
+
+
+class LoRALinear(Tuner):
+    """`parts` selects slices of a fused output (None: the whole output is one part)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        owner: str,
+        r: int,
+        scaling: float,
+        dropout: float,
+        parts: Sequence[int] | None = None,
+        num_chunks: int = 1,
+    ) -> None:
+        super().__init__(base_layer, owner)
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRA wraps nn.Linear, got {type(base_layer).__name__}")
+        self.parts = list(parts) if parts is not None else None
+        n_parts = 1 if parts is None else len(parts)
+        out_part = base_layer.out_features // num_chunks
+        self.num_chunks = num_chunks
+        self.r = r
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(n_parts * r, base_layer.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(n_parts, out_part, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank update for input x, shaped (..., n_parts, out_part)."""
+        h = self.dropout(x) @ self.lora_A.t()
+        h = h.unflatten(-1, (self.lora_B.shape[0], self.r))
+        return torch.einsum("...pr,por->...po", h, self.lora_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled:
+            return out
+        return self.add_delta(out, self.lora_delta(x))
+
+    def add_delta(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.parts is None:
+            return out + delta.squeeze(-2)
+        chunks = out.unflatten(-1, (self.num_chunks, -1))
+        index = torch.tensor(self.parts, device=out.device)
+        return chunks.index_add(-2, index, delta.to(out.dtype)).flatten(-2)
+
+    def delta(self) -> tuple[torch.Tensor, None]:
+        a = self.lora_A.unflatten(0, (self.lora_B.shape[0], self.r))
+        per_part = torch.einsum("por,pri->poi", self.lora_B, a) * self.scaling
+        if self.parts is None:
+            return per_part[0], None
+        full = per_part.new_zeros(self.num_chunks, *per_part.shape[1:])
+        full[self.parts] = per_part
+        return full.flatten(0, 1), None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(MethodConfig):
+    """r: rank; alpha: scaling numerator (update scaled by alpha / r); targets: None for the
+    backbone's query and value projections, else exact suffixes or a full-match regex;
+    qkv_parts: which parts of a fused q|k|v projection get a LoRA pair."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | Sequence[str] | None = None
+    qkv_parts: Sequence[str] = ("q", "v")
+
+    def validate(self) -> None:
+        check_positive_int("LoRAConfig", "r", self.r)
+        check_finite("LoRAConfig", "alpha", self.alpha, positive=True)
+        check_probability("LoRAConfig", "dropout", self.dropout)
+        if not self.qkv_parts:
+            raise ConfigError("LoRAConfig.qkv_parts must name at least one of q, k, v")
+        for part in self.qkv_parts:
+            check_choice("LoRAConfig", "qkv_parts", part, QKV)
+
+
+@register_method("lora")
+class LoRA(Method):
+    config_cls = LoRAConfig
+    merge_refusal = None
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        fused = frozenset()
+        if cfg.targets is None:
+            layout = layout_of(model)
+            names = list(dict.fromkeys(n for b in layout.blocks for n in (b.query, b.value)))
+            fused = layout.fused_qkv
+        else:
+            names = find_targets(model, cfg.targets)
+            if hasattr(model, "petl_layout"):
+                fused = layout_of(model).fused_qkv
+        parts = sorted(QKV.index(p) for p in set(cfg.qkv_parts))
+        for name in names:
+            is_fused = name in fused
+            self.wrap(
+                model,
+                name,
+                lambda base, f=is_fused: LoRALinear(
+                    base,
+                    self.name,
+                    cfg.r,
+                    cfg.alpha / cfg.r,
+                    cfg.dropout,
+                    parts=parts if f else None,
+                    num_chunks=3 if f else 1,
+                ),
+            )

@@ -1,0 +1,157 @@
+"""PetlModel: a task model plus named method instances, with one place for freezing and counting."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from petlkit.config import MethodConfig
+from petlkit.errors import PetlError
+from petlkit.methods.base import Method
+from petlkit.registry import make_config, method_class
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Trainable parameters the way the field reports them: head counted apart."""
+
+    trainable: int  # method parameters (and backbone weights for full fine-tuning), head excluded
+    head: int
+    backbone: int  # the pretrained backbone alone, head excluded
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.backbone if self.backbone else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable: {self.trainable:,} ({self.percent:.4f}% of the {self.backbone:,}-parameter"
+            f" backbone) + head: {self.head:,}"
+        )
+
+
+class PetlModel(nn.Module):
+    """Wraps a task model (it must have a `head` submodule) and the methods attached to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(getattr(model, "head", None), nn.Module):
+            raise PetlError(
+                f"{type(model).__name__} has no `head` submodule; petlkit trains a task head "
+                "apart from the backbone: use petlkit.build_model or add a `head` attribute"
+            )
+        self.model = model
+        self.methods = nn.ModuleDict()
+        self.active: list[str] = []
+
+    # -- methods -----------------------------------------------------------------------------
+    def add_method(self, config: MethodConfig, name: str = "default") -> Method:
+        if name in self.methods:
+            raise PetlError(f"a method named {name!r} is attached already; pick another name")
+        if not name.isidentifier():
+            raise PetlError(f"method name {name!r} must be a Python identifier (e.g. 'task_a')")
+        method = method_class(config.method)(config, name)
+        method.attach(self.model)
+        self.methods[name] = method
+        self.set_active(name)
+        return method
+
+    def remove_method(self, name: str) -> None:
+        method = self._get(name)
+        if method.merged:
+            method.unmerge(self.model)
+        method.detach(self.model)
+        del self.methods[name]
+        self.active = [n for n in self.active if n != name]
+        self._apply_trainability()
+
+    def set_active(self, *names: str) -> None:
+        """Apply and train only these methods; the others stay attached but bypassed."""
+        for name in names:
+            self._get(name)
+        self.active = list(names)
+        for name, method in self.methods.items():
+            method.set_enabled(self.model, name in self.active)
+        self._apply_trainability()
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        """Inside the block the model computes exactly the untouched backbone (+ head)."""
+        saved = list(self.active)
+        for method in self.methods.values():
+            method.set_enabled(self.model, False)
+        try:
+            yield
+        finally:
+            for name, method in self.methods.items():
+                method.set_enabled(self.model, name in saved)
+
+    def _get(self, name: str) -> Method:
+        if name not in self.methods:
+            raise PetlError(f"no method named {name!r}; attached: {list(self.methods)}")
+        return self.methods[name]
+
+    def _apply_trainability(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in self.active:
+            for p in self.methods[name].trainable(self.model).values():
+                p.requires_grad_(True)
+        for p in self.model.head.parameters():
+            p.requires_grad_(True)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- merge -------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold every active method into the backbone weights: plain modules, no overhead."""
+        for name in self.active:
+            self.methods[name].check_mergeable()
+        for name in self.active:
+            self.methods[name].merge(self.model)
+
+    def unmerge(self) -> None:
+        for name in reversed(self.active):
+            self.methods[name].unmerge(self.model)
+
+    # -- counting ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> ParameterCount:
+        method_params = {
+            id(p) for m in self.methods.values() for p in m.added_parameters(self.model).values()
+        }
+        head_params = {id(p) for p in self.model.head.parameters()}
+        backbone = sum(
+            p.numel()
+            for p in self.model.parameters()
+            if id(p) not in method_params and id(p) not in head_params
+        )
+        trainable = sum(
+            p.numel() for p in self.parameters() if p.requires_grad and id(p) not in head_params
+        )
+        head = sum(p.numel() for p in self.model.head.parameters() if p.requires_grad)
+        return ParameterCount(trainable=trainable, head=head, backbone=backbone)
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters())
+
+
+def attach(
+    model: nn.Module, config: MethodConfig | str, name: str = "default", **kwargs: Any
+) -> PetlModel:
+    """Inject a method into `model` (a task model or a PetlModel) and freeze everything else.
+
+    `config` is a MethodConfig or a method name (then `kwargs` are its config fields).
+    """
+    if isinstance(config, str):
+        config = make_config(config, **kwargs)
+    elif kwargs:
+        raise PetlError("pass config fields either in the config object or as kwargs, not both")
+    petl = model if isinstance(model, PetlModel) else PetlModel(model)
+    petl.add_method(config, name)
+    return petl

@@ -1,0 +1,108 @@
+"""Behaviour every method must have, on every backbone kind (PEFT-style generic tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import petlkit
+from petlkit.methods.base import Tuner
+from tests.helpers import snapshot, train_steps
+
+# One small config per registered method; a new method must add itself here.
+CONFIGS = {
+    "full": {},
+    "linear": {},
+    "bitfit": {},
+    "lora": {"r": 4, "alpha": 8},
+    "adapter": {"placement": "houlsby", "reduction_factor": 4},
+    "sas": {"rank": 2},
+}
+
+
+def test_every_registered_method_is_covered():
+    assert sorted(CONFIGS) == petlkit.method_names()
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def method(request) -> str:
+    return request.param
+
+
+def _attach(case, method):
+    return petlkit.attach(case.make(), method, **CONFIGS[method])
+
+
+def test_forward_backward(case, method):
+    model = _attach(case, method)
+    logits = model(**case.inputs)
+    assert logits.shape == (len(case.labels), 3)
+    F.cross_entropy(logits, case.labels).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_starts_as_the_pretrained_model(case, method):
+    model = _attach(case, method)
+    reference = case.make()
+    torch.testing.assert_close(model(**case.inputs), reference(**case.inputs), rtol=0, atol=1e-6)
+
+
+def test_only_method_parameters_change(case, method):
+    model = _attach(case, method)
+    before = snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model, case.inputs, case.labels, steps=3)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+    head = {n for n in trainable if ".head." in n}
+    assert head and head <= changed
+    method_params = trainable - head
+    if method == "full":
+        assert len(changed - head) > 0.5 * len(method_params)
+    else:
+        assert method_params == changed - head, sorted(method_params - changed)[:5]
+
+
+def test_save_load_round_trip(case, method, tmp_path):
+    model = _attach(case, method)
+    train_steps(model, case.inputs, case.labels)
+    petlkit.save_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    loaded = petlkit.load_adapter(case.make(), tmp_path)
+    torch.testing.assert_close(loaded(**case.inputs), model(**case.inputs), rtol=0, atol=0)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(case, method):
+    model = _attach(case, method)
+    train_steps(model, case.inputs, case.labels)
+    expected = model(**case.inputs)
+    weights_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    if model.methods["default"].merge_refusal is not None:
+        with pytest.raises(petlkit.NotMergeableError, match="cannot|not linear"):
+            model.merge()
+        return
+    model.merge()
+    assert not any(isinstance(m, Tuner) for m in model.modules()), "merge left wrappers"
+    torch.testing.assert_close(model(**case.inputs), expected, rtol=0, atol=1e-5)
+    model.unmerge()
+    after = model.model.state_dict()
+    assert after.keys() == weights_before.keys()
+    for key, value in weights_before.items():
+        assert torch.equal(after[key], value), key
+    torch.testing.assert_close(model(**case.inputs), expected, rtol=0, atol=0)
+
+
+def test_disable_gives_the_backbone(case, method):
+    model = _attach(case, method)
+    train_steps(model, case.inputs, case.labels)
+    reference = case.make()
+    reference.head.load_state_dict(model.model.head.state_dict())
+    trained = model(**case.inputs)
+    with model.disable():
+        torch.testing.assert_close(model(**case.inputs), reference(**case.inputs), rtol=0, atol=0)
+    torch.testing.assert_close(model(**case.inputs), trained, rtol=0, atol=0)
