@@ -13,8 +13,9 @@ from petlkit.train.text import TextTrainConfig, evaluate_text, train_text
 DEMO_METHODS = {
     "linear": {},
     "lora": {"r": 8, "alpha": 16},
+    "sas": {},
 }
-DEMO_LR = {"linear": 3e-3, "lora": 1e-3}
+DEMO_LR = {"linear": 3e-3, "lora": 1e-3, "sas": 3e-3}
 
 
 def run_demo(

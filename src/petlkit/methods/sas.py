@@ -1,0 +1,227 @@
+"""SaS: Shared and Specific parameters (RECONSTRUCTION, see docs/methods/sas.md).
+
+At every block l and site p (attn_in: what q/k/v read; mlp_in: what fc1 reads):
+
+    y = x + s·(x A_p) B_p  +  x ⊙ a_{l,p} + b_{l,p},     (a_{l,p}, b_{l,p}) = H_p(e_l)
+
+One low-rank pair (A_p, B_p) per site kind is shared by all blocks; a hypernetwork H_p per site
+kind turns a learned layer embedding e_l into that layer's scale and shift. Both are linear in x,
+so the whole update folds into the linears that read the site (merge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from petlkit.config import (
+    MethodConfig,
+    check_choice,
+    check_finite,
+    check_positive_int,
+    check_probability,
+)
+from petlkit.errors import ConfigError, NotMergeableError
+from petlkit.layout import layout_of
+from petlkit.methods.base import Method, Tuner
+from petlkit.methods.targeting import get_module
+from petlkit.registry import register_method
+
+SITES = ("attn_in", "mlp_in")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaSConfig(MethodConfig):
+    """rank: r of the shared pair; embed_dim: k of the layer embeddings; hidden: h of the
+    hypernetwork; scale: s on the shared path; shared / specific: the two modules' switches."""
+
+    rank: int = 4
+    embed_dim: int = 8
+    hidden: int = 8
+    scale: float = 1.0
+    dropout: float = 0.0
+    sites: Sequence[str] = SITES
+    shared: bool = True
+    specific: bool = True
+
+    def validate(self) -> None:
+        for name in ("rank", "embed_dim", "hidden"):
+            check_positive_int("SaSConfig", name, getattr(self, name))
+        check_finite("SaSConfig", "scale", self.scale)
+        check_probability("SaSConfig", "dropout", self.dropout)
+        if not self.sites or len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"SaSConfig.sites must name distinct sites from {list(SITES)}")
+        for site in self.sites:
+            check_choice("SaSConfig", "sites", site, SITES)
+        if not (self.shared or self.specific):
+            raise ConfigError("SaSConfig: shared and specific are both off; turn one on")
+
+
+class SiteModule(nn.Module):
+    """The parameters of one site kind: the shared pair and the hypernetwork."""
+
+    def __init__(self, width: int, cfg: SaSConfig) -> None:
+        super().__init__()
+        if cfg.shared:
+            self.down = nn.Parameter(torch.empty(width, cfg.rank))
+            self.up = nn.Parameter(torch.zeros(cfg.rank, width))
+            nn.init.kaiming_uniform_(self.down.T, a=math.sqrt(5))
+        if cfg.specific:
+            self.hyper = nn.Sequential(
+                nn.Linear(cfg.embed_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 2 * width)
+            )
+            nn.init.zeros_(self.hyper[2].weight)
+            nn.init.zeros_(self.hyper[2].bias)
+
+
+@register_method("sas")
+class SaS(Method):
+    config_cls = SaSConfig
+    merge_refusal = None
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        self.layout = layout_of(model)
+        width, depth = self.layout.width, self.layout.depth
+        self.site_modules = nn.ModuleDict({s: SiteModule(width, cfg) for s in cfg.sites})
+        if cfg.specific:
+            self.layer_embeddings = nn.Parameter(
+                torch.randn(depth, cfg.embed_dim) / math.sqrt(cfg.embed_dim)
+            )
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cache_key: tuple | None = None
+        self._handles: list = []
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._register_hooks(model)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _register_hooks(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._refresh))
+        for index, block in enumerate(self.layout.blocks):
+            for site in self.config.sites:
+                module = get_module(model, block.site(site)[0])
+                hook = partial(self._site_hook, site, index)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self, model: nn.Module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _site_hook(self, site: str, index: int, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return None
+        if args:
+            return (self.transform(site, index, args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=self.transform(site, index, kwargs["hidden_states"]))
+        return args, kwargs
+
+    # -- the specific module: generated once per forward, cached in inference ------------------
+    def _refresh(self, module: nn.Module, args: tuple) -> None:
+        """Root pre-hook: run the hypernetworks once for all layers, before any block runs."""
+        if not (self.enabled and self.config.specific):
+            return
+        inference = not torch.is_grad_enabled()
+        key = tuple(p._version for p in self.parameters()) + (self.training,)
+        if not (inference and self._cache is not None and self._cache_key == key):
+            self._cache = self.generate()
+            self._cache_key = key if inference else None
+
+    def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site: (scale a, shift b), each (depth, width), from the layer embeddings."""
+        out = {}
+        for site, sm in self.site_modules.items():
+            a, b = sm.hyper(self.layer_embeddings).chunk(2, dim=-1)
+            out[site] = (a, b)
+        return out
+
+    def transform(self, site: str, index: int, x: torch.Tensor) -> torch.Tensor:
+        sm = self.site_modules[site]
+        y = x
+        if self.config.specific:
+            if self._cache is None:
+                self._cache = self.generate()
+            a, b = self._cache[site]
+            y = torch.addcmul(b[index], x, 1.0 + a[index])  # x + x⊙a + b in one kernel
+        if self.config.shared:
+            low = (self.dropout(x) @ sm.down) @ sm.up
+            y = y + self.config.scale * low
+        return y
+
+    # -- merge -------------------------------------------------------------------------------
+    def site_matrices(
+        self, site: str, index: int, generated: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, b) with y = x·M + b for the site of block `index`, in float64."""
+        sm = self.site_modules[site]
+        width = self.layout.width
+        matrix = torch.eye(width, dtype=torch.float64)
+        shift = torch.zeros(width, dtype=torch.float64)
+        if self.config.shared:
+            matrix += self.config.scale * (sm.down.double() @ sm.up.double())
+        if self.config.specific:
+            a, b = generated[site]
+            matrix += torch.diag(a[index].double())
+            shift += b[index].double()
+        return matrix, shift
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """W' = W·Mᵀ and c' = c + W·b for every linear that reads a site; hooks removed."""
+        consumers = [
+            (site, i, name)
+            for i, block in enumerate(self.layout.blocks)
+            for site in self.config.sites
+            for name in block.site(site)[1]
+        ]
+        wrapped = [n for _, _, n in consumers if isinstance(model.get_submodule(n), Tuner)]
+        if wrapped:
+            raise NotMergeableError(
+                f"SaS folds into {wrapped[0]}, which another method wraps; merge or remove that "
+                "method first"
+            )
+        generated = self.generate() if self.config.specific else None
+        for site, index, name in consumers:
+            linear = get_module(model, name)
+            matrix, shift = self.site_matrices(site, index, generated)
+            weight = linear.weight.double()
+            bias = torch.zeros(weight.shape[0], dtype=torch.float64)
+            if linear.bias is not None:
+                bias = linear.bias.double()
+            self._originals[name] = (
+                linear.weight.detach().clone(),
+                None if linear.bias is None else linear.bias.detach().clone(),
+            )
+            linear.weight.copy_((weight @ matrix.T).to(linear.weight.dtype))
+            new_bias = (bias + weight @ shift).to(linear.weight.dtype)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(new_bias, requires_grad=False)
+            else:
+                linear.bias.copy_(new_bias)
+        self.detach(model)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._originals)
+
+    @torch.no_grad()
+    def unmerge(self, model: nn.Module) -> None:
+        """Put back the exact original weights (kept, not inverted) and the hooks."""
+        if not self._originals:
+            return
+        for name, (weight, bias) in self._originals.items():
+            linear = get_module(model, name)
+            linear.weight.copy_(weight)
+            if bias is None:
+                linear.bias = None
+            else:
+                linear.bias.copy_(bias)
+        self._originals.clear()
+        self._cache = None
+        self._register_hooks(model)
