@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petlkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the quick real-weights, real-data job (make demo)")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--methods", nargs="+", default=["linear", "lora", "sas"])
     demo.set_defaults(run=_demo)
     params = sub.add_parser("params", help="trainable parameters per method on a backbone")

@@ -19,7 +19,7 @@ DEMO_LR = {"linear": 3e-3, "lora": 1e-3, "sas": 3e-3}
 
 
 def run_demo(
-    methods: Sequence[str] = tuple(DEMO_METHODS), steps: int = 300, seed: int = 0
+    methods: Sequence[str] = tuple(DEMO_METHODS), steps: int = 200, seed: int = 0
 ) -> list[dict]:
     data = load_rotten_tomatoes()
     majority = max(sum(data["test"].labels), len(data["test"]) - sum(data["test"].labels))
