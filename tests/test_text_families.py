@@ -1,0 +1,44 @@
+"""BERT-family variants beyond BERT itself: RoBERTa and MPNet layouts work with every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
+
+import petlkit
+from petlkit.backbones import TextClassifier
+from tests.helpers import train_steps
+
+SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+FAMILIES = {
+    "roberta": lambda: RobertaModel(RobertaConfig(**SMALL), add_pooling_layer=False),
+    "mpnet": lambda: MPNetModel(MPNetConfig(**SMALL), add_pooling_layer=False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", ["sas", "lora", "adapter", "bitfit"])
+def test_family_trains_and_merges(family, method):
+    torch.manual_seed(0)
+    model = petlkit.attach(TextClassifier(FAMILIES[family](), 2).eval(), method)
+    ids = torch.randint(5, 99, (2, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    train_steps(model, inputs, torch.tensor([0, 1]))
+    model.eval()
+    expected = model(**inputs)
+    if method == "adapter":
+        with pytest.raises(petlkit.NotMergeableError):
+            model.merge()
+        return
+    model.merge()
+    assert (model(**inputs) - expected).abs().max() <= 1e-5
+
+
+def test_mpnet_layout_names_its_own_modules():
+    layout = TextClassifier(FAMILIES["mpnet"](), 2).petl_layout()
+    block = layout.blocks[1]
+    assert block.query == "encoder.encoder.layer.1.attention.attn.q"
+    assert block.attn_out == "encoder.encoder.layer.1.attention.attn.o"
+    assert block.mlp_linears == ("encoder.encoder.layer.1.intermediate.dense",)
