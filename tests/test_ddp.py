@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import os
 
 import torch
@@ -20,10 +22,31 @@ CONFIGS = [
     ("sas", {"specific": False}),
     ("lora", {"r": 2}),
     ("bitfit", {}),
+    ("ssf", {}),
+    ("prefix", {"length": 2, "hidden": 8, "gated": True}),
+    ("prompt", {"length": 2, "gated": True}),
+    ("unipelt-prompt", {"prefix_length": 2, "prefix_hidden": 8, "lora_r": 2}),
+    ("unipelt", {"prefix_length": 2, "prefix_hidden": 8, "lora_r": 2, "gated": False}),
 ]
 
 
+def _train(rank: int, case, method: str, kwargs: dict) -> dict[str, torch.Tensor]:
+    model = petlkit.attach(case.make(), method, **kwargs).train()
+    # find_unused_parameters=False: DDP fails on the 2nd step if any trainable param is unused
+    ddp = DDP(model, find_unused_parameters=False)
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    shard = slice(rank * 2, rank * 2 + 2)  # each rank sees different examples
+    inputs = {k: v[shard] for k, v in case.inputs.items()}
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(ddp(**inputs), case.labels[shard]).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    # a stuck rank prints where it is and exits, so the test fails instead of hanging CI
+    faulthandler.dump_traceback_later(120, exit=True)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
@@ -31,18 +54,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     case = tiny_bert_case()
     for index, (method, kwargs) in enumerate(CONFIGS):
-        model = petlkit.attach(case.make(), method, **kwargs).train()
-        # find_unused_parameters=False: DDP fails on the 2nd step if any trainable param is unused
-        ddp = DDP(model, find_unused_parameters=False)
-        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
-        shard = slice(rank * 2, rank * 2 + 2)  # each rank sees different examples
-        inputs = {k: v[shard] for k, v in case.inputs.items()}
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(ddp(**inputs), case.labels[shard]).backward()
-            opt.step()
-        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        # each DDP wrapper is built and freed inside _train: a DDP object still alive when the
+        # process group is destroyed can hang the process at exit
+        state = _train(rank, case, method, kwargs)
         torch.save(state, os.path.join(out_dir, f"{index}-{rank}.pt"))
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

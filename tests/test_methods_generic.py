@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import petlkit
 from petlkit.methods.base import Tuner
+from tests.conftest import CASES, Case
 from tests.helpers import snapshot, train_steps
 
 # One small config per registered method; a new method must add itself here.
@@ -18,23 +19,57 @@ CONFIGS = {
     "lora": {"r": 4, "alpha": 8},
     "adapter": {"placement": "houlsby", "reduction_factor": 4},
     "sas": {"rank": 2},
+    "ssf": {},
+    "prefix": {"length": 3, "hidden": 16},
+    "prompt": {"length": 3},
+    "vpt": {"length": 3},
+    "unipelt": {"prefix_length": 3, "prefix_hidden": 16, "lora_r": 2, "adapter_reduction": 4},
+    "unipelt-ap": {"prefix_length": 3, "prefix_hidden": 16, "adapter_reduction": 4},
+    "unipelt-prompt": {
+        "prefix_length": 3,
+        "prefix_hidden": 16,
+        "lora_r": 2,
+        "adapter_reduction": 4,
+        "prompt_length": 2,
+    },
 }
+# Methods whose initial output differs from the backbone's: extra tokens shift attention, and
+# SSF starts from scales drawn around 1 (the others start exactly as the backbone).
+NOT_IDENTITY_AT_INIT = {"prefix", "prompt", "vpt", "unipelt", "unipelt-ap", "unipelt-prompt", "ssf"}
+# Methods that work only on the project ViT.
+VISION_ONLY = {"vpt"}
 
 
 def test_every_registered_method_is_covered():
     assert sorted(CONFIGS) == petlkit.method_names()
 
 
-@pytest.fixture(params=sorted(CONFIGS))
-def method(request) -> str:
-    return request.param
+PAIRS = [
+    (case, method)
+    for case in CASES
+    for method in sorted(CONFIGS)
+    if method not in VISION_ONLY or case == "tiny-vit"
+]
+
+
+@pytest.fixture(params=PAIRS, ids=["-".join(pair) for pair in PAIRS])
+def case_method(request) -> tuple[Case, str]:
+    case, method = request.param
+    return CASES[case](), method
+
+
+@pytest.mark.parametrize("method", sorted(VISION_ONLY))
+def test_vision_only_methods_refuse_text_encoders(bert_case, method):
+    with pytest.raises(petlkit.PetlError, match="needs the project ViT"):
+        petlkit.attach(bert_case.make(), method, **CONFIGS[method])
 
 
 def _attach(case, method):
     return petlkit.attach(case.make(), method, **CONFIGS[method])
 
 
-def test_forward_backward(case, method):
+def test_forward_backward(case_method):
+    case, method = case_method
     model = _attach(case, method)
     logits = model(**case.inputs)
     assert logits.shape == (len(case.labels), 3)
@@ -43,13 +78,22 @@ def test_forward_backward(case, method):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_starts_as_the_pretrained_model(case, method):
+def test_starts_as_the_pretrained_model(case_method):
+    case, method = case_method
     model = _attach(case, method)
     reference = case.make()
+    if method in NOT_IDENTITY_AT_INIT:  # then exact only when disabled
+        with model.disable():
+            torch.testing.assert_close(
+                model(**case.inputs), reference(**case.inputs), rtol=0, atol=0
+            )
+        assert not torch.allclose(model(**case.inputs), reference(**case.inputs))
+        return
     torch.testing.assert_close(model(**case.inputs), reference(**case.inputs), rtol=0, atol=1e-6)
 
 
-def test_only_method_parameters_change(case, method):
+def test_only_method_parameters_change(case_method):
+    case, method = case_method
     model = _attach(case, method)
     before = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -65,7 +109,8 @@ def test_only_method_parameters_change(case, method):
         assert method_params == changed - head, sorted(method_params - changed)[:5]
 
 
-def test_save_load_round_trip(case, method, tmp_path):
+def test_save_load_round_trip(case_method, tmp_path):
+    case, method = case_method
     model = _attach(case, method)
     train_steps(model, case.inputs, case.labels)
     petlkit.save_adapter(model, tmp_path)
@@ -77,7 +122,8 @@ def test_save_load_round_trip(case, method, tmp_path):
     torch.testing.assert_close(loaded(**case.inputs), model(**case.inputs), rtol=0, atol=0)
 
 
-def test_merge_equals_unmerged_and_unmerge_restores(case, method):
+def test_merge_equals_unmerged_and_unmerge_restores(case_method):
+    case, method = case_method
     model = _attach(case, method)
     train_steps(model, case.inputs, case.labels)
     expected = model(**case.inputs)
@@ -97,7 +143,8 @@ def test_merge_equals_unmerged_and_unmerge_restores(case, method):
     torch.testing.assert_close(model(**case.inputs), expected, rtol=0, atol=0)
 
 
-def test_disable_gives_the_backbone(case, method):
+def test_disable_gives_the_backbone(case_method):
+    case, method = case_method
     model = _attach(case, method)
     train_steps(model, case.inputs, case.labels)
     reference = case.make()

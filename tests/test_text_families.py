@@ -19,7 +19,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", ["sas", "lora", "adapter", "bitfit"])
+@pytest.mark.parametrize("method", ["sas", "lora", "adapter", "bitfit", "ssf", "prompt"])
 def test_family_trains_and_merges(family, method):
     torch.manual_seed(0)
     model = petlkit.attach(TextClassifier(FAMILIES[family](), 2).eval(), method)
@@ -28,7 +28,7 @@ def test_family_trains_and_merges(family, method):
     train_steps(model, inputs, torch.tensor([0, 1]))
     model.eval()
     expected = model(**inputs)
-    if method == "adapter":
+    if model.methods["default"].merge_refusal is not None:
         with pytest.raises(petlkit.NotMergeableError):
             model.merge()
         return
@@ -42,3 +42,17 @@ def test_mpnet_layout_names_its_own_modules():
     assert block.query == "encoder.encoder.layer.1.attention.attn.q"
     assert block.attn_out == "encoder.encoder.layer.1.attention.attn.o"
     assert block.mlp_linears == ("encoder.encoder.layer.1.intermediate.dense",)
+
+
+def test_roberta_takes_unipelt_with_prompt():
+    torch.manual_seed(0)
+    model = petlkit.attach(TextClassifier(FAMILIES["roberta"](), 2).eval(), "unipelt-prompt",
+                           prefix_length=3, prefix_hidden=8, lora_r=2, prompt_length=2)  # fmt: skip
+    ids = torch.randint(5, 99, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    before = model(**inputs).detach()
+    train_steps(model, inputs, torch.tensor([0, 1]))
+    assert not torch.allclose(model(**inputs), before)
+    assert model.model.encoder.config._attn_implementation == "petlkit_sdpa"

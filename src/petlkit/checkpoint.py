@@ -44,8 +44,14 @@ def _state_to_save(petl: PetlModel, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
-    """Write method `name`'s trained parameters and the head to `folder` (atomically per file)."""
+def save_adapter(
+    petl: PetlModel, folder: str | Path, name: str = "default", *, compact: bool = True
+) -> Path:
+    """Write method `name`'s trained parameters and the head to `folder` (atomically per file).
+
+    compact: store what inference needs (prefix values, not the MLP that produced them while
+    training); False keeps every trained tensor, to continue training from the file.
+    """
     method = petl._get(name)
     if method.merged:
         raise PetlError("the model is merged: call unmerge() before saving the adapter")
@@ -56,10 +62,17 @@ def save_adapter(petl: PetlModel, folder: str | Path, name: str = "default") -> 
         "format_version": FORMAT_VERSION,
         "library": "petlkit",
         "library_version": __version__,
-        "method": method.config.to_dict(),
+        "method": None,
         "backbone": fingerprint,
     }
-    write_safetensors(folder / WEIGHTS_FILE, _state_to_save(petl, name), {"format": "pt"})
+    method_config, state = (
+        method.export(petl.model)
+        if compact
+        else (method.config, dict(method.trainable(petl.model)))
+    )
+    config["method"] = method_config.to_dict()
+    state.update({f"head.{n}": p for n, p in petl.model.head.named_parameters()})
+    write_safetensors(folder / WEIGHTS_FILE, state, {"format": "pt"})
     write_json(folder / CONFIG_FILE, config)
     return folder
 

@@ -77,3 +77,8 @@ def check_probability(owner: str, name: str, value: Any) -> None:
 def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{owner}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")

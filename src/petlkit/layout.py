@@ -42,6 +42,7 @@ class BackboneLayout:
     blocks: tuple[BlockLayout, ...]
     fused_qkv: frozenset[str] = field(default_factory=frozenset)  # names of fused q|k|v linears
     head: str = "head"
+    encoder: str | None = None  # the transformers model inside a text task model ("" = root)
 
     @property
     def depth(self) -> int:

@@ -36,10 +36,21 @@ def minilm_path() -> Path:
 
 TEXT_BACKBONES = {"minilm-l6": minilm_path}
 VISION_BACKBONES = {name.replace("_", "-"): name for name in PRESETS}
+# Randomly initialised encoders of published shapes, for counting and timing (not for accuracy).
+SHAPED_TEXT_BACKBONES = {"bert-base-shape": {}}  # transformers' BertConfig defaults: BERT-base
+
+
+def _shaped_text(name: str, num_classes: int, pooling: str) -> Built:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    encoder = BertModel(BertConfig(**SHAPED_TEXT_BACKBONES[name]), add_pooling_layer=False)
+    # MiniLM-L6 shares BERT-base's uncased 30,522-token vocabulary
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
 
 
 def backbone_names() -> list[str]:
-    return sorted([*TEXT_BACKBONES, *VISION_BACKBONES])
+    return sorted([*TEXT_BACKBONES, *SHAPED_TEXT_BACKBONES, *VISION_BACKBONES])
 
 
 def build_model(
@@ -56,6 +67,8 @@ def build_model(
     if name in TEXT_BACKBONES:
         encoder, tokenizer = load_encoder(TEXT_BACKBONES[name]())
         return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
+    if name in SHAPED_TEXT_BACKBONES:
+        return _shaped_text(name, num_classes, pooling)
     if name in VISION_BACKBONES:
         model = vit(
             VISION_BACKBONES[name],

@@ -86,7 +86,9 @@ def encoder_layout(encoder: nn.Module, prefix: str = "") -> BackboneLayout:
         _block_layout(layer, f"{prefix}encoder.layer.{i}.") for i, layer in enumerate(layers)
     )
     cfg = encoder.config
-    return BackboneLayout(cfg.hidden_size, cfg.num_attention_heads, blocks)
+    return BackboneLayout(
+        cfg.hidden_size, cfg.num_attention_heads, blocks, encoder=prefix.removesuffix(".")
+    )
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, object]:

@@ -1,13 +1,16 @@
 """The project's Vision Transformer. Parameter names equal timm's `VisionTransformer`, so timm
 checkpoints load unchanged; extension points are explicit attributes, never patched forwards:
 
-- `Attention.extra_kv`: a module returning extra (key, value) tokens, prepended to k and v;
-- `VisionTransformer.token_hooks`: modules applied to the token sequence after the position
-  embedding (`"embed"`) and before each block (`"block.N"`), for prompts.
+- `Attention.extra_kv`: a callable (x) -> (key, value) tokens, each (batch, heads, p, head_dim),
+  prepended to k and v (None from the callable: nothing added), for prefix tuning;
+- `VisionTransformer.token_hooks`: callables applied to the token sequence after the position
+  embedding (`"embed"`), before each block (`"block.N"`) and before the final norm (`"final"`),
+  for prompts. Both hold plain callables, not modules, so a method's parameters stay its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,15 +61,16 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.extra_kv: nn.Module | None = None  # hook point: (x) -> (k_extra, v_extra)
+        self.extra_kv: Callable[[torch.Tensor], tuple | None] | None = None  # see module doc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (b, heads, n, head_dim)
-        if self.extra_kv is not None:
-            k_extra, v_extra = self.extra_kv(x)
-            k, v = torch.cat([k_extra, k], dim=2), torch.cat([v_extra, v], dim=2)
+        extra = None if self.extra_kv is None else self.extra_kv(x)
+        if extra is not None:
+            k = torch.cat([extra[0].to(k.dtype), k], dim=2)
+            v = torch.cat([extra[1].to(v.dtype), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -118,14 +122,13 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.token_hooks = nn.ModuleDict()  # hook points for prompt tokens, see module doc
+        self.token_hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # module doc
         self.apply(_init_weights)
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def _hook(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        if key in self.token_hooks:
-            return self.token_hooks[key](x)
-        return x
+        hook = self.token_hooks.get(key)
+        return x if hook is None else hook(x)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)
@@ -134,7 +137,7 @@ class VisionTransformer(nn.Module):
         x = self._hook("embed", x)
         for i, block in enumerate(self.blocks):
             x = block(self._hook(f"block.{i}", x))
-        return self.norm(x)
+        return self.norm(self._hook("final", x))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(tokens[:, 0])

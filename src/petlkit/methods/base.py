@@ -95,8 +95,12 @@ class Method(nn.Module):
         return [
             (canonical_name(n), m)
             for n, m in model.named_modules()
-            if isinstance(m, Tuner) and m.owner == self.name
+            if isinstance(m, Tuner) and self.owns(m.owner)
         ]
+
+    def owns(self, owner: str) -> bool:
+        """A tuner's owner is this method or one of its parts (named `<name>.<part>`)."""
+        return owner == self.name or owner.startswith(self.name + ".")
 
     # -- parameters --------------------------------------------------------------------------
     def added_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -109,6 +113,11 @@ class Method(nn.Module):
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Canonical name → parameter for everything this method trains (head excluded)."""
         return self.added_parameters(model)
+
+    def export(self, model: nn.Module) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
+        """(config, tensors) an adapter file needs for inference; methods with training-only
+        parts (prefix tuning's reparameterisation MLP) return the compact form."""
+        return self.config, dict(self.trainable(model))
 
     def set_enabled(self, model: nn.Module, enabled: bool) -> None:
         self.enabled = enabled

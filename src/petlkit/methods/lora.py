@@ -1,28 +1,31 @@
 """LoRA (Hu et al., 2022): W x + (α/r)·B A x on chosen linears; mergeable.
 
 On a fused q|k|v projection (the ViT's `attn.qkv`) each chosen part (q, k, v) gets its own
-pair, exactly as LoRA on separate q and v linears would.
+pair, exactly as LoRA on separate q and v linears would. Gated (UniPELT): W x + G(x)·B A x with
+one gate per block shared by its q and v updates; the gate replaces α/r and blocks merging.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from petlkit.config import (
     MethodConfig,
+    check_bool,
     check_choice,
     check_finite,
     check_positive_int,
     check_probability,
 )
-from petlkit.errors import ConfigError
+from petlkit.errors import ConfigError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.gate import Gate
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -41,6 +44,7 @@ class LoRALinear(Tuner):
         dropout: float,
         parts: Sequence[int] | None = None,
         num_chunks: int = 1,
+        gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(base_layer, owner)
         if not isinstance(base_layer, nn.Linear):
@@ -55,12 +59,17 @@ class LoRALinear(Tuner):
         self.lora_A = nn.Parameter(torch.empty(n_parts * r, base_layer.in_features))
         self.lora_B = nn.Parameter(torch.zeros(n_parts, out_part, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.__dict__["gate"] = gate  # the method owns the gate; not a submodule here
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank update for input x, shaped (..., n_parts, out_part)."""
         h = self.dropout(x) @ self.lora_A.t()
         h = h.unflatten(-1, (self.lora_B.shape[0], self.r))
-        return torch.einsum("...pr,por->...po", h, self.lora_B) * self.scaling
+        delta = torch.einsum("...pr,por->...po", h, self.lora_B)
+        if self.gate is None:
+            return delta * self.scaling
+        g = self.gate(x)
+        return delta * g.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -76,6 +85,8 @@ class LoRALinear(Tuner):
         return chunks.index_add(-2, index, delta.to(out.dtype)).flatten(-2)
 
     def delta(self) -> tuple[torch.Tensor, None]:
+        if self.gate is not None:
+            raise NotMergeableError("gated LoRA cannot merge: its gate depends on the input")
         a = self.lora_A.unflatten(0, (self.lora_B.shape[0], self.r))
         per_part = torch.einsum("por,pri->poi", self.lora_B, a) * self.scaling
         if self.parts is None:
@@ -89,13 +100,15 @@ class LoRALinear(Tuner):
 class LoRAConfig(MethodConfig):
     """r: rank; alpha: scaling numerator (update scaled by alpha / r); targets: None for the
     backbone's query and value projections, else exact suffixes or a full-match regex;
-    qkv_parts: which parts of a fused q|k|v projection get a LoRA pair."""
+    qkv_parts: which parts of a fused q|k|v projection get a LoRA pair; gated: multiply each
+    block's update by a UniPELT gate G(x) instead of alpha / r (needs the default targets)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str | Sequence[str] | None = None
     qkv_parts: Sequence[str] = ("q", "v")
+    gated: bool = False
 
     def validate(self) -> None:
         check_positive_int("LoRAConfig", "r", self.r)
@@ -105,6 +118,12 @@ class LoRAConfig(MethodConfig):
             raise ConfigError("LoRAConfig.qkv_parts must name at least one of q, k, v")
         for part in self.qkv_parts:
             check_choice("LoRAConfig", "qkv_parts", part, QKV)
+        check_bool("LoRAConfig", "gated", self.gated)
+        if self.gated and self.targets is not None:
+            raise ConfigError(
+                "LoRAConfig: gated LoRA has one gate per block, so it needs the default targets "
+                "(the backbone's q and v); drop `targets` or set gated=False"
+            )
 
 
 @register_method("lora")
@@ -115,27 +134,37 @@ class LoRA(Method):
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
         fused = frozenset()
+        gates: dict[str, Gate] = {}
         if cfg.targets is None:
             layout = layout_of(model)
             names = list(dict.fromkeys(n for b in layout.blocks for n in (b.query, b.value)))
             fused = layout.fused_qkv
+            if cfg.gated:
+                self.merge_refusal = (
+                    "gated LoRA cannot merge: its gate G(x) depends on the input; train with "
+                    "gated=False to get a mergeable LoRA"
+                )
+                self.gates = nn.ModuleList(Gate(layout.width) for _ in layout.blocks)
+                pairs = zip(layout.blocks, self.gates, strict=True)
+                gates = {n: g for b, g in pairs for n in (b.query, b.value)}
         else:
             names = find_targets(model, cfg.targets)
             if hasattr(model, "petl_layout"):
                 fused = layout_of(model).fused_qkv
         parts = sorted(QKV.index(p) for p in set(cfg.qkv_parts))
         for name in names:
-            is_fused = name in fused
+            is_fused, gate = name in fused, gates.get(name)
             self.wrap(
                 model,
                 name,
-                lambda base, f=is_fused: LoRALinear(
+                lambda base, f=is_fused, g=gate: LoRALinear(
                     base,
                     self.name,
                     cfg.r,
-                    cfg.alpha / cfg.r,
+                    1.0 if cfg.gated else cfg.alpha / cfg.r,
                     cfg.dropout,
                     parts=parts if f else None,
                     num_chunks=3 if f else 1,
+                    gate=g,
                 ),
             )

@@ -1,0 +1,255 @@
+"""The two extension points token-level methods need, one API over every supported backbone.
+
+- `add_extra_kv`: extra key/value tokens prepended in one block's self-attention (prefix tuning).
+- `add_prompt_tokens`: tokens inserted into the sequence before the first block, optionally replaced
+  before every later block (VPT-deep), and removed again before the final norm and head, so the task
+  model's output keeps its shape.
+
+On the project ViT both are its declared hook points (`Attention.extra_kv`, `token_hooks`). On
+transformers encoders nothing is patched: extra key/value tokens go through transformers' public
+`AttentionInterface` (an attention function registered under `petlkit_<original>` that wraps the
+encoder's own sdpa or eager attention; a forward pre-hook on each attention module computes the
+tokens from its input), and prompts go through forward hooks on the encoder (`inputs_embeds` and an
+extended attention mask). This relies on the transformers 5.x attention interface, which is why
+pyproject pins `transformers>=5,<6`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from petlkit.errors import PetlError
+from petlkit.layout import BackboneLayout
+from petlkit.methods.targeting import get_module
+
+KVProvider = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]
+TokenMaker = Callable[[torch.Tensor], torch.Tensor | None]
+BlockTokenMaker = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+_PREFIX = "petlkit_"
+_PROVIDER = "_petlkit_kv_provider"
+_PENDING = "_petlkit_kv"
+
+
+class Handle:
+    """Undoes an injection: `remove()` runs the undo steps in reverse order, once."""
+
+    def __init__(self, *undo: Callable[[], None]) -> None:
+        self._undo = list(undo)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _encoder(model: nn.Module, layout: BackboneLayout) -> nn.Module:
+    return get_module(model, layout.encoder) if layout.encoder else model
+
+
+# -- extra key/value tokens -------------------------------------------------------------------
+def add_extra_kv(
+    model: nn.Module, layout: BackboneLayout, index: int, provider: KVProvider
+) -> Handle:
+    """Prepend `provider(attention input)` (each (batch, heads, p, head_dim)) to block `index`'s
+    keys and values; padding stays masked, the extra tokens are always attended."""
+    name = layout.blocks[index].attention
+    attention = get_module(model, name)
+    if layout.encoder is None:
+        if not hasattr(attention, "extra_kv"):
+            raise PetlError(f"{name} ({type(attention).__name__}) has no `extra_kv` hook point")
+        if attention.extra_kv is not None:
+            raise PetlError(f"{name} already gets extra key/value tokens from another method")
+        attention.extra_kv = provider
+        return Handle(lambda: setattr(attention, "extra_kv", None))
+    if getattr(attention, _PROVIDER, None) is not None:
+        raise PetlError(f"{name} already gets extra key/value tokens from another method")
+    encoder = _encoder(model, layout)
+    _acquire_prefix_attention(encoder)
+    attention.__dict__[_PROVIDER] = provider  # a plain attribute: not a submodule
+    hook = attention.register_forward_pre_hook(_compute_kv, with_kwargs=True)
+
+    def undo() -> None:
+        hook.remove()
+        attention.__dict__.pop(_PROVIDER, None)
+        attention.__dict__.pop(_PENDING, None)
+        _release_prefix_attention(encoder)
+
+    return Handle(undo)
+
+
+def _compute_kv(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    module.__dict__[_PENDING] = module.__dict__[_PROVIDER](hidden)
+
+
+def _acquire_prefix_attention(encoder: nn.Module) -> None:
+    current = encoder.config._attn_implementation
+    if current.startswith(_PREFIX):  # already wrapped (the wrapper alone changes nothing)
+        return
+    if not getattr(encoder, "_supports_attention_backend", False):
+        raise PetlError(
+            f"{type(encoder).__name__} computes attention inside its own forward, not through "
+            "transformers' AttentionInterface, so extra key/value tokens (prefix tuning) cannot "
+            "be injected; use a BERT, RoBERTa, ELECTRA or MiniLM encoder, or LoRA, adapters or "
+            "prompt tuning with this one"
+        )
+    name = _register_prefix_attention(current)
+    encoder.set_attn_implementation(name)
+    if encoder.config._attn_implementation != name:
+        raise PetlError(f"{type(encoder).__name__} refused the attention implementation {name}")
+
+
+def _release_prefix_attention(encoder: nn.Module) -> None:
+    """Back to the encoder's own attention once no module of it gets extra tokens."""
+    current = encoder.config._attn_implementation
+    in_use = any(_PROVIDER in m.__dict__ for m in encoder.modules())
+    if current.startswith(_PREFIX) and not in_use:
+        encoder.set_attn_implementation(current.removeprefix(_PREFIX))
+
+
+def _register_prefix_attention(inner: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _PREFIX + inner
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    if inner not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise PetlError(f"cannot add prefix tokens to the {inner!r} attention implementation")
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        extra = module.__dict__.pop(_PENDING, None)
+        if extra is not None:
+            key = torch.cat([extra[0].to(key.dtype), key], dim=2)
+            value = torch.cat([extra[1].to(value.dtype), value], dim=2)
+            attention_mask = _extend_mask(attention_mask, extra[0].shape[2])
+        return _inner_attention(module, inner)(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+def _inner_attention(module: nn.Module, inner: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[inner]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise PetlError(f"{type(module).__name__} has no {inner!r} attention function to wrap")
+    return eager
+
+
+def _extend_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """Prepend `extra` always-visible key positions to a 4-D mask (boolean or additive)."""
+    if mask is None:
+        return None
+    visible = True if mask.dtype == torch.bool else 0.0
+    pad = torch.full((*mask.shape[:-1], extra), visible, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+# -- prompt tokens ----------------------------------------------------------------------------
+def add_prompt_tokens(
+    model: nn.Module,
+    layout: BackboneLayout,
+    make: TokenMaker,
+    per_block: BlockTokenMaker | None = None,
+) -> Handle:
+    """Insert `make(embedded input)` ((batch, p, width), or None for nothing) before the first block
+    (ViT: after the class token; text: in front of the word embeddings, so the encoder adds its
+    position embeddings); `per_block(i, tokens)` replaces them before block i ≥ 1 (ViT only)."""
+    if layout.encoder is None:
+        return _vit_prompts(model, make, per_block)
+    if per_block is not None:
+        raise PetlError("per-block (deep) prompts need the project ViT; for text use prefix tuning")
+    return _text_prompts(_encoder(model, layout), make)
+
+
+def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker | None) -> Handle:
+    hooks = getattr(model, "token_hooks", None)
+    if hooks is None:
+        raise PetlError(f"{type(model).__name__} has no `token_hooks` to insert prompt tokens")
+    inserted = [0]
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        tokens = make(x)
+        inserted[0] = 0 if tokens is None else tokens.shape[1]
+        if tokens is None:
+            return x
+        return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1:]], dim=1)
+
+    def replace(index: int, x: torch.Tensor) -> torch.Tensor:
+        n = inserted[0]
+        tokens = per_block(index, x) if n else None
+        if tokens is None:
+            return x
+        return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1 + n :]], dim=1)
+
+    def final(x: torch.Tensor) -> torch.Tensor:
+        n = inserted[0]
+        return torch.cat([x[:, :1], x[:, 1 + n :]], dim=1) if n else x
+
+    wanted = {"embed": embed, "final": final}
+    if per_block is not None:
+        depth = len(model.blocks)
+        wanted.update({f"block.{i}": (lambda x, i=i: replace(i, x)) for i in range(1, depth)})
+    taken = sorted(set(wanted) & set(hooks))
+    if taken:
+        raise PetlError(f"token hook points {taken} are used by another method already")
+    hooks.update(wanted)
+    return Handle(lambda: [hooks.pop(key, None) for key in wanted])
+
+
+def _text_prompts(encoder: nn.Module, make: TokenMaker) -> Handle:
+    if getattr(encoder, "_petlkit_prompts", False):
+        raise PetlError("this encoder gets prompt tokens from another method already")
+    inserted = [0]
+
+    def before(module: nn.Module, args: tuple, kwargs: dict):
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(kwargs["input_ids"])
+        tokens = make(embeds)
+        inserted[0] = 0 if tokens is None else tokens.shape[1]
+        if tokens is None:
+            return None
+        if kwargs.get("position_ids") is not None:
+            raise PetlError("prompt tuning sets token positions itself; do not pass position_ids")
+        batch, n = tokens.shape[:2]
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
+        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
+            value = kwargs.get(key)
+            if value is not None:
+                pad = torch.full((batch, n), fill, dtype=value.dtype, device=value.device)
+                kwargs[key] = torch.cat([pad, value], dim=1)
+        return args, kwargs
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output):
+        n = inserted[0]
+        if n:
+            output.last_hidden_state = output.last_hidden_state[:, n:]
+        return output
+
+    handles = [
+        encoder.register_forward_pre_hook(before, with_kwargs=True),
+        encoder.register_forward_hook(after, with_kwargs=True),
+    ]
+    encoder.__dict__["_petlkit_prompts"] = True
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        encoder.__dict__.pop("_petlkit_prompts", None)
+
+    return Handle(undo)

@@ -1,0 +1,124 @@
+"""Prefix tuning (Li & Liang, 2021): p learned key and value vectors prepended in every block's
+self-attention; real tokens attend to them, padding stays masked.
+
+Training-time reparameterisation (on by default): the L·2·d-wide prefix values come from
+Embedding(p, d) → Linear(d, hidden) → Tanh → Linear(hidden, L·2·d). After training only the values
+matter: `drop_reparameterization()` (and `save_adapter`) keep the p·L·2·d values and drop the MLP.
+Gated (UniPELT): per block, P_K and P_V are multiplied by G(attention input).
+
+The flat value layout (p, L·2·heads·head_dim), block-major, keys before values, equals HF PEFT's
+PREFIX_TUNING embedding, so values move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import torch
+from torch import nn
+
+from petlkit.backbones.extensions import add_extra_kv
+from petlkit.config import MethodConfig, check_bool, check_positive_int
+from petlkit.layout import layout_of
+from petlkit.methods.base import Method
+from petlkit.methods.gate import Gate
+from petlkit.methods.targeting import get_module
+from petlkit.registry import register_method
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig(MethodConfig):
+    """length: prefix tokens per block; reparameterize: produce the values with an MLP of width
+    `hidden` while training; gated: multiply each block's prefix by a UniPELT gate."""
+
+    length: int = 10
+    reparameterize: bool = True
+    hidden: int = 512
+    gated: bool = False
+
+    def validate(self) -> None:
+        check_positive_int("PrefixConfig", "length", self.length)
+        check_positive_int("PrefixConfig", "hidden", self.hidden)
+        check_bool("PrefixConfig", "reparameterize", self.reparameterize)
+        check_bool("PrefixConfig", "gated", self.gated)
+
+
+@register_method("prefix")
+class Prefix(Method):
+    config_cls = PrefixConfig
+    merge_refusal = "prefix tuning adds attention tokens, so it cannot fold into weights"
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        self.layout = layout = layout_of(model)
+        width, depth = layout.width, layout.depth
+        self.values_width = depth * 2 * width
+        if cfg.reparameterize:
+            self.embedding = nn.Parameter(torch.randn(cfg.length, width))
+            self.mlp = nn.Sequential(
+                nn.Linear(width, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, self.values_width)
+            )
+        else:
+            self.prefix = nn.Parameter(torch.randn(cfg.length, self.values_width) * 0.02)
+        if cfg.gated:
+            self.gates = nn.ModuleList(Gate(width) for _ in range(depth))
+        self._kv: torch.Tensor | None = None
+        encoder = get_module(model, layout.encoder) if layout.encoder else model
+        self._handles = [encoder.register_forward_pre_hook(self._refresh)]
+        self._handles += [
+            add_extra_kv(model, layout, i, partial(self._block_kv, i)) for i in range(depth)
+        ]
+
+    def detach(self, model: nn.Module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def values(self) -> torch.Tensor:
+        """The prefix values, (length, depth·2·width)."""
+        if self.config.reparameterize:
+            return self.mlp(self.embedding)
+        return self.prefix
+
+    def key_values(self) -> torch.Tensor:
+        """(depth, 2, heads, length, head_dim): per block, the keys then the values."""
+        layout = self.layout
+        heads = layout.num_heads
+        flat = self.values().view(self.config.length, layout.depth, 2, heads, -1)
+        return flat.permute(1, 2, 3, 0, 4)
+
+    def _refresh(self, module: nn.Module, args: tuple) -> None:
+        """Root pre-hook: compute all blocks' prefixes once per forward."""
+        self._kv = self.key_values() if self.enabled else None
+
+    def _block_kv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.enabled:
+            return None
+        if self._kv is None:
+            self._kv = self.key_values()
+        key, value = self._kv[index]
+        batch = x.shape[0]
+        key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
+        if self.config.gated:
+            g = self.gates[index](x).view(batch, 1, 1, 1).to(key.dtype)
+            key, value = key * g, value * g
+        return key, value
+
+    @torch.no_grad()
+    def drop_reparameterization(self) -> None:
+        """Replace the embedding + MLP by the values they produce (outputs unchanged)."""
+        if not self.config.reparameterize:
+            return
+        values = self.values().detach().clone()
+        del self.embedding, self.mlp
+        self.prefix = nn.Parameter(values)
+        self.config = self.config.replace(reparameterize=False)
+        self._kv = None
+
+    def export(self, model: nn.Module) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
+        state = {k: v for k, v in self.trainable(model).items() if not k.startswith("method.")}
+        state["method.prefix"] = self.values().detach()
+        if self.config.gated:
+            state.update({f"method.gates.{k}": v for k, v in self.gates.state_dict().items()})
+        return self.config.replace(reparameterize=False), state

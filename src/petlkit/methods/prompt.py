@@ -1,0 +1,125 @@
+"""Soft prompts: prompt tuning (Lester et al., 2021) and VPT (Jia et al., 2022).
+
+Prompt tuning prepends n learned tokens to the input (text: in front of the word embeddings, so
+the encoder adds position embeddings to them, as in Lester et al. and HF PEFT; ViT: after the class
+token, after the position embedding). Optionally gated (the prompt-tuning layer of UniPELT+prompt).
+VPT (ViT only) inserts n tokens after the class token; deep VPT replaces them before every block
+with that block's own tokens. Either way the prompt positions are dropped before the final norm,
+so the head sees the sequence it would see without prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from petlkit.backbones.extensions import add_prompt_tokens
+from petlkit.config import (
+    MethodConfig,
+    check_bool,
+    check_finite,
+    check_positive_int,
+    check_probability,
+)
+from petlkit.errors import PetlError
+from petlkit.layout import layout_of
+from petlkit.methods.base import Method
+from petlkit.methods.gate import Gate
+from petlkit.registry import register_method
+
+NO_MERGE = "prompt tokens lengthen the sequence, so they cannot fold into weights"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig(MethodConfig):
+    """length: soft tokens; init_range: uniform(-init_range, init_range) initialisation;
+    gated: multiply the tokens by a gate G(embedded input)."""
+
+    length: int = 10
+    init_range: float = 0.5
+    gated: bool = False
+
+    def validate(self) -> None:
+        check_positive_int("PromptConfig", "length", self.length)
+        check_finite("PromptConfig", "init_range", self.init_range, positive=True)
+        check_bool("PromptConfig", "gated", self.gated)
+
+
+@register_method("prompt")
+class Prompt(Method):
+    config_cls = PromptConfig
+    merge_refusal = NO_MERGE
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        layout = layout_of(model)
+        self.prompt = nn.Parameter(torch.empty(cfg.length, layout.width))
+        nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
+        if cfg.gated:
+            self.gate = Gate(layout.width)
+        self._handle = add_prompt_tokens(model, layout, self._tokens)
+
+    def detach(self, model: nn.Module) -> None:
+        self._handle.remove()
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
+        tokens = self.prompt.expand(x.shape[0], *self.prompt.shape)
+        if self.config.gated:
+            tokens = tokens * self.gate(x).view(-1, 1, 1).to(tokens.dtype)
+        return tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class VPTConfig(MethodConfig):
+    """length: prompt tokens per block; deep: new tokens before every block (else only the first);
+    dropout on the prompt tokens."""
+
+    length: int = 10
+    deep: bool = True
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check_positive_int("VPTConfig", "length", self.length)
+        check_bool("VPTConfig", "deep", self.deep)
+        check_probability("VPTConfig", "dropout", self.dropout)
+
+
+@register_method("vpt")
+class VPT(Method):
+    config_cls = VPTConfig
+    merge_refusal = NO_MERGE
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        layout = layout_of(model)
+        patch = getattr(getattr(model, "cfg", None), "patch_size", None)
+        if layout.encoder is not None or patch is None:
+            raise PetlError(
+                "VPT needs the project ViT (petlkit.backbones.vit); for text encoders use "
+                "'prompt' or 'prefix'"
+            )
+        # Jia et al.: uniform(-v, v) with v = sqrt(6 / (3·patch² + width)) (Xavier over a patch)
+        bound = math.sqrt(6.0 / (3 * patch * patch + layout.width))
+        blocks = layout.depth if cfg.deep else 1
+        self.prompts = nn.Parameter(torch.empty(blocks, cfg.length, layout.width))
+        nn.init.uniform_(self.prompts, -bound, bound)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        per_block = self._block_tokens if cfg.deep else None
+        self._handle = add_prompt_tokens(model, layout, self._first_tokens, per_block)
+
+    def detach(self, model: nn.Module) -> None:
+        self._handle.remove()
+
+    def _expand(self, index: int, batch: int) -> torch.Tensor:
+        return self.dropout(self.prompts[index].expand(batch, -1, -1))
+
+    def _first_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self._expand(0, x.shape[0]) if self.enabled else None
+
+    def _block_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        return self._expand(index, x.shape[0]) if self.enabled else None

@@ -1,0 +1,102 @@
+"""SSF (Lian et al., 2022): y = γ ⊙ f(x) + β after every linear and layer norm of the backbone;
+γ ~ N(1, σ), β ~ N(0, σ) per output channel. Linear in f's output, so it merges:
+W' = diag(γ)·W, b' = γ ⊙ b + β."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from petlkit.config import MethodConfig, check_finite
+from petlkit.errors import TargetError
+from petlkit.layout import layout_of
+from petlkit.methods.base import Method, Tuner
+from petlkit.methods.targeting import find_targets
+from petlkit.registry import register_method
+
+
+class SSFTuner(Tuner):
+    def __init__(self, base_layer: nn.Module, owner: str, std: float) -> None:
+        super().__init__(base_layer, owner)
+        channels = _channels(base_layer)
+        self.ssf_scale = nn.Parameter(1.0 + std * torch.randn(channels))
+        self.ssf_shift = nn.Parameter(std * torch.randn(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled:
+            return out
+        return torch.addcmul(self.ssf_shift.to(out.dtype), out, self.ssf_scale.to(out.dtype))
+
+    def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.base_layer
+        weight = base.weight
+        factor = self.ssf_scale - 1.0
+        d_weight = factor.view(-1, *([1] * (weight.dim() - 1))) * weight
+        d_bias = self.ssf_shift.clone()
+        if base.bias is not None:
+            d_bias = d_bias + factor * base.bias
+        return d_weight, d_bias
+
+
+def _channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm) and module.weight is not None:
+        return module.weight.shape[0]
+    raise TargetError(f"SSF scales nn.Linear or affine nn.LayerNorm, got {type(module).__name__}")
+
+
+def _scalable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.LayerNorm) and module.weight is not None
+    )
+
+
+def _inside_a_method(model: nn.Module, name: str) -> bool:
+    """True for modules another method added (e.g. an adapter's own linears)."""
+    module, parts = model, name.split(".")
+    for part in parts:
+        if isinstance(module, Tuner) and part != "base_layer":
+            return True
+        module = getattr(module, part)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SSFConfig(MethodConfig):
+    """targets: None for every linear and affine layer norm outside the head, else suffixes or a
+    full-match regex; init_std: σ of the N(1, σ) scales and N(0, σ) shifts."""
+
+    targets: str | Sequence[str] | None = None
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        check_finite("SSFConfig", "init_std", self.init_std)
+        if self.init_std < 0:
+            raise TargetError(f"SSFConfig.init_std must be >= 0, got {self.init_std}")
+
+
+@register_method("ssf")
+class SSF(Method):
+    config_cls = SSFConfig
+    merge_refusal = None
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.config
+        if cfg.targets is None:
+            head = layout_of(model).head if hasattr(model, "petl_layout") else "head"
+            names = [
+                n
+                for n, m in model.named_modules()
+                if _scalable(m)
+                and not (n == head or n.startswith(head + "."))
+                and not _inside_a_method(model, n)
+            ]
+        else:
+            names = find_targets(model, cfg.targets)
+        for name in names:
+            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std))

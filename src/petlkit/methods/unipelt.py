@@ -1,0 +1,172 @@
+"""UniPELT (Mao et al., 2022) and UniPELT+prompt (seed paper 002), as a union of library methods.
+
+UniPELT = gated LoRA on q and v (r = 8) + gated prefix tuning (p = 10, MLP of width 512 while
+training) + a gated Pfeiffer adapter (reduction 16, ReLU); variant AP drops LoRA. UniPELT+prompt
+adds a layer of n = 10 soft prompt tokens in front of the input (a documented reconstruction:
+docs/methods/unipelt.md). Each part is the library's own method, built from this config, so a
+part behaves here exactly as it does alone; any part can be left out and the gates switched off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from petlkit.config import (
+    MethodConfig,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_positive_int,
+)
+from petlkit.errors import ConfigError
+from petlkit.methods.adapter import ACTIVATIONS, AdapterConfig
+from petlkit.methods.base import Method
+from petlkit.methods.lora import LoRAConfig
+from petlkit.methods.prefix import PrefixConfig
+from petlkit.methods.prompt import PromptConfig
+from petlkit.registry import method_class, register_method
+
+SUBMODULES = ("adapter", "prefix", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPELTConfig(MethodConfig):
+    """submodules: any of 'adapter', 'prefix', 'lora'; gated: UniPELT's gates on them;
+    prompt: add the prompt-tuning layer (prompt_length tokens, gated if prompt_gated).
+    Per part: lora_r, lora_alpha (used only ungated: a gate replaces alpha / r),
+    prefix_length, prefix_hidden, prefix_reparameterize, adapter_reduction,
+    adapter_non_linearity."""
+
+    submodules: Sequence[str] = SUBMODULES
+    gated: bool = True
+    prompt: bool = False
+    prompt_length: int = 10
+    prompt_gated: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    prefix_length: int = 10
+    prefix_hidden: int = 512
+    prefix_reparameterize: bool = True
+    adapter_reduction: int = 16
+    adapter_non_linearity: str = "relu"
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        for part in self.submodules:
+            check_choice(owner, "submodules", part, SUBMODULES)
+        if len(set(self.submodules)) != len(self.submodules):
+            raise ConfigError(f"{owner}.submodules names a part twice: {list(self.submodules)}")
+        for name in ("gated", "prompt", "prompt_gated", "prefix_reparameterize"):
+            check_bool(owner, name, getattr(self, name))
+        if not self.submodules and not self.prompt:
+            raise ConfigError(f"{owner}: nothing to train; name submodules or set prompt=true")
+        for name in ("prompt_length", "lora_r", "prefix_length", "prefix_hidden"):
+            check_positive_int(owner, name, getattr(self, name))
+        check_positive_int(owner, "adapter_reduction", self.adapter_reduction)
+        check_finite(owner, "lora_alpha", self.lora_alpha, positive=True)
+        check_choice(owner, "adapter_non_linearity", self.adapter_non_linearity, tuple(ACTIVATIONS))
+
+    def part_configs(self) -> dict[str, MethodConfig]:
+        """The config of each part, in the order they are attached."""
+        parts: dict[str, MethodConfig] = {}
+        if "lora" in self.submodules:
+            parts["lora"] = LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, gated=self.gated)
+        if "prefix" in self.submodules:
+            parts["prefix"] = PrefixConfig(
+                length=self.prefix_length,
+                hidden=self.prefix_hidden,
+                reparameterize=self.prefix_reparameterize,
+                gated=self.gated,
+            )
+        if "adapter" in self.submodules:
+            parts["adapter"] = AdapterConfig(
+                placement="pfeiffer",
+                reduction_factor=self.adapter_reduction,
+                non_linearity=self.adapter_non_linearity,
+                gated=self.gated,
+            )
+        if self.prompt:
+            parts["prompt"] = PromptConfig(length=self.prompt_length, gated=self.prompt_gated)
+        return parts
+
+
+@register_method("unipelt")
+class UniPELT(Method):
+    config_cls = UniPELTConfig
+
+    def attach(self, model: nn.Module) -> None:
+        self.parts = nn.ModuleDict()
+        for key, config in self.config.part_configs().items():
+            part = method_class(config.method)(config, f"{self.name}.{key}")
+            part.attach(model)
+            self.parts[key] = part
+        self.merge_refusal = next(
+            (f"its {k} part: {p.merge_refusal}" for k, p in self.parts.items() if p.merge_refusal),
+            None,
+        )
+
+    def detach(self, model: nn.Module) -> None:
+        for part in reversed(list(self.parts.values())):
+            part.detach(model)
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        self.enabled = enabled
+        for part in self.parts.values():
+            part.set_enabled(model, enabled)
+
+    def merge(self, model: nn.Module) -> None:
+        self.check_mergeable()
+        for part in self.parts.values():
+            part.merge(model)
+
+    def unmerge(self, model: nn.Module) -> None:
+        for part in reversed(list(self.parts.values())):
+            part.unmerge(model)
+
+    @property
+    def merged(self) -> bool:
+        return any(part.merged for part in self.parts.values())
+
+    def drop_reparameterization(self) -> None:
+        """Keep only the prefix values (see Prefix.drop_reparameterization)."""
+        if "prefix" in self.parts:
+            self.parts["prefix"].drop_reparameterization()
+            self.config = self.config.replace(prefix_reparameterize=False)
+
+    def export(self, model: nn.Module) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
+        state: dict[str, torch.Tensor] = {}
+        for key, part in self.parts.items():
+            _, tensors = part.export(model)
+            for name, tensor in tensors.items():
+                if name.startswith("method."):
+                    name = f"method.parts.{key}." + name.removeprefix("method.")
+                state[name] = tensor
+        return self.config.replace(prefix_reparameterize=False), state
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPELTAPConfig(UniPELTConfig):
+    """UniPELT (AP): gated adapter + gated prefix, no LoRA."""
+
+    submodules: Sequence[str] = ("adapter", "prefix")
+
+
+@register_method("unipelt-ap")
+class UniPELTAP(UniPELT):
+    config_cls = UniPELTAPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPELTPromptConfig(UniPELTConfig):
+    """UniPELT (APL) + the prompt-tuning layer of seed paper 002."""
+
+    prompt: bool = True
+
+
+@register_method("unipelt-prompt")
+class UniPELTPrompt(UniPELT):
+    config_cls = UniPELTPromptConfig
