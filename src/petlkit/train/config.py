@@ -1,0 +1,56 @@
+"""Training hyper-parameters, validated like method configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from petlkit.config import (
+    check_choice,
+    check_finite,
+    check_positive_int,
+    check_probability,
+)
+from petlkit.errors import ConfigError
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """batch_size is the global batch: all processes and accumulation steps together.
+    eval_every / checkpoint_every: in optimiser steps (0: only at the end)."""
+
+    steps: int = 500
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    eval_batch_size: int = 64
+    max_length: int = 128
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length"):
+            check_positive_int("TrainConfig", name, getattr(self, name))
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
+        check_finite("TrainConfig", "lr", self.lr, positive=True)
+        check_finite("TrainConfig", "weight_decay", self.weight_decay)
+        check_finite("TrainConfig", "max_grad_norm", self.max_grad_norm)
+        check_probability("TrainConfig", "warmup_ratio", self.warmup_ratio)
+        check_choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"TrainConfig: batch_size {self.batch_size} is not a multiple of grad_accum "
+                f"{self.grad_accum}; pick a batch size that splits into equal micro-batches"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,247 @@
+"""The trainer: one code path for one process, several CPU processes (torch DDP over gloo) and
+GPUs, through HF Accelerate (`accelerate launch` or `torchrun` start the processes).
+
+What it guarantees:
+- the same global batch gives the same updates however many processes share it (each process
+  takes an equal contiguous share of every global batch, DDP averages the gradients);
+- batches depend only on (seed, step), and randomness (dropout) is reseeded from (seed, step,
+  rank) before every step, so a run resumed from a checkpoint continues exactly as if never
+  stopped;
+- checkpoints hold only trained parameters + optimiser/scheduler state, are written atomically
+  by rank 0 alone, and the model is selected on the validation split only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from petlkit.errors import PetlError
+from petlkit.io import read_safetensors, write_json, write_safetensors
+from petlkit.model import PetlModel
+from petlkit.tasks.base import Split, Task
+from petlkit.train.config import TrainConfig
+from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
+
+BEST = "best.safetensors"
+METRICS_LOG = "metrics.jsonl"
+RESULTS = "results.json"
+
+
+def weight_decay_groups(params: dict[str, torch.nn.Parameter], decay: float) -> list[dict]:
+    """Matrices decay; biases, norms, scales, gates' biases and other vectors do not."""
+    with_decay = [p for p in params.values() if p.dim() >= 2]
+    without = [p for p in params.values() if p.dim() < 2]
+    return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: PetlModel,
+        task: Task,
+        config: TrainConfig,
+        output_dir: str | Path | None = None,
+        tokenizer: Any = None,
+        progress: bool = True,
+    ) -> None:
+        if task.modality == "text" and tokenizer is None:
+            raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
+        self.model, self.task, self.config = model, task, config
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        # cpu=True when no GPU: Accelerate then joins the torch DDP (gloo) processes torchrun
+        # started; without it, each CPU process would train alone
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision
+        )
+        self.progress = progress and self.accelerator.is_main_process
+        world = self.accelerator.num_processes
+        parts = world * config.grad_accum
+        if config.batch_size % parts:
+            raise PetlError(
+                f"batch_size {config.batch_size} does not split into {world} processes × "
+                f"{config.grad_accum} accumulation steps; use a multiple of {parts}"
+            )
+        train = task.splits["train"]
+        if config.batch_size > len(train):
+            raise PetlError(
+                f"batch_size {config.batch_size} is larger than the {len(train)} training examples "
+                f"of {task.name!r}; use at most {len(train)}"
+            )
+
+    # -- data ------------------------------------------------------------------------------------
+    def global_batch(self, step: int) -> torch.Tensor:
+        """The example indices of optimiser step `step`: epoch-wise permutations from the seed."""
+        n, size = len(self.task.splits["train"]), self.config.batch_size
+        positions = torch.arange(step * size, (step + 1) * size)
+        epochs = positions // n
+        out = torch.empty(size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen)
+            mask = epochs == epoch
+            out[mask] = order[positions[mask] % n]
+        return out
+
+    def encode(self, split: Split, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        sub = split.subset(index)
+        if self.task.modality == "vision":
+            inputs = {"pixels": sub.inputs}
+        else:
+            texts = list(sub.inputs)
+            args = list(zip(*texts, strict=True)) if self.task.pair else [texts]
+            inputs = dict(
+                self.tokenizer(*args, padding=True, truncation=True,
+                               max_length=self.config.max_length, return_tensors="pt")
+            )  # fmt: skip
+        device = self.accelerator.device
+        return {k: v.to(device) for k, v in inputs.items()}, sub.labels.to(device)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split_name: str = "val") -> dict[str, float]:
+        """The task's metrics on a split (every process computes the same numbers)."""
+        if split_name not in self.task.splits:
+            raise PetlError(f"task {self.task.name!r} has no {split_name!r} split")
+        split = self.task.splits[split_name]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        preds = []
+        for start in range(0, len(split), self.config.eval_batch_size):
+            index = torch.arange(start, min(start + self.config.eval_batch_size, len(split)))
+            inputs, _ = self.encode(split, index)
+            with self.accelerator.autocast():
+                logits = model(**inputs).float().cpu()
+            preds.append(logits.squeeze(-1) if self.task.regression else logits.argmax(-1))
+        model.train(was_training)
+        return self.task.score(torch.cat(preds), split.labels)
+
+    # -- training --------------------------------------------------------------------------------
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        cfg, acc = self.config, self.accelerator
+        params = self.trained_parameters()
+        if not params:
+            raise PetlError("nothing to train: every parameter is frozen")
+        optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=cfg.lr)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
+        )
+        info = {"step": 0, "best_score": None, "best_step": None}
+        checkpoint = self._path(CHECKPOINT)
+        if resume:
+            if checkpoint is None or not checkpoint.is_file():
+                raise PetlError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+            info = load_training_state(checkpoint, params, optimizer)
+            scheduler.load_state_dict(info["scheduler"])
+        self.model.to(acc.device)
+        ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
+        world, rank = acc.num_processes, acc.process_index
+        share = cfg.batch_size // world
+        micro = share // cfg.grad_accum
+        bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
+        for step in range(info["step"], cfg.steps):
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
+            mine = self.global_batch(step)[rank * share : (rank + 1) * share]
+            ddp_model.train()
+            total = torch.zeros((), device=acc.device)
+            for k in range(cfg.grad_accum):
+                inputs, labels = self.encode(
+                    self.task.splits["train"], mine[k * micro : (k + 1) * micro]
+                )
+                last = k == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(ddp_model)
+                with sync, acc.autocast():
+                    loss = self.loss(ddp_model(**inputs), labels) / cfg.grad_accum
+                acc.backward(loss)
+                total += loss.detach()
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            acc_optimizer.step()
+            scheduler.step()
+            acc_optimizer.zero_grad(set_to_none=True)
+            loss_value = acc.reduce(total, "mean").item()
+            if not math.isfinite(loss_value):
+                raise PetlError(
+                    f"the loss became {loss_value} at step {step + 1}; the last checkpoint is kept "
+                    "(lower the learning rate or turn on gradient clipping)"
+                )
+            done = step + 1
+            record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                scores = self.evaluate("val")
+                record["val"] = scores
+                score = next(iter(scores.values()))
+                if info["best_score"] is None or score > info["best_score"]:
+                    info.update(best_score=score, best_step=done)
+                    self._write(BEST, lambda p: write_safetensors(p, params))
+            self._log(record)
+            info["step"] = done
+            info["scheduler"] = scheduler.state_dict()
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                state = dict(info, config=cfg.to_dict())
+                self._write(
+                    CHECKPOINT, lambda p, s=state: save_training_state(p, params, optimizer, s)
+                )
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.close()
+        return self._finish(params, info)
+
+    def _finish(self, params: dict[str, torch.nn.Parameter], info: dict) -> dict[str, Any]:
+        """Load the parameters of the best validation step, then score val and test."""
+        best = self._path(BEST)
+        if best is not None and best.is_file():
+            saved = read_safetensors(best)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+        results = {
+            "task": self.task.name,
+            "steps": info["step"],
+            "best_step": info["best_step"],
+            "val": self.evaluate("val"),
+        }
+        if "test" in self.task.splits:
+            results["test"] = self.evaluate("test")
+        count = self.model.trainable_parameters()
+        results["trainable_parameters"] = count.trainable
+        results["trainable_percent"] = count.percent
+        self._write(RESULTS, lambda p: write_json(p, results))
+        return results
+
+    # -- files: rank 0 writes, everyone waits ------------------------------------------------------
+    def _path(self, name: str) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / name
+
+    def _write(self, name: str, write) -> None:
+        path = self._path(name)
+        if path is not None and self.accelerator.is_main_process:
+            write(path)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, record: dict) -> None:
+        path = self._path(METRICS_LOG)
+        if path is None or not self.accelerator.is_main_process:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")

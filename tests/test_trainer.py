@@ -1,0 +1,131 @@
+"""The trainer: resume after SIGKILL, several processes = one, determinism, model selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from petlkit.errors import PetlError
+from petlkit.io import read_safetensors
+from petlkit.tasks import load_task
+from petlkit.train.config import TrainConfig
+from petlkit.train.trainer import Trainer
+from tests.train_job import CONFIG, build
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run(out: Path, *extra: str, launcher: tuple[str, ...] = (), wait: bool = True):
+    cmd = [sys.executable, *launcher, "-m", "tests.train_job", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _final_params(out: Path) -> dict[str, torch.Tensor]:
+    return {
+        k: v for k, v in read_safetensors(out / "checkpoint.safetensors").items() if "param." in k
+    }
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _run(out)
+    return out
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    job = _run(tmp_path, "--step-delay", "0.03", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first checkpoint, then kill mid-run
+        log = tmp_path / "metrics.jsonl"
+        checkpointed = (tmp_path / "checkpoint.safetensors").exists() and log.exists()
+        if checkpointed and len(log.read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    steps_done = len(_lines(tmp_path))
+    assert 10 <= steps_done < CONFIG.steps, "the kill must land mid-run"
+    _run(tmp_path, "--resume")
+    final, reference = _final_params(tmp_path), _final_params(uninterrupted)
+    assert final.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results == json.loads((uninterrupted / "results.json").read_text())
+
+
+def test_two_processes_train_like_one(uninterrupted, tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2")
+    _run(tmp_path, launcher=launcher)
+    final, reference = _final_params(tmp_path), _final_params(uninterrupted)
+    for name, value in reference.items():  # gloo's all-reduce sums in another order: ≤ 1e-5
+        torch.testing.assert_close(final[name], value, rtol=0, atol=1e-5, msg=name)
+    assert len(_lines(tmp_path)) == CONFIG.steps  # only rank 0 writes the log
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in uninterrupted.iterdir()
+    )
+
+
+def test_same_seed_gives_bit_identical_parameters():
+    runs = []
+    for _ in range(2):
+        model = build("sas")
+        cfg = TrainConfig(steps=8, batch_size=16, eval_every=0, checkpoint_every=0, seed=3)
+        Trainer(model, load_task("digits"), cfg, progress=False).fit()
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+def test_model_selection_uses_validation_only(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    evals = [line for line in _lines(uninterrupted) if "val" in line]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40]
+    best = max(evals, key=lambda e: e["val"]["accuracy"])
+    assert results["best_step"] == best["step"]
+    assert results["val"]["accuracy"] == best["val"]["accuracy"]
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    finals = []
+    for accum in (1, 4):
+        model = build("lora")
+        cfg = TrainConfig(steps=5, batch_size=16, grad_accum=accum, eval_every=0,
+                          checkpoint_every=0, max_grad_norm=0.0)  # fmt: skip
+        Trainer(model, load_task("digits"), cfg, progress=False).fit()
+        finals.append(
+            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        )
+    for name, value in finals[0].items():
+        torch.testing.assert_close(finals[1][name], value, rtol=0, atol=1e-5)
+
+
+def test_bad_batch_sizes_are_refused_clearly():
+    task = load_task("digits")
+    with pytest.raises(PetlError, match="larger than the 800 training examples"):
+        Trainer(build("lora"), task, TrainConfig(batch_size=1024))
+    with pytest.raises(PetlError, match="not a multiple of grad_accum"):
+        TrainConfig(batch_size=10, grad_accum=4)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    trainer = Trainer(build("lora"), load_task("digits"), TrainConfig(steps=2), tmp_path)
+    with pytest.raises(PetlError, match="no checkpoint"):
+        trainer.fit(resume=True)
