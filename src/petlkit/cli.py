@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from petlkit.errors import PetlError
 
@@ -38,6 +39,63 @@ def _params(args: argparse.Namespace) -> None:
     print("\n".join(rows))
 
 
+def _run_spec(args: argparse.Namespace):
+    from petlkit.run import RunSpec, read_run_file
+
+    data = read_run_file(args.config) if args.config else {}
+    for key in ("backbone", "method", "task"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
+    train = dict(data.get("train", {}))
+    for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    data["train"] = train
+    return RunSpec.from_dict(data)
+
+
+def _print_results(results: dict) -> None:
+    print(json.dumps(results, indent=2))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from petlkit.run import train_run
+
+    _print_results(train_run(_run_spec(args), args.output, resume=args.resume))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from petlkit.run import load_run
+    from petlkit.tasks import load_task
+    from petlkit.train.trainer import Trainer
+
+    task = load_task(args.task) if args.task else None
+    model, spec, built = load_run(args.run, task)
+    task = task or load_task(spec.task)
+    trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer, progress=False)
+    _print_results({split: trainer.evaluate(split) for split in args.split})
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from petlkit.backbones.vit import VisionTransformer
+    from petlkit.backbones.vit_weights import save_vit
+    from petlkit.io import write_safetensors
+    from petlkit.run import load_run
+
+    model, _, built = load_run(args.run)
+    model.merge()
+    task_model = model.model
+    output = Path(args.output)
+    if isinstance(task_model, VisionTransformer):
+        save_vit(task_model, output)
+    else:
+        task_model.encoder.save_pretrained(output, safe_serialization=True)
+        built.tokenizer.save_pretrained(output)
+        write_safetensors(output / "head.safetensors", task_model.head.state_dict())
+    print(f"merged backbone written to {output}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from petlkit.demo import run_demo
 
@@ -50,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the quick real-weights, real-data job (make demo)")
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--methods", nargs="+", default=["linear", "lora", "sas"])
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
     params = sub.add_parser("params", help="trainable parameters per method on a backbone")
     params.add_argument("--backbone", default="vit-base")
     params.add_argument("--num-classes", type=int, default=10)
@@ -62,14 +120,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a config field for the listed methods (JSON value), repeatable",
     )
-    params.set_defaults(run=_params)
+    params.set_defaults(handler=_params)
+
+    train = sub.add_parser("train", help="train a method on a task (Accelerate; torchrun-ready)")
+    train.add_argument("--config", help="a YAML or JSON run config; flags override its keys")
+    train.add_argument("--backbone")
+    train.add_argument("--method")
+    train.add_argument("--task")
+    train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
+                       ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip
+        train.add_argument(flag, type=kind)
+    train.add_argument("--output", required=True, help="the run folder")
+    train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="score a trained run on its task or another one")
+    evaluate.add_argument("--run", required=True, help="a folder `petlkit train` wrote")
+    evaluate.add_argument("--task", help="another task with the same labels (default: the run's)")
+    evaluate.add_argument("--split", nargs="+", default=["test"])
+    evaluate.set_defaults(handler=_eval)
+
+    merge = sub.add_parser("merge", help="write the backbone with the method folded in")
+    merge.add_argument("--run", required=True)
+    merge.add_argument("--output", required=True, help="a .safetensors file (ViT) or a folder")
+    merge.set_defaults(handler=_merge)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except PetlError as err:
         print(f"petlkit: error: {err}", file=sys.stderr)
         return 2

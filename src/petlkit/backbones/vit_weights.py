@@ -6,14 +6,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from petlkit.backbones.vit import VisionTransformer, ViTConfig
 from petlkit.errors import CheckpointError
-from petlkit.io import read_safetensors
+from petlkit.io import read_safetensors, write_safetensors
 
 
-def infer_config(state: dict[str, torch.Tensor], img_size: int | None = None) -> ViTConfig:
-    """The ViT shape that a timm state dict describes."""
+def infer_config(
+    state: dict[str, torch.Tensor], img_size: int | None = None, num_heads: int | None = None
+) -> ViTConfig:
+    """The ViT shape that a timm state dict describes (heads: `num_heads`, else width // 64, the
+    timm convention for tiny, small and base)."""
     try:
         proj = state["patch_embed.proj.weight"]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -24,7 +28,7 @@ def infer_config(state: dict[str, torch.Tensor], img_size: int | None = None) ->
     dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     grid = int(round((pos.shape[1] - 1) ** 0.5))
     head = state.get("head.weight")
-    heads = max(1, dim // 64)
+    heads = num_heads or max(1, dim // 64)
     return ViTConfig(
         img_size=img_size or grid * patch,
         patch_size=patch,
@@ -91,10 +95,20 @@ def load_vit(
     """A ViT shaped like the checkpoint at `path`, its weights loaded; a new head if
     `num_classes` differs from the checkpoint's."""
     state = read_safetensors(path)
-    cfg = infer_config(state, img_size)
+    with safe_open(str(path), framework="pt") as f:
+        heads = (f.metadata() or {}).get("num_heads")
+    cfg = infer_config(state, img_size, int(heads) if heads else None)
     keep_head = num_classes is None or num_classes == cfg.num_classes
     if not keep_head:
         cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
     model = VisionTransformer(cfg)
     load_timm_state_dict(model, state, load_head=keep_head)
     return model
+
+
+def save_vit(model: VisionTransformer, path: str | Path) -> None:
+    """Write a timm-format checkpoint (atomically) that `load_vit` reads back exactly; the head
+    count goes in the metadata, since shapes alone do not fix it."""
+    write_safetensors(
+        path, model.state_dict(), {"format": "pt", "num_heads": str(model.cfg.num_heads)}
+    )

@@ -1,0 +1,124 @@
+"""A run: backbone + method + task + training settings, from the CLI or a YAML/JSON file.
+
+`train_run` trains and writes into its folder: `run.json` (this spec), `adapter/` (the adapter
+checkpoint), `checkpoint.safetensors`, `best.safetensors`, `metrics.jsonl`, `results.json`.
+`load_run` rebuilds the trained model from such a folder for evaluation or merging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from petlkit.backbones import build_model
+from petlkit.backbones.registry import Built
+from petlkit.checkpoint import load_adapter, save_adapter
+from petlkit.errors import ConfigError, PetlError
+from petlkit.io import write_json
+from petlkit.model import PetlModel, attach
+from petlkit.tasks import Task, load_task
+from petlkit.train.config import TrainConfig
+from petlkit.train.trainer import Trainer
+
+RUN_FILE = "run.json"
+KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    backbone: str
+    method: str
+    task: str
+    method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pooling: str = "mean"
+    patch_size: int | None = None
+
+    def train_config(self) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.train) - fields)
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; valid: {sorted(fields)}")
+        return TrainConfig(**self.train)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        unknown = sorted(set(data) - set(KEYS))
+        if unknown:
+            raise ConfigError(f"unknown run keys {unknown}; valid keys: {list(KEYS)}")
+        missing = [k for k in ("backbone", "method", "task") if k not in data]
+        if missing:
+            raise ConfigError(f"the run config lacks {missing}; add them")
+        return cls(**data)
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON run config, parsed with safe loaders only."""
+    path = Path(path)
+    if not path.is_file():
+        raise PetlError(f"no run config at {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)  # the safe loader builds no Python objects
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(
+                f"{path} could not be read as a plain YAML run config: {first}"
+            ) from err
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of run keys ({list(KEYS)})")
+    return data
+
+
+BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same in every command
+
+
+def build_for_task(spec: RunSpec, task: Task) -> Built:
+    torch.manual_seed(BACKBONE_SEED)
+    if task.modality == "vision":
+        size = task.image_size
+        patch = spec.patch_size or (16 if size >= 64 else max(1, size // 4))
+        return build_model(spec.backbone, task.num_labels, img_size=size, patch_size=patch,
+                           in_chans=task.channels)  # fmt: skip
+    return build_model(spec.backbone, task.num_labels, pooling=spec.pooling)
+
+
+def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress: bool = True):
+    output = Path(output)
+    config = spec.train_config()
+    task = load_task(spec.task)
+    built = build_for_task(spec, task)
+    if built.modality != task.modality:
+        raise PetlError(f"backbone {spec.backbone!r} is {built.modality}; task {spec.task!r} is "
+                        f"{task.modality}")  # fmt: skip
+    model = attach(built.model, spec.method, **spec.method_args)
+    trainer = Trainer(model, task, config, output, built.tokenizer, progress=progress)
+    if trainer.accelerator.is_main_process:
+        write_json(output / RUN_FILE, dataclasses.asdict(spec))
+    results = trainer.fit(resume=resume)
+    if trainer.accelerator.is_main_process:
+        save_adapter(model, output / "adapter")
+    return results
+
+
+def load_run(folder: str | Path, task: Task | None = None) -> tuple[PetlModel, RunSpec, Built]:
+    folder = Path(folder)
+    if not (folder / RUN_FILE).is_file():
+        raise PetlError(f"{folder} is not a petlkit run folder (no {RUN_FILE}); give `train`'s "
+                        "--output folder")  # fmt: skip
+    spec = RunSpec.from_dict(json.loads((folder / RUN_FILE).read_text()))
+    task = task or load_task(spec.task)
+    built = build_for_task(spec, task)
+    return load_adapter(built.model, folder / "adapter"), spec, built

@@ -1,0 +1,48 @@
+"""Metrics against hand-computed values; here-scale tasks have the documented splits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from petlkit.errors import PetlError
+from petlkit.tasks import load_task
+from petlkit.tasks.metrics import accuracy, correlation, f1_accuracy, mcc
+
+T = torch.tensor
+
+
+def test_mcc_by_hand():
+    # tp=2, tn=1, fp=1, fn=1: (2·1 − 1·1) / sqrt(3·3·2·2) = 1/6
+    assert mcc(T([1, 1, 1, 0, 0]), T([1, 1, 0, 1, 0]))["mcc"] == pytest.approx(1 / 6)
+
+
+def test_f1_by_hand():
+    # precision 2/3, recall 2/3 → F1 2/3; 3 of 5 right
+    scores = f1_accuracy(T([1, 1, 1, 0, 0]), T([1, 1, 0, 1, 0]))
+    assert list(scores) == ["f1", "accuracy"]
+    assert scores["f1"] == pytest.approx(2 / 3) and scores["accuracy"] == pytest.approx(0.6)
+
+
+def test_spearman_and_pearson_by_hand():
+    # ranks of pred (1,2,3,4) vs labels (1,3,2,4): 1 − 6·Σd²/(n(n²−1)) = 1 − 6·2/60 = 0.8
+    scores = correlation(T([0.1, 0.2, 0.3, 0.4]), T([1.0, 3.0, 2.0, 4.0]))
+    assert scores["spearman"] == pytest.approx(0.8)
+    assert scores["pearson"] == pytest.approx(0.8)  # equally spaced values: Pearson = Spearman
+    assert accuracy(T([0, 1, 2]), T([0, 1, 1]))["accuracy"] == pytest.approx(2 / 3)
+    assert not math.isnan(scores["pearson"])
+
+
+def test_digits_is_a_vtab_1k_style_task():
+    task = load_task("digits")
+    sizes = {name: len(split) for name, split in task.splits.items()}
+    assert sizes == {"train": 800, "val": 200, "test": 797}
+    assert task.splits["train"].inputs.shape[1:] == (1, 8, 8)
+    assert task.num_labels == 10 and task.image_size == 8 and task.channels == 1
+
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(PetlError, match="valid tasks: \\['digits', 'rotten-tomatoes'\\]"):
+        load_task("mnist-typo")
