@@ -85,3 +85,14 @@ def test_bad_run_configs_fail_with_one_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
+
+
+def test_resume_needs_only_the_output_folder(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    assert main(["train", "--output", str(run), "--resume"]) == 0  # finished: nothing left to do
+    assert json.loads((run / "results.json").read_text()) == json.loads(
+        (trained / "results.json").read_text()
+    )

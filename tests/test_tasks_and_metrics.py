@@ -46,3 +46,10 @@ def test_digits_is_a_vtab_1k_style_task():
 def test_unknown_task_lists_the_valid_ones():
     with pytest.raises(PetlError, match="valid tasks: \\['digits', 'rotten-tomatoes'\\]"):
         load_task("mnist-typo")
+
+
+def test_rotten_tomatoes_task_reads_the_installed_corpus():
+    task = load_task("rotten-tomatoes")
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 9752, "val": 1000, "test": 2000}
+    assert task.modality == "text" and task.num_labels == 2
+    assert set(task.splits["train"].labels.tolist()) == {0, 1}

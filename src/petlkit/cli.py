@@ -43,6 +43,9 @@ def _run_spec(args: argparse.Namespace):
     from petlkit.run import RunSpec, read_run_file
 
     data = read_run_file(args.config) if args.config else {}
+    saved = Path(args.output) / "run.json"
+    if args.resume and not args.config and saved.is_file():  # resume needs only --output
+        data = read_run_file(saved)
     for key in ("backbone", "method", "task"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)

@@ -17,8 +17,7 @@ def rotten_tomatoes() -> Task:
 
     data = load_rotten_tomatoes()
     splits = {
-        name: Split(list(split.texts), torch.tensor(split.labels))
-        for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
+        name: Split(list(split.texts), torch.tensor(split.labels)) for name, split in data.items()
     }
     return Task("rotten-tomatoes", "text", 2, splits)
 
