@@ -46,7 +46,7 @@ def _run_spec(args: argparse.Namespace):
     saved = Path(args.output) / "run.json"
     if args.resume and not args.config and saved.is_file():  # resume needs only --output
         data = read_run_file(saved)
-    for key in ("backbone", "method", "task"):
+    for key in ("backbone", "method", "task", "data_dir", "shots"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
@@ -73,9 +73,8 @@ def _eval(args: argparse.Namespace) -> None:
     from petlkit.tasks import load_task
     from petlkit.train.trainer import Trainer
 
-    task = load_task(args.task) if args.task else None
-    model, spec, built = load_run(args.run, task)
-    task = task or load_task(spec.task)
+    model, spec, built = load_run(args.run)
+    task = load_task(args.task, spec.data_dir) if args.task else spec.load_task()
     trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer, progress=False)
     _print_results({split: trainer.evaluate(split) for split in args.split})
 
@@ -131,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method")
     train.add_argument("--task")
     train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--data-dir", help="where file-based tasks (GLUE) read their files")
+    train.add_argument("--shots", type=int, help="K training examples (low-resource setting)")
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
                        ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip
         train.add_argument(flag, type=kind)

@@ -25,7 +25,8 @@ from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
-KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size")
+KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size", "data_dir",
+        "shots", "data_seed")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,12 @@ class RunSpec:
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     pooling: str = "mean"
     patch_size: int | None = None
+    data_dir: str | None = None
+    shots: int | None = None
+    data_seed: int = 0
+
+    def load_task(self) -> Task:
+        return load_task(self.task, self.data_dir, self.shots, self.data_seed)
 
     def train_config(self) -> TrainConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -98,7 +105,7 @@ def build_for_task(spec: RunSpec, task: Task) -> Built:
 def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress: bool = True):
     output = Path(output)
     config = spec.train_config()
-    task = load_task(spec.task)
+    task = spec.load_task()
     built = build_for_task(spec, task)
     if built.modality != task.modality:
         raise PetlError(f"backbone {spec.backbone!r} is {built.modality}; task {spec.task!r} is "
@@ -119,6 +126,6 @@ def load_run(folder: str | Path, task: Task | None = None) -> tuple[PetlModel, R
         raise PetlError(f"{folder} is not a petlkit run folder (no {RUN_FILE}); give `train`'s "
                         "--output folder")  # fmt: skip
     spec = RunSpec.from_dict(json.loads((folder / RUN_FILE).read_text()))
-    task = task or load_task(spec.task)
+    task = task or spec.load_task()
     built = build_for_task(spec, task)
     return load_adapter(built.model, folder / "adapter"), spec, built

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
+from petlkit.tasks.glue import GLUE, glue_task
 
 VTAB_TRAIN, VTAB_VAL = 800, 200  # VTAB-1k: 1,000 training examples, 800 train + 200 val
 
@@ -42,13 +44,25 @@ def digits(seed: int = 0) -> Task:
 
 
 TASKS: dict[str, Callable[[], Task]] = {"rotten-tomatoes": rotten_tomatoes, "digits": digits}
+FILE_TASKS = tuple(f"glue-{name}" for name in GLUE)  # read from files the user has
 
 
 def task_names() -> list[str]:
-    return sorted(TASKS)
+    return sorted([*TASKS, *FILE_TASKS])
 
 
-def load_task(name: str) -> Task:
+def load_task(
+    name: str, data_dir: str | Path | None = None, shots: int | None = None, seed: int = 0
+) -> Task:
+    """A task by name; GLUE tasks read the official files under `data_dir` (`shots`: K-shot
+    low-resource training, sampled with `seed`)."""
+    if name in FILE_TASKS:
+        if data_dir is None:
+            raise PetlError(
+                f"{name} reads the official GLUE TSV files: pass --data-dir, the folder that "
+                "holds CoLA/, SST-2/, MRPC/, ..."
+            )
+        return glue_task(name.removeprefix("glue-"), data_dir, shots=shots, seed=seed)
     if name not in TASKS:
         raise PetlError(f"unknown task {name!r}; valid tasks: {task_names()}")
     return TASKS[name]()
