@@ -26,7 +26,7 @@ from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
 KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size", "data_dir",
-        "shots", "data_seed")  # fmt: skip
+        "shots", "data_seed", "image_size")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +41,10 @@ class RunSpec:
     data_dir: str | None = None
     shots: int | None = None
     data_seed: int = 0
+    image_size: int = 224  # resolution for file-based image tasks
 
     def load_task(self) -> Task:
-        return load_task(self.task, self.data_dir, self.shots, self.data_seed)
+        return load_task(self.task, self.data_dir, self.shots, self.data_seed, self.image_size)
 
     def train_config(self) -> TrainConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}

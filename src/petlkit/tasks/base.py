@@ -30,6 +30,8 @@ class Split:
         index = torch.as_tensor(index, dtype=torch.long)
         if isinstance(self.inputs, torch.Tensor):
             return Split(self.inputs[index], self.labels[index])
+        if hasattr(self.inputs, "take"):  # lazily loaded images
+            return Split(self.inputs.take(index.tolist()), self.labels[index])
         return Split([self.inputs[i] for i in index.tolist()], self.labels[index])
 
 

@@ -10,6 +10,7 @@ import torch
 from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
 from petlkit.tasks.glue import GLUE, glue_task
+from petlkit.tasks.images import fewshot_task, vtab_task
 
 VTAB_TRAIN, VTAB_VAL = 800, 200  # VTAB-1k: 1,000 training examples, 800 train + 200 val
 
@@ -45,6 +46,7 @@ def digits(seed: int = 0) -> Task:
 
 TASKS: dict[str, Callable[[], Task]] = {"rotten-tomatoes": rotten_tomatoes, "digits": digits}
 FILE_TASKS = tuple(f"glue-{name}" for name in GLUE)  # read from files the user has
+# plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir
 
 
 def task_names() -> list[str]:
@@ -52,10 +54,25 @@ def task_names() -> list[str]:
 
 
 def load_task(
-    name: str, data_dir: str | Path | None = None, shots: int | None = None, seed: int = 0
+    name: str,
+    data_dir: str | Path | None = None,
+    shots: int | None = None,
+    seed: int = 0,
+    resolution: int = 224,
 ) -> Task:
-    """A task by name; GLUE tasks read the official files under `data_dir` (`shots`: K-shot
-    low-resource training, sampled with `seed`)."""
+    """A task by name. File-based tasks read `data_dir`: GLUE (`glue-<task>`, `shots`: K-shot
+    low-resource training sampled with `seed`), VTAB-1k (`vtab-<task>`) and NOAH few-shot
+    (`fewshot-<dataset>`, with `shots` and `seed`), images resized to `resolution`."""
+    if name.startswith(("vtab-", "fewshot-")):
+        if data_dir is None:
+            raise PetlError(
+                f"{name} reads image files: pass --data-dir (the folder of task folders)"
+            )
+        if name.startswith("vtab-"):
+            return vtab_task(data_dir, name.removeprefix("vtab-"), resolution)
+        if shots is None:
+            raise PetlError(f"{name} needs --shots (the K of the few-shot split files)")
+        return fewshot_task(data_dir, name.removeprefix("fewshot-"), shots, seed, resolution)
     if name in FILE_TASKS:
         if data_dir is None:
             raise PetlError(

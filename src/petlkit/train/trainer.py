@@ -96,7 +96,8 @@ class Trainer:
     def encode(self, split: Split, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
         sub = split.subset(index)
         if self.task.modality == "vision":
-            inputs = {"pixels": sub.inputs}
+            pixels = sub.inputs if isinstance(sub.inputs, torch.Tensor) else sub.inputs.load()
+            inputs = {"pixels": pixels}
         else:
             texts = list(sub.inputs)
             args = list(zip(*texts, strict=True)) if self.task.pair else [texts]

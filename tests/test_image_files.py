@@ -1,0 +1,98 @@
+"""VTAB-1k and NOAH few-shot readers on fixtures in their public layouts; PIL preprocessing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from petlkit.errors import PetlError
+from petlkit.tasks import load_task
+from petlkit.tasks.images import IMAGENET_MEAN, IMAGENET_STD, preprocess
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def _image(path, colour, size=(10, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def make_vtab(root, name="caltech101"):
+    folder = root / name
+    lines = {}
+    for split, n in (("train800", 6), ("val200", 3), ("test", 4)):
+        rows = []
+        for i in range(n):
+            label = i % 3
+            rel = f"images/{split}_{i}.png"
+            _image(folder / rel, COLOURS[label])
+            rows.append(f"{rel} {label}")
+        lines[split] = rows
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, rows in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_vtab_layout_reads_lazily_and_preprocesses(tmp_path):
+    make_vtab(tmp_path)
+    task = load_task("vtab-caltech101", tmp_path, resolution=8)
+    sizes = {k: len(v) for k, v in task.splits.items()}
+    assert sizes == {"train": 6, "val": 3, "test": 4, "train800val200": 9}
+    assert task.num_labels == 3 and task.image_size == 8
+    pixels = task.splits["test"].inputs.load()
+    assert pixels.shape == (4, 3, 8, 8)
+    # a pure green image: channel 1 is (1 − mean) / std, the others (0 − mean) / std
+    green = pixels[1]
+    expected = [
+        (c / 255 - m) / s for c, m, s in zip(COLOURS[1], IMAGENET_MEAN, IMAGENET_STD, strict=True)
+    ]
+    torch.testing.assert_close(green.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_a_split_file_naming_a_missing_image_fails_before_training(tmp_path):
+    folder = make_vtab(tmp_path)
+    (folder / "images" / "test_2.png").unlink()
+    with pytest.raises(PetlError, match=r"test.txt:3: names images/test_2.png, which is not in"):
+        load_task("vtab-caltech101", tmp_path)
+
+
+def test_an_undecodable_image_is_named(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(PetlError, match="bad.png is not an image PIL can decode"):
+        preprocess(bad, 8)
+
+
+def test_noah_few_shot_layout(tmp_path):
+    folder = tmp_path / "fgvc-aircraft"
+    for i in range(4):
+        _image(folder / "images" / f"a{i}.jpg", COLOURS[i % 2])
+    notes = folder / "annotations"
+    notes.mkdir()
+    (notes / "train_meta.list.num_shot_2.seed_1").write_text("a0.jpg 0\na1.jpg 1\n")
+    (notes / "val_meta.list").write_text("a2.jpg 0\n")
+    (notes / "test_meta.list").write_text("a2.jpg 0\na3.jpg 1\n")
+    task = load_task("fewshot-fgvc-aircraft", tmp_path, shots=2, seed=1, resolution=4)
+    assert task.name == "fewshot-fgvc-aircraft-2shot-seed1"
+    assert task.splits["train"].labels.tolist() == [0, 1] and len(task.splits["test"]) == 2
+    with pytest.raises(PetlError, match="no split file .*num_shot_4.seed_1"):
+        load_task("fewshot-fgvc-aircraft", tmp_path, shots=4, seed=1)
+
+
+def test_train_on_vtab_files_from_the_cli(tmp_path):
+    import json
+
+    from petlkit.cli import main
+
+    make_vtab(tmp_path / "vtab")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "backbone": "vit-tiny", "method": "vpt", "task": "vtab-caltech101",
+        "data_dir": str(tmp_path / "vtab"), "image_size": 16, "patch_size": 4,
+        "train": {"steps": 2, "batch_size": 3, "eval_every": 0},
+    }))  # fmt: skip
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["steps"] == 2
