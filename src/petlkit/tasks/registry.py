@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
 from petlkit.tasks.glue import GLUE, glue_task
 from petlkit.tasks.images import fewshot_task, vtab_task
+from petlkit.tasks.text_files import text_files_task
 
 VTAB_TRAIN, VTAB_VAL = 800, 200  # VTAB-1k: 1,000 training examples, 800 train + 200 val
 
@@ -44,8 +46,28 @@ def digits(seed: int = 0) -> Task:
     return Task("digits", "vision", 10, splits, image_size=8, channels=1)
 
 
+def sentiment(domain: str, regression: bool) -> Task:
+    """A human-rated sentiment domain: the mean rating (regression) or its sign (binary)."""
+    from petlkit.data.vader import split_domain
+
+    splits = {}
+    for name, rows in split_domain(domain).items():
+        if regression:
+            splits[name] = Split([t for t, _ in rows], torch.tensor([r for _, r in rows]))
+        else:
+            kept = [(t, int(r > 0)) for t, r in rows if r != 0]
+            splits[name] = Split([t for t, _ in kept], torch.tensor([y for _, y in kept]))
+    kind = "score" if regression else "binary"
+    if regression:
+        return Task(f"sentiment-{domain}-{kind}", "text", 1, splits, "correlation")
+    return Task(f"sentiment-{domain}-{kind}", "text", 2, splits)
+
+
 TASKS: dict[str, Callable[[], Task]] = {"rotten-tomatoes": rotten_tomatoes, "digits": digits}
-FILE_TASKS = tuple(f"glue-{name}" for name in GLUE)  # read from files the user has
+for _domain in ("movies", "tweets", "products"):
+    for _regression, _kind in ((False, "binary"), (True, "score")):
+        TASKS[f"sentiment-{_domain}-{_kind}"] = partial(sentiment, _domain, _regression)
+FILE_TASKS = (*(f"glue-{name}" for name in GLUE), "text-files")  # read from the user's files
 # plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir
 
 
@@ -63,6 +85,12 @@ def load_task(
     """A task by name. File-based tasks read `data_dir`: GLUE (`glue-<task>`, `shots`: K-shot
     low-resource training sampled with `seed`), VTAB-1k (`vtab-<task>`) and NOAH few-shot
     (`fewshot-<dataset>`, with `shots` and `seed`), images resized to `resolution`."""
+    if name == "text-files":
+        if data_dir is None:
+            raise PetlError(
+                "text-files reads your train/val/test JSONL or CSV files: pass --data-dir"
+            )
+        return text_files_task(data_dir)
     if name.startswith(("vtab-", "fewshot-")):
         if data_dir is None:
             raise PetlError(
