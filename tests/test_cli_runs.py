@@ -96,3 +96,16 @@ def test_resume_needs_only_the_output_folder(trained, tmp_path, capsys):
     assert json.loads((run / "results.json").read_text()) == json.loads(
         (trained / "results.json").read_text()
     )
+
+
+def test_eval_one_model_on_several_tasks(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--backbone", "vit-tiny", "--task", "shapes-location", "--method", "linear",
+            "--steps", "2", "--batch-size", "8", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--task", "shapes-location", "mnist-5k"]) == 2
+    assert "does not share the inputs and labels" in capsys.readouterr().err  # 9 vs 10 classes
+    assert main(["eval", "--run", str(out), "--task", "shapes-location", "shapes-location"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert list(table) == ["shapes-location"] and "accuracy" in table["shapes-location"]["test"]

@@ -65,3 +65,41 @@ def test_k_shot_sampler_takes_k_per_class_reproducibly():
     assert a.labels.bincount().tolist() == [4] * 6
     with pytest.raises(PetlError, match="fewer than k=500"):
         train.k_shot(500)
+
+
+def _idx(path, array):
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader_on_a_fixture(tmp_path):
+    from petlkit.data.fashion_mnist import FILES, load_fashion_mnist
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("test", 3)):
+        images, labels = FILES[split]
+        _idx(tmp_path / images, rng.integers(0, 256, (n, 28, 28)))
+        _idx(tmp_path / labels, np.arange(n) % 10)
+    data = load_fashion_mnist(tmp_path)
+    assert data["train"][0].shape == (5, 28, 28) and data["test"][1].tolist() == [0, 1, 2]
+    truncated = tmp_path / FILES["test"][0]
+    _idx(truncated, rng.integers(0, 256, (3, 28, 28)))
+    import gzip
+
+    with gzip.open(truncated) as f:
+        raw = f.read()[:-10]
+    with gzip.open(truncated, "wb") as f:
+        f.write(raw)
+    with pytest.raises(PetlError, match="truncated"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_missing_fashion_mnist_names_the_optional_package(tmp_path):
+    from petlkit.data.fashion_mnist import load_fashion_mnist
+
+    with pytest.raises(PetlError, match="optional.*apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path / "absent")

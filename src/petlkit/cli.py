@@ -69,14 +69,33 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """One trained model on its own task or on several others (domain generalisation)."""
     from petlkit.run import load_run
     from petlkit.tasks import load_task
     from petlkit.train.trainer import Trainer
 
     model, spec, built = load_run(args.run)
-    task = load_task(args.task, spec.data_dir) if args.task else spec.load_task()
-    trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer, progress=False)
-    _print_results({split: trainer.evaluate(split) for split in args.split})
+    home = spec.load_task()
+    if not args.task:
+        trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer, progress=False)
+        _print_results({split: trainer.evaluate(split) for split in args.split})
+        return
+    table = {}
+    for name in args.task:
+        task = load_task(name, spec.data_dir, spec.shots, spec.data_seed, spec.image_size)
+        if (task.modality, task.num_labels, task.image_size, task.channels) != (
+            home.modality,
+            home.num_labels,
+            home.image_size,
+            home.channels,
+        ):
+            raise PetlError(
+                f"{name} does not share the inputs and labels of {home.name} (modality, classes, "
+                "image size, channels); a model can only be scored on such tasks"
+            )
+        trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer, progress=False)
+        table[name] = {split: trainer.evaluate(split) for split in args.split}
+    _print_results(table)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -141,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="score a trained run on its task or another one")
     evaluate.add_argument("--run", required=True, help="a folder `petlkit train` wrote")
-    evaluate.add_argument("--task", help="another task with the same labels (default: the run's)")
+    evaluate.add_argument(
+        "--task", nargs="+", help="other tasks with the same inputs and labels (default: the run's)"
+    )
     evaluate.add_argument("--split", nargs="+", default=["test"])
     evaluate.set_defaults(handler=_eval)
 

@@ -59,6 +59,27 @@ def mnist_5k() -> Task:
     return vtab_style("mnist-5k", images, torch.from_numpy(rows[:, -1].astype(np.int64)))
 
 
+def fashion_mnist_1k() -> Task:
+    """Fashion-MNIST as a VTAB-1k-style task: 1,000 training images (800 + 200) drawn from its
+    training set, its 10,000 test images as the test split (optional Debian package)."""
+    from petlkit.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist()
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0)).numpy()
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
+        return Split((images - 0.5) / 0.5, torch.from_numpy(y.astype(np.int64)))
+
+    splits = {
+        "train": split(train_x[pick[:VTAB_TRAIN]], train_y[pick[:VTAB_TRAIN]]),
+        "val": split(train_x[pick[VTAB_TRAIN:1000]], train_y[pick[VTAB_TRAIN:1000]]),
+        "test": split(test_x, test_y),
+    }
+    return Task("fashion-mnist-1k", "vision", 10, splits, image_size=28, channels=1)
+
+
 def structured(kind: str, seed: int = 0) -> Task:
     """A procedurally generated structured task (petlkit.data.procedural): 2,000 images."""
     from petlkit.data.procedural import generate
@@ -108,6 +129,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "rotten-tomatoes": rotten_tomatoes,
     "digits": digits,
     "mnist-5k": mnist_5k,
+    "fashion-mnist-1k": fashion_mnist_1k,
     **{
         f"shapes-{kind}": partial(structured, kind) for kind in ("location", "orientation", "count")
     },
