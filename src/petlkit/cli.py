@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> None:
     from petlkit.train.trainer import Trainer
 
     model, spec, built = load_run(args.run)
-    home = spec.load_task()
+    home = spec.load_task(built.tokenizer)
     if not args.task:
         trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer, progress=False)
         _print_results({split: trainer.evaluate(split) for split in args.split})

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from petlkit.backbones import build_model
-from petlkit.backbones.registry import Built
+from petlkit.backbones.registry import Built, build_span_model
 from petlkit.checkpoint import load_adapter, save_adapter
 from petlkit.errors import ConfigError, PetlError
 from petlkit.io import write_json
 from petlkit.model import PetlModel, attach
 from petlkit.tasks import Task, load_task
+from petlkit.tasks.span import squad_task
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
 
@@ -43,8 +44,21 @@ class RunSpec:
     data_seed: int = 0
     image_size: int = 224  # resolution for file-based image tasks
 
-    def load_task(self) -> Task:
+    def load_task(self, tokenizer=None) -> Task:
+        if self.task == "squad":  # windows depend on the backbone's tokenizer
+            if self.data_dir is None or tokenizer is None:
+                raise PetlError("squad reads train-v1.1.json and dev-v1.1.json: pass --data-dir")
+            length = self.train_config().max_length
+            return squad_task(self.data_dir, tokenizer, max_length=length, stride=length // 3)
         return load_task(self.task, self.data_dir, self.shots, self.data_seed, self.image_size)
+
+    def build_and_load(self) -> tuple[Built, Task]:
+        """The backbone and the task (a span task needs the tokenizer first)."""
+        if self.task == "squad":
+            built = build_for_task(self, None)
+            return built, self.load_task(built.tokenizer)
+        task = self.load_task()
+        return build_for_task(self, task), task
 
     def train_config(self) -> TrainConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -93,8 +107,10 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
 BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same in every command
 
 
-def build_for_task(spec: RunSpec, task: Task) -> Built:
+def build_for_task(spec: RunSpec, task: Task | None) -> Built:
     torch.manual_seed(BACKBONE_SEED)
+    if task is None or task.modality == "span":
+        return build_span_model(spec.backbone)
     if task.modality == "vision":
         size = task.image_size
         patch = spec.patch_size or (16 if size >= 64 else max(1, size // 4))
@@ -106,9 +122,8 @@ def build_for_task(spec: RunSpec, task: Task) -> Built:
 def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress: bool = True):
     output = Path(output)
     config = spec.train_config()
-    task = spec.load_task()
-    built = build_for_task(spec, task)
-    if built.modality != task.modality:
+    built, task = spec.build_and_load()
+    if task.modality != "span" and built.modality != task.modality:
         raise PetlError(f"backbone {spec.backbone!r} is {built.modality}; task {spec.task!r} is "
                         f"{task.modality}")  # fmt: skip
     model = attach(built.model, spec.method, **spec.method_args)
@@ -127,6 +142,8 @@ def load_run(folder: str | Path, task: Task | None = None) -> tuple[PetlModel, R
         raise PetlError(f"{folder} is not a petlkit run folder (no {RUN_FILE}); give `train`'s "
                         "--output folder")  # fmt: skip
     spec = RunSpec.from_dict(json.loads((folder / RUN_FILE).read_text()))
-    task = task or spec.load_task()
-    built = build_for_task(spec, task)
+    if task is None:
+        built, task = spec.build_and_load()
+    else:
+        built = build_for_task(spec, task)
     return load_adapter(built.model, folder / "adapter"), spec, built

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from petlkit.backbones.text import TextClassifier, load_encoder
+from petlkit.backbones.text import TextClassifier, TextSpanModel, load_encoder
 from petlkit.backbones.vit import PRESETS, vit
 from petlkit.backbones.vit_weights import load_vit
 from petlkit.errors import PetlError
@@ -51,6 +51,14 @@ def _shaped_text(name: str, num_classes: int, pooling: str) -> Built:
 
 def backbone_names() -> list[str]:
     return sorted([*TEXT_BACKBONES, *SHAPED_TEXT_BACKBONES, *VISION_BACKBONES])
+
+
+def build_span_model(name: str) -> Built:
+    """A text backbone with a per-token (start, end) head, for extractive question answering."""
+    built = build_model(name, 2)
+    if built.modality != "text":
+        raise PetlError(f"question answering needs a text backbone; {name!r} is {built.modality}")
+    return Built(TextSpanModel(built.model.encoder), "text", built.tokenizer)
 
 
 def build_model(

@@ -53,6 +53,35 @@ class TextClassifier(nn.Module):
         return encoder_layout(self.encoder, prefix="encoder.")
 
 
+class TextSpanModel(nn.Module):
+    """encoder → per-token (start, end) logits, for extractive question answering."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, 2)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+        logits = self.head(hidden)
+        if attention_mask is not None:  # padding can never be a start or an end
+            logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)
+        return logits
+
+    def petl_layout(self) -> BackboneLayout:
+        return encoder_layout(self.encoder, prefix="encoder.")
+
+
 def _block_layout(layer: nn.Module, p: str) -> BlockLayout:
     if hasattr(layer.attention, "self"):  # BERT, RoBERTa, MiniLM, ELECTRA
         attn = f"{p}attention.self"

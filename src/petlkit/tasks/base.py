@@ -49,16 +49,17 @@ class Split:
 @dataclass(frozen=True)
 class Task:
     name: str
-    modality: str  # "text" or "vision"
+    modality: str  # "text", "vision", or "span" (extractive question answering)
     num_labels: int  # 1 for regression
     splits: dict[str, Split]
     metric: str = "accuracy"  # a key of petlkit.tasks.metrics.METRICS; its first value selects
     pair: bool = field(default=False)  # text inputs are (a, b) pairs joined by the tokenizer
     image_size: int = 0  # vision: side of the square images
     channels: int = 3  # vision: image channels
+    examples: dict | None = None  # span tasks: the questions behind each split's windows
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
+        if self.metric not in METRICS and self.metric != "squad":
             raise PetlError(f"unknown metric {self.metric!r}; valid: {sorted(METRICS)}")
         for needed in ("train", "val"):
             if needed not in self.splits:

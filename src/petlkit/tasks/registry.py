@@ -137,7 +137,7 @@ TASKS: dict[str, Callable[[], Task]] = {
 for _domain in ("movies", "tweets", "products"):
     for _regression, _kind in ((False, "binary"), (True, "score")):
         TASKS[f"sentiment-{_domain}-{_kind}"] = partial(sentiment, _domain, _regression)
-FILE_TASKS = (*(f"glue-{name}" for name in GLUE), "text-files")  # read from the user's files
+FILE_TASKS = (*(f"glue-{name}" for name in GLUE), "text-files", "squad")  # the user's files
 # plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir
 
 
@@ -155,6 +155,9 @@ def load_task(
     """A task by name. File-based tasks read `data_dir`: GLUE (`glue-<task>`, `shots`: K-shot
     low-resource training sampled with `seed`), VTAB-1k (`vtab-<task>`) and NOAH few-shot
     (`fewshot-<dataset>`, with `shots` and `seed`), images resized to `resolution`."""
+    if name == "squad":
+        raise PetlError("squad windows depend on the tokenizer: use `petlkit train --task squad` "
+                        "or petlkit.tasks.span.squad_task(folder, tokenizer)")  # fmt: skip
     if name == "text-files":
         if data_dir is None:
             raise PetlError(

@@ -29,6 +29,8 @@ from petlkit.errors import PetlError
 from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
+from petlkit.tasks.span import best_answers
+from petlkit.tasks.squad import squad_scores
 from petlkit.train.config import TrainConfig
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
 
@@ -95,7 +97,9 @@ class Trainer:
 
     def encode(self, split: Split, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
         sub = split.subset(index)
-        if self.task.modality == "vision":
+        if self.task.modality == "span":
+            inputs = dict(sub.inputs.tensors)
+        elif self.task.modality == "vision":
             pixels = sub.inputs if isinstance(sub.inputs, torch.Tensor) else sub.inputs.load()
             inputs = {"pixels": pixels}
         else:
@@ -109,6 +113,9 @@ class Trainer:
         return {k: v.to(device) for k, v in inputs.items()}, sub.labels.to(device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.modality == "span":  # mean of the start and end token cross-entropies
+            start = F.cross_entropy(logits[..., 0].float(), labels[:, 0])
+            return 0.5 * (start + F.cross_entropy(logits[..., 1].float(), labels[:, 1]))
         if self.task.regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
@@ -129,8 +136,15 @@ class Trainer:
             inputs, _ = self.encode(split, index)
             with self.accelerator.autocast():
                 logits = model(**inputs).float().cpu()
-            preds.append(logits.squeeze(-1) if self.task.regression else logits.argmax(-1))
+            if self.task.modality == "span":
+                preds.append(logits)
+            else:
+                preds.append(logits.squeeze(-1) if self.task.regression else logits.argmax(-1))
         model.train(was_training)
+        if self.task.modality == "span":
+            examples = self.task.examples[split_name]
+            answers = best_answers(torch.cat(preds), split.inputs, examples)
+            return squad_scores(answers, examples)
         return self.task.score(torch.cat(preds), split.labels)
 
     # -- training --------------------------------------------------------------------------------
