@@ -96,3 +96,17 @@ def test_train_on_vtab_files_from_the_cli(tmp_path):
     assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["steps"] == 2
+
+
+def test_image_folder_layout(tmp_path):
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
+        for c, colour in zip(("cat", "dog"), COLOURS, strict=False):
+            for i in range(per_class):
+                _image(tmp_path / "pets" / split / c / f"{i}.png", colour)
+    task = load_task("image-folder", tmp_path / "pets", resolution=4)
+    assert task.name == "pets" and task.num_labels == 2
+    assert task.splits["train"].labels.tolist() == [0, 0, 1, 1]
+    assert task.splits["test"].inputs.load().shape == (2, 3, 4, 4)
+    _image(tmp_path / "pets" / "val" / "bird" / "0.png", COLOURS[2])
+    with pytest.raises(PetlError, match="bird is a class the train folder does not have"):
+        load_task("image-folder", tmp_path / "pets")

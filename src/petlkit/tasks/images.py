@@ -106,3 +106,34 @@ def fewshot_task(root: str | Path, name: str, shots: int, seed: int, resolution:
     splits = {k: read_file_list(notes / f, images, resolution) for k, f in files.items()}
     return Task(f"fewshot-{name}-{shots}shot-seed{seed}", "vision", _num_labels(splits), splits,
                 image_size=resolution)  # fmt: skip
+
+
+def image_folder_task(root: str | Path, resolution: int = 224) -> Task:
+    """`<root>/{train,val,test}/<class name>/<image>`: classes are the train folder's
+    subfolders, sorted; val (or `dev`) and test may only use those classes."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise PetlError(f"{root} has no train/ folder; expected {root}/train/<class>/<image>")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise PetlError(f"{train_dir} has no class folders")
+    splits = {}
+    for split, names in (("train", ("train",)), ("val", ("val", "dev")), ("test", ("test",))):
+        folder = next((root / n for n in names if (root / n).is_dir()), None)
+        if folder is None:
+            if split == "test":
+                continue
+            raise PetlError(f"{root} has no {names[0]}/ folder")
+        paths, labels = [], []
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if class_dir.name not in classes:
+                raise PetlError(f"{class_dir} is a class the train folder does not have "
+                                f"(classes: {classes})")  # fmt: skip
+            files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [classes.index(class_dir.name)] * len(files)
+        if not paths:
+            raise PetlError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        splits[split] = Split(ImageFiles(tuple(paths), resolution), torch.tensor(labels))
+    return Task(root.name, "vision", len(classes), splits, image_size=resolution)

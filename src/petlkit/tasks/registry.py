@@ -12,7 +12,7 @@ import torch
 from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
 from petlkit.tasks.glue import GLUE, glue_task
-from petlkit.tasks.images import fewshot_task, vtab_task
+from petlkit.tasks.images import fewshot_task, image_folder_task, vtab_task
 from petlkit.tasks.text_files import text_files_task
 
 VTAB_TRAIN, VTAB_VAL = 800, 200  # VTAB-1k: 1,000 training examples, 800 train + 200 val
@@ -137,7 +137,12 @@ TASKS: dict[str, Callable[[], Task]] = {
 for _domain in ("movies", "tweets", "products"):
     for _regression, _kind in ((False, "binary"), (True, "score")):
         TASKS[f"sentiment-{_domain}-{_kind}"] = partial(sentiment, _domain, _regression)
-FILE_TASKS = (*(f"glue-{name}" for name in GLUE), "text-files", "squad")  # the user's files
+FILE_TASKS = (
+    *(f"glue-{name}" for name in GLUE),
+    "text-files",
+    "image-folder",
+    "squad",
+)  # the user's files
 # plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir
 
 
@@ -158,6 +163,10 @@ def load_task(
     if name == "squad":
         raise PetlError("squad windows depend on the tokenizer: use `petlkit train --task squad` "
                         "or petlkit.tasks.span.squad_task(folder, tokenizer)")  # fmt: skip
+    if name == "image-folder":
+        if data_dir is None:
+            raise PetlError("image-folder reads <dir>/{train,val,test}/<class>/: pass --data-dir")
+        return image_folder_task(data_dir, resolution)
     if name == "text-files":
         if data_dir is None:
             raise PetlError(
