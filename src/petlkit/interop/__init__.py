@@ -1,0 +1,1 @@
+"""Moving trained adapters between petlkit and other libraries."""

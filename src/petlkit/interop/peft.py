@@ -1,0 +1,90 @@
+"""HF PEFT's LoRA folder format, both ways, for text encoders: `export_peft_lora` writes a folder
+that `peft.PeftModel.from_pretrained(encoder, folder)` loads; `import_peft_lora` attaches a PEFT
+LoRA folder to a petlkit task model. Neither imports peft: the format is two files (a JSON config
+and safetensors weights named `base_model.model.<module>.lora_{A,B}.weight`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from petlkit.errors import CheckpointError, PetlError
+from petlkit.io import read_safetensors, write_json, write_safetensors
+from petlkit.layout import layout_of
+from petlkit.methods.lora import LoRA, LoRAConfig, LoRALinear
+from petlkit.model import PetlModel, attach
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _encoder_prefix(model: torch.nn.Module) -> str:
+    encoder = layout_of(model).encoder
+    if encoder is None:
+        raise PetlError("PEFT interop covers transformers text encoders; this model has none")
+    return f"{encoder}." if encoder else ""
+
+
+def export_peft_lora(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
+    """Write method `name` (a plain LoRA) as a PEFT LoRA folder for the bare encoder."""
+    method = petl._get(name)
+    if not isinstance(method, LoRA) or method.config.gated:
+        raise PetlError(f"{name!r} is not a plain LoRA; PEFT's LoRA format holds only that")
+    prefix = _encoder_prefix(petl.model)
+    tensors, modules = {}, []
+    for module, tuner in method.tuners(petl.model):
+        if not isinstance(tuner, LoRALinear) or tuner.parts is not None:
+            raise PetlError(f"{module} is a fused projection; PEFT's LoRA format cannot hold it")
+        if not module.startswith(prefix):
+            raise PetlError(f"{module} is outside the encoder; PEFT's folder is for the encoder")
+        inner = module.removeprefix(prefix)
+        tensors[f"{PREFIX}{inner}.lora_A.weight"] = tuner.lora_A.detach()
+        tensors[f"{PREFIX}{inner}.lora_B.weight"] = tuner.lora_B[0].detach()
+        modules.append(inner.rsplit(".", 1)[-1])
+    cfg = method.config
+    folder = Path(folder)
+    write_safetensors(folder / WEIGHTS, tensors, {"format": "pt"})
+    write_json(folder / CONFIG, {
+        "peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "r": cfg.r,
+        "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(set(modules)),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "use_dora": False, "base_model_name_or_path": None, "modules_to_save": None,
+    })  # fmt: skip
+    return folder
+
+
+def import_peft_lora(
+    model: torch.nn.Module, folder: str | Path, name: str = "default"
+) -> PetlModel:
+    """Attach the PEFT LoRA in `folder` to a petlkit text task model (or PetlModel)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"no {CONFIG} in {folder}; is it a PEFT adapter folder?")
+    config = json.loads((folder / CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder} holds a {config.get('peft_type')} adapter, not LORA")
+    unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if config.get(k)]
+    unsupported += [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
+    if unsupported:
+        raise CheckpointError(f"{folder} uses PEFT options petlkit's LoRA lacks: {unsupported}")
+    tensors = read_safetensors(folder / WEIGHTS)
+    task_model = model.model if isinstance(model, PetlModel) else model
+    prefix = _encoder_prefix(task_model)
+    targets = sorted({
+        prefix + k.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+        for k in tensors if k.endswith(".lora_A.weight")
+    })  # fmt: skip
+    if not targets:
+        raise CheckpointError(f"{folder / WEIGHTS} has no lora_A weights")
+    lora = LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                      dropout=float(config.get("lora_dropout", 0.0)), targets=targets)  # fmt: skip
+    petl = attach(model, lora, name=name)
+    with torch.no_grad():
+        for module, tuner in petl.methods[name].tuners(petl.model):
+            key = PREFIX + module.removeprefix(prefix)
+            tuner.lora_A.copy_(tensors[f"{key}.lora_A.weight"])
+            tuner.lora_B[0].copy_(tensors[f"{key}.lora_B.weight"])
+    return petl

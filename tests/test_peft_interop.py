@@ -1,0 +1,63 @@
+"""A LoRA trained here loads into HF PEFT, and a PEFT LoRA loads here: identical outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import petlkit
+from petlkit.errors import CheckpointError, PetlError
+from petlkit.interop.peft import export_peft_lora, import_peft_lora
+from tests.conftest import minilm_case
+from tests.helpers import train_steps
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return minilm_case()
+
+
+def _hidden(encoder, inputs):
+    with torch.no_grad():
+        return encoder(**inputs).last_hidden_state
+
+
+def test_export_to_peft_gives_identical_outputs(minilm, tmp_path):
+    ours = petlkit.attach(minilm.make(), "lora", r=4, alpha=8)
+    train_steps(ours, minilm.inputs, minilm.labels, lr=5e-2)  # non-zero B
+    export_peft_lora(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(minilm.make().encoder, tmp_path).eval()
+    ours.eval()
+    diff = (_hidden(ours.model.encoder, minilm.inputs) - _hidden(theirs, minilm.inputs)).abs()
+    assert diff.max() <= 1e-5
+    assert (
+        _hidden(ours.model.encoder, minilm.inputs) - _hidden(minilm.make().encoder, minilm.inputs)
+    ).abs().max() > 1e-3
+
+
+def test_import_from_peft_gives_identical_outputs(minilm, tmp_path):
+    torch.manual_seed(7)
+    peft = get_peft_model(
+        minilm.make().encoder,
+        LoraConfig(r=2, lora_alpha=6, target_modules=["query", "key", "dense"]),
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    peft.save_pretrained(tmp_path)
+    ours = import_peft_lora(minilm.make(), tmp_path).eval()
+    # q, k and the three "dense" linears (attention output, FFN in, FFN out) in 6 blocks
+    assert len(ours.methods["default"].tuners(ours.model)) == 6 * 5
+    diff = (_hidden(ours.model.encoder, minilm.inputs) - _hidden(peft.eval(), minilm.inputs)).abs()
+    assert diff.max() <= 1e-5
+
+
+def test_what_peft_cannot_hold_is_refused(minilm, vit_case, tmp_path):
+    with pytest.raises(PetlError, match="not a plain LoRA"):
+        export_peft_lora(petlkit.attach(minilm.make(), "lora", gated=True), tmp_path)
+    with pytest.raises(PetlError, match="transformers text encoders"):
+        export_peft_lora(petlkit.attach(vit_case.make(), "lora"), tmp_path)
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        import_peft_lora(minilm.make(), tmp_path / "absent")
