@@ -127,3 +127,14 @@ def test_truncated_weights_file_is_refused(vit_case, tmp_path):
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(PetlError, match=r"unknown backbone 'vit-huge'.*'minilm-l6'"):
         petlkit.build_model("vit-huge", 2)
+
+
+@pytest.mark.parametrize("method", ["sas", "prefix", "unipelt"])
+def test_a_model_copies_after_a_training_forward(bert_case, method):
+    import copy
+
+    model = petlkit.attach(bert_case.make(), method)
+    model.train()
+    model(**bert_case.inputs).sum().backward()  # leaves per-forward caches with autograd history
+    clone = copy.deepcopy(model).eval()
+    torch.testing.assert_close(clone(**bert_case.inputs), model.eval()(**bert_case.inputs))

@@ -61,3 +61,17 @@ def test_what_peft_cannot_hold_is_refused(minilm, vit_case, tmp_path):
         export_peft_lora(petlkit.attach(vit_case.make(), "lora"), tmp_path)
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         import_peft_lora(minilm.make(), tmp_path / "absent")
+
+
+def test_prompt_tuning_moves_both_ways(minilm, tmp_path):
+    from petlkit.interop.peft import export_peft_prompt, import_peft_prompt
+
+    ours = petlkit.attach(minilm.make(), "prompt", length=4).eval()
+    export_peft_prompt(ours, tmp_path / "out")
+    theirs = PeftModel.from_pretrained(minilm.make().encoder, tmp_path / "out").eval()
+    mask = minilm.inputs["attention_mask"].unsqueeze(-1)
+    expected = _hidden(ours.model.encoder, minilm.inputs) * mask
+    assert ((_hidden(theirs, minilm.inputs)[:, 4:] * mask - expected).abs().max()) <= 1e-5
+    theirs.save_pretrained(tmp_path / "back")
+    again = import_peft_prompt(minilm.make(), tmp_path / "back").eval()
+    torch.testing.assert_close(again(**minilm.inputs), ours(**minilm.inputs), rtol=0, atol=0)

@@ -88,3 +88,49 @@ def import_peft_lora(
             tuner.lora_A.copy_(tensors[f"{key}.lora_A.weight"])
             tuner.lora_B[0].copy_(tensors[f"{key}.lora_B.weight"])
     return petl
+
+
+def export_peft_prompt(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
+    """Write method `name` (ungated prompt tuning) as a PEFT PROMPT_TUNING folder."""
+    from petlkit.methods.prompt import Prompt
+
+    method = petl._get(name)
+    if not isinstance(method, Prompt) or method.config.gated:
+        raise PetlError(
+            f"{name!r} is not ungated prompt tuning; PEFT's PROMPT_TUNING holds only that"
+        )
+    layout = layout_of(petl.model)
+    _encoder_prefix(petl.model)
+    folder = Path(folder)
+    write_safetensors(folder / WEIGHTS, {"prompt_embeddings": method.prompt.detach()})
+    write_json(folder / CONFIG, {
+        "peft_type": "PROMPT_TUNING", "task_type": "FEATURE_EXTRACTION",
+        "num_virtual_tokens": method.config.length, "token_dim": layout.width,
+        "num_transformer_submodules": 1, "num_attention_heads": layout.num_heads,
+        "num_layers": layout.depth, "prompt_tuning_init": "RANDOM", "inference_mode": True,
+        "base_model_name_or_path": None,
+    })  # fmt: skip
+    return folder
+
+
+def import_peft_prompt(
+    model: torch.nn.Module, folder: str | Path, name: str = "default"
+) -> PetlModel:
+    """Attach the PEFT PROMPT_TUNING adapter in `folder` to a petlkit text task model."""
+    from petlkit.methods.prompt import PromptConfig
+
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"no {CONFIG} in {folder}; is it a PEFT adapter folder?")
+    config = json.loads((folder / CONFIG).read_text())
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise CheckpointError(
+            f"{folder} holds a {config.get('peft_type')} adapter, not PROMPT_TUNING"
+        )
+    prompts = read_safetensors(folder / WEIGHTS).get("prompt_embeddings")
+    if prompts is None:
+        raise CheckpointError(f"{folder / WEIGHTS} has no prompt_embeddings")
+    petl = attach(model, PromptConfig(length=prompts.shape[0]), name=name)
+    with torch.no_grad():
+        petl.methods[name].prompt.copy_(prompts)
+    return petl

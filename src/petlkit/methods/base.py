@@ -51,6 +51,17 @@ class Method(nn.Module):
     merge_refusal: ClassVar[str | None] = "this method's update is not linear in the weights"
     #: True for methods that train backbone weights in place (full fine-tuning).
     trains_backbone: ClassVar[bool] = False
+    #: Attributes holding per-forward caches (tensors with autograd history): not copied.
+    transient: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop per-forward caches (a copy recomputes them)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        for name in self.transient:
+            if name in state:
+                state[name] = None
+        return state
 
     def __init__(self, config: MethodConfig, name: str) -> None:
         super().__init__()

@@ -47,6 +47,7 @@ class PrefixConfig(MethodConfig):
 @register_method("prefix")
 class Prefix(Method):
     config_cls = PrefixConfig
+    transient = ("_kv",)
     merge_refusal = "prefix tuning adds attention tokens, so it cannot fold into weights"
 
     def attach(self, model: nn.Module) -> None:

@@ -82,6 +82,7 @@ class SiteModule(nn.Module):
 @register_method("sas")
 class SaS(Method):
     config_cls = SaSConfig
+    transient = ("_cache", "_cache_key")
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:
