@@ -2,6 +2,8 @@
 
     python benchmarks/method_costs.py --model text   [--seq 128 --batch 32] [--repeats 5]
     python benchmarks/method_costs.py --model vision [--batch 64]
+    python benchmarks/method_costs.py --model vision --preset vit_base --img 224 --patch 16 --bf16
+        (the GPU check: a ViT-B/16-shaped model, random weights, batch 64, bf16 autocast)
 
 A step is forward + backward + AdamW update of the trained parameters. Ratios: ÷ the frozen
 limit (forward + backward to the inputs, all weights frozen; no PETL step can be cheaper), and
@@ -41,16 +43,25 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=0, help="default: 32 text, 64 vision")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", default="vit_tiny")
+    parser.add_argument("--img", type=int, default=32)
+    parser.add_argument("--patch", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model == "text":
         batch = args.batch or 32
         model, inputs = text_case(args.seq, batch)
         methods, what = TEXT_METHODS, f"MiniLM-L6, batch {batch} × {args.seq} tokens"
     else:
         batch = args.batch or 64
-        model, inputs = vision_case(batch)
-        methods, what = VISION_METHODS, f"ViT-Tiny, batch {batch} × 32 px / patch 4"
-    labels = torch.zeros(batch, dtype=torch.long)
+        model, inputs = vision_case(batch, args.img, args.patch, args.preset)
+        methods = VISION_METHODS
+        what = f"{args.preset}, batch {batch} × {args.img} px / patch {args.patch}"
+    model = model.to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     frozen, frozen_inputs = frozen_limit(copy.deepcopy(model), inputs)
     models = {m: trained(model, m) for m in methods}
     optims = {
@@ -61,12 +72,25 @@ def main() -> None:
     def step(m):
         def run():
             optims[m].zero_grad(set_to_none=True)
-            F.cross_entropy(models[m](**inputs), labels).backward()
+            with autocast:
+                loss = F.cross_entropy(models[m](**inputs).float(), labels)
+            loss.backward()
             optims[m].step()
+            sync()
 
         return run
 
-    fns = {"frozen": lambda: F.cross_entropy(frozen(**frozen_inputs), labels).backward()}
+    def frozen_step():
+        with autocast:
+            loss = F.cross_entropy(frozen(**frozen_inputs).float(), labels)
+        loss.backward()
+        sync()
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fns = {"frozen": frozen_step}
     fns.update({m: step(m) for m in methods})
     t = median_seconds(fns, args.repeats)
 
@@ -83,13 +107,19 @@ def main() -> None:
 
     def infer(pm):
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 pm(**inputs)
+            sync()
 
         return run
 
     ti = median_seconds({k: infer(v) for k, v in infer_models.items()}, args.repeats)
-    print(f"{what}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of "
+    where = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{torch.get_num_threads()}-thread CPU"
+    )
+    print(f"{what}; torch {torch.__version__}, {where}, bf16 {args.bf16}, median of "
           f"{args.repeats} interleaved runs")  # fmt: skip
     print("\n| method | trainable | step | ÷ frozen limit | ÷ full FT | infer ÷ plain | "
           "merged ÷ plain |")  # fmt: skip
