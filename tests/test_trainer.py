@@ -129,3 +129,39 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     trainer = Trainer(build("lora"), load_task("digits"), TrainConfig(steps=2), tmp_path)
     with pytest.raises(PetlError, match="no checkpoint"):
         trainer.fit(resume=True)
+
+
+def _checkpoint_step(out: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["petlkit_training_state"])["info"]["step"]
+
+
+def test_ctrl_c_checkpoints_the_finished_steps_and_resume_matches(uninterrupted, tmp_path):
+    job = _run(tmp_path, "--step-delay", "0.03", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # interrupt before the first periodic checkpoint (step 10)
+        log = tmp_path / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err.decode()[-1000:]
+    assert "interrupted at step" in err.decode() and "--resume" in err.decode()
+    steps_done = len(_lines(tmp_path))
+    assert _checkpoint_step(tmp_path) == steps_done < 10
+    _run(tmp_path, "--resume")
+    final, reference = _final_params(tmp_path), _final_params(uninterrupted)
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "tests.train_job", str(tmp_path), "--nan-at", "15"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "the loss became nan at step 15; the last checkpoint is kept" in done.stderr
+    assert _checkpoint_step(tmp_path) == 10
+    assert len(_lines(tmp_path)) == 14

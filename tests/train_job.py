@@ -5,15 +5,17 @@ trainer tests: `python -m tests.train_job OUT [--resume] [--method M] [--step-de
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 import petlkit
 from petlkit.backbones import vit
+from petlkit.errors import PetlError
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import Trainer
+from petlkit.train.trainer import Trainer, TrainingInterrupted
 
 CONFIG = TrainConfig(steps=40, batch_size=32, eval_every=10, checkpoint_every=10, lr=3e-3, seed=5)
 
@@ -31,12 +33,29 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--nan-at", type=int, default=0, help="make the loss NaN from this step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build(args.method)
     if args.step_delay:  # slows every forward so a test can kill the run mid-way
         model.register_forward_pre_hook(lambda m, a: time.sleep(args.step_delay))
-    Trainer(model, load_task("digits"), CONFIG, args.out, progress=False).fit(resume=args.resume)
+    if args.nan_at:
+        calls = [0]
+
+        def poison(module, inputs, output):
+            if module.training:
+                calls[0] += 1
+                if calls[0] >= args.nan_at:
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+    trainer = Trainer(model, load_task("digits"), CONFIG, args.out, progress=False)
+    try:
+        trainer.fit(resume=args.resume)
+    except PetlError as err:
+        print(f"petlkit: {err}", file=sys.stderr)
+        sys.exit(130 if isinstance(err, TrainingInterrupted) else 2)
 
 
 if __name__ == "__main__":

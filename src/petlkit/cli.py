@@ -175,8 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from petlkit.train.trainer import TrainingInterrupted
+
     try:
         args.handler(args)
+    except TrainingInterrupted as err:
+        print(f"petlkit: {err}", file=sys.stderr)
+        return 130
     except PetlError as err:
         print(f"petlkit: error: {err}", file=sys.stderr)
         return 2

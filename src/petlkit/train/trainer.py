@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,23 @@ from petlkit.train.state import CHECKPOINT, load_training_state, save_training_s
 BEST = "best.safetensors"
 METRICS_LOG = "metrics.jsonl"
 RESULTS = "results.json"
+
+
+class TrainingInterrupted(PetlError):
+    """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
+
+
+def _catch_interrupt() -> tuple[list[bool], Callable[[], None]]:
+    """Turn SIGINT into a flag the loop checks between steps (a step is never cut in half)."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+
+    def handler(signum, frame) -> None:
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return flag, lambda: signal.signal(signal.SIGINT, previous)
 
 
 def weight_decay_groups(params: dict[str, torch.nn.Parameter], decay: float) -> list[dict]:
@@ -169,10 +189,24 @@ class Trainer:
             scheduler.load_state_dict(info["scheduler"])
         self.model.to(acc.device)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
+        bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
+        interrupted, restore = _catch_interrupt()
+        try:
+            self._steps(
+                ddp_model, acc_optimizer, optimizer, scheduler, params, info, bar, interrupted
+            )
+        finally:
+            restore()
+            bar.close()
+        return self._finish(params, info)
+
+    def _steps(
+        self, ddp_model, acc_optimizer, optimizer, scheduler, params, info, bar, interrupted
+    ):
+        cfg, acc = self.config, self.accelerator
         world, rank = acc.num_processes, acc.process_index
         share = cfg.batch_size // world
         micro = share // cfg.grad_accum
-        bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
         for step in range(info["step"], cfg.steps):
             torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
             mine = self.global_batch(step)[rank * share : (rank + 1) * share]
@@ -218,8 +252,18 @@ class Trainer:
                 )
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}")
-        bar.close()
-        return self._finish(params, info)
+            stop = torch.tensor(float(interrupted[0]), device=acc.device)
+            if world > 1:  # every rank stops at the same step, or collectives would hang
+                stop = acc.reduce(stop, "sum")
+            if stop.item() > 0 and done < cfg.steps:
+                state = dict(info, config=cfg.to_dict())
+                self._write(
+                    CHECKPOINT, lambda p, s=state: save_training_state(p, params, optimizer, s)
+                )
+                raise TrainingInterrupted(
+                    f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
+                    "the same command with --resume to continue"
+                )
 
     def _finish(self, params: dict[str, torch.nn.Parameter], info: dict) -> dict[str, Any]:
         """Load the parameters of the best validation step, then score val and test."""
