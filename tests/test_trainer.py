@@ -165,3 +165,26 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "the loss became nan at step 15; the last checkpoint is kept" in done.stderr
     assert _checkpoint_step(tmp_path) == 10
     assert len(_lines(tmp_path)) == 14
+
+
+def test_inputs_longer_than_the_encoder_allows_are_cut_with_a_warning():
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    import petlkit
+    from petlkit.backbones import TextClassifier
+    from petlkit.backbones.registry import minilm_path
+    from petlkit.tasks.base import Split, Task
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["word " * 200, "short text"] * 4
+    split = Split(texts, torch.tensor([0, 1] * 4))
+    task = Task("long", "text", 2, {"train": split, "val": split})
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+    encoder = BertModel(config, add_pooling_layer=False)
+    model = petlkit.attach(TextClassifier(encoder, 2), "prompt", length=4)  # 64 - 4 positions
+    with pytest.warns(UserWarning, match="max_length 512 is more than the encoder's 60 free"):
+        trainer = Trainer(model, task, TrainConfig(max_length=512, batch_size=4), None, tokenizer)
+    inputs, _ = trainer.encode(split, torch.arange(2))
+    assert inputs["input_ids"].shape[1] == 60
+    trainer.evaluate("val")  # runs: 60 tokens + 4 prompts fit the 64 positions

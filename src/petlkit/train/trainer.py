@@ -18,6 +18,7 @@ import json
 import math
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,34 @@ class Trainer:
                 f"batch_size {config.batch_size} does not split into {world} processes × "
                 f"{config.grad_accum} accumulation steps; use a multiple of {parts}"
             )
+        self.max_length = self._token_budget() if task.modality == "text" else config.max_length
         train = task.splits["train"]
         if config.batch_size > len(train):
             raise PetlError(
                 f"batch_size {config.batch_size} is larger than the {len(train)} training examples "
                 f"of {task.name!r}; use at most {len(train)}"
             )
+
+    def _token_budget(self) -> int:
+        """max_length, cut (with a warning) to what the encoder's positions allow once prompt
+        tokens are added in front."""
+        from petlkit.methods.prompt import Prompt
+
+        encoder = getattr(self.model.model, "encoder", None)
+        limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+        if limit is None:
+            return self.config.max_length
+        if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+            limit -= 2  # positions start after the padding index
+        limit -= sum(m.config.length for m in self.model.modules() if isinstance(m, Prompt))
+        if self.config.max_length > limit:
+            warnings.warn(
+                f"max_length {self.config.max_length} is more than the encoder's {limit} free "
+                f"positions; longer inputs are cut to {limit} tokens",
+                stacklevel=3,
+            )
+            return limit
+        return self.config.max_length
 
     # -- data ------------------------------------------------------------------------------------
     def global_batch(self, step: int) -> torch.Tensor:
@@ -127,7 +150,7 @@ class Trainer:
             args = list(zip(*texts, strict=True)) if self.task.pair else [texts]
             inputs = dict(
                 self.tokenizer(*args, padding=True, truncation=True,
-                               max_length=self.config.max_length, return_tensors="pt")
+                               max_length=self.max_length, return_tensors="pt")
             )  # fmt: skip
         device = self.accelerator.device
         return {k: v.to(device) for k, v in inputs.items()}, sub.labels.to(device)
