@@ -27,6 +27,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only folder: say so, keep the old file
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write {path}: {err.strerror or err}; the previous version (if any) is "
+            "kept unchanged; free disk space or pick another folder and retry"
+        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
