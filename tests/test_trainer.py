@@ -188,3 +188,13 @@ def test_inputs_longer_than_the_encoder_allows_are_cut_with_a_warning():
     inputs, _ = trainer.encode(split, torch.arange(2))
     assert inputs["input_ids"].shape[1] == 60
     trainer.evaluate("val")  # runs: 60 tokens + 4 prompts fit the 64 positions
+
+
+def test_a_dying_rank_makes_the_run_fail_instead_of_hanging(tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2")
+    cmd = [sys.executable, *launcher, "-m", "tests.train_job", str(tmp_path), "--die-at", "5"]
+    start = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode != 0
+    assert time.time() - start < 200  # failed, not hung until the test's own timeout

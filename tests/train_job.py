@@ -5,6 +5,7 @@ trainer tests: `python -m tests.train_job OUT [--resume] [--method M] [--step-de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--method", default="lora")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--nan-at", type=int, default=0, help="make the loss NaN from this step")
+    parser.add_argument("--die-at", type=int, default=0, help="rank 1 exits hard at this step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build(args.method)
@@ -50,7 +52,17 @@ def main() -> None:
             return output
 
         model.register_forward_hook(poison)
-    trainer = Trainer(model, load_task("digits"), CONFIG, args.out, progress=False)
+    if args.die_at:
+        steps = [0]
+
+        def die(module, inputs):
+            steps[0] += module.training
+            if steps[0] >= args.die_at and os.environ.get("RANK") == "1":
+                os._exit(3)
+
+        model.register_forward_pre_hook(die)
+    config = CONFIG.__class__(**{**CONFIG.to_dict(), "dist_timeout": 20})
+    trainer = Trainer(model, load_task("digits"), config, args.out, progress=False)
     try:
         trainer.fit(resume=args.resume)
     except PetlError as err:

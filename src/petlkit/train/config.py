@@ -33,9 +33,11 @@ class TrainConfig:
     max_length: int = 128
     seed: int = 0
     mixed_precision: str = "no"
+    dist_timeout: int = 300  # seconds a process waits for the others before failing
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length",
+                     "dist_timeout"):  # fmt: skip
             check_positive_int("TrainConfig", name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "seed"):
             value = getattr(self, name)

@@ -14,6 +14,7 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import signal
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -84,8 +86,12 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         # cpu=True when no GPU: Accelerate then joins the torch DDP (gloo) processes torchrun
         # started; without it, each CPU process would train alone
+        # a rank that dies makes the others fail after dist_timeout seconds instead of hanging
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.dist_timeout))
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            kwargs_handlers=[timeout],
         )
         self.progress = progress and self.accelerator.is_main_process
         world = self.accelerator.num_processes
