@@ -68,6 +68,13 @@ def check_finite(owner: str, name: str, value: Any, *, positive: bool = False) -
         raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
+def check_range(owner: str, name: str, value: Any, low: float, high: float) -> None:
+    """A finite number in [low, high]: the bounds keep float32 training finite."""
+    check_finite(owner, name, value)
+    if not low <= value <= high:
+        raise ConfigError(f"{owner}.{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
 def check_probability(owner: str, name: str, value: Any) -> None:
     check_finite(owner, name, value)
     if not 0.0 <= value < 1.0:

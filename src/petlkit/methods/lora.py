@@ -21,6 +21,7 @@ from petlkit.config import (
     check_finite,
     check_positive_int,
     check_probability,
+    check_range,
 )
 from petlkit.errors import ConfigError, NotMergeableError
 from petlkit.layout import layout_of
@@ -113,6 +114,7 @@ class LoRAConfig(MethodConfig):
     def validate(self) -> None:
         check_positive_int("LoRAConfig", "r", self.r)
         check_finite("LoRAConfig", "alpha", self.alpha, positive=True)
+        check_range("LoRAConfig", "alpha", self.alpha, 0, 1e4)
         check_probability("LoRAConfig", "dropout", self.dropout)
         if not self.qkv_parts:
             raise ConfigError("LoRAConfig.qkv_parts must name at least one of q, k, v")

@@ -23,6 +23,7 @@ from petlkit.config import (
     check_finite,
     check_positive_int,
     check_probability,
+    check_range,
 )
 from petlkit.errors import PetlError
 from petlkit.layout import layout_of
@@ -45,6 +46,7 @@ class PromptConfig(MethodConfig):
     def validate(self) -> None:
         check_positive_int("PromptConfig", "length", self.length)
         check_finite("PromptConfig", "init_range", self.init_range, positive=True)
+        check_range("PromptConfig", "init_range", self.init_range, 0, 10)
         check_bool("PromptConfig", "gated", self.gated)
 
 

@@ -22,9 +22,9 @@ from torch import nn
 from petlkit.config import (
     MethodConfig,
     check_choice,
-    check_finite,
     check_positive_int,
     check_probability,
+    check_range,
 )
 from petlkit.errors import ConfigError, NotMergeableError
 from petlkit.layout import layout_of
@@ -52,7 +52,7 @@ class SaSConfig(MethodConfig):
     def validate(self) -> None:
         for name in ("rank", "embed_dim", "hidden"):
             check_positive_int("SaSConfig", name, getattr(self, name))
-        check_finite("SaSConfig", "scale", self.scale)
+        check_range("SaSConfig", "scale", self.scale, -100, 100)
         check_probability("SaSConfig", "dropout", self.dropout)
         if not self.sites or len(set(self.sites)) != len(self.sites):
             raise ConfigError(f"SaSConfig.sites must name distinct sites from {list(SITES)}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from petlkit.config import MethodConfig, check_finite
-from petlkit.errors import TargetError
+from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.targeting import find_targets
@@ -76,8 +76,8 @@ class SSFConfig(MethodConfig):
 
     def validate(self) -> None:
         check_finite("SSFConfig", "init_std", self.init_std)
-        if self.init_std < 0:
-            raise TargetError(f"SSFConfig.init_std must be >= 0, got {self.init_std}")
+        if not 0 <= self.init_std <= 1:  # beyond 1 the scales flip signs and activations explode
+            raise ConfigError(f"SSFConfig.init_std must be in [0, 1], got {self.init_std}")
 
 
 @register_method("ssf")

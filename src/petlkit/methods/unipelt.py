@@ -21,6 +21,7 @@ from petlkit.config import (
     check_choice,
     check_finite,
     check_positive_int,
+    check_range,
 )
 from petlkit.errors import ConfigError
 from petlkit.methods.adapter import ACTIVATIONS, AdapterConfig
@@ -68,6 +69,7 @@ class UniPELTConfig(MethodConfig):
             check_positive_int(owner, name, getattr(self, name))
         check_positive_int(owner, "adapter_reduction", self.adapter_reduction)
         check_finite(owner, "lora_alpha", self.lora_alpha, positive=True)
+        check_range(owner, "lora_alpha", self.lora_alpha, 0, 1e4)
         check_choice(owner, "adapter_non_linearity", self.adapter_non_linearity, tuple(ACTIVATIONS))
 
     def part_configs(self) -> dict[str, MethodConfig]:
