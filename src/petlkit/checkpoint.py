@@ -37,11 +37,15 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _state_to_save(petl: PetlModel, name: str) -> dict[str, torch.Tensor]:
+def _state_to_save(petl: PetlModel, name: str, compact: bool = False):
+    """(method config, tensors) an adapter file holds: the method's part and the head."""
     method = petl.methods[name]
-    state = dict(method.trainable(petl.model))
+    if compact:
+        config, state = method.export(petl.model)
+    else:
+        config, state = method.config, dict(method.trainable(petl.model))
     state.update({f"head.{n}": p for n, p in petl.model.head.named_parameters()})
-    return state
+    return config, state
 
 
 def save_adapter(
@@ -58,20 +62,14 @@ def save_adapter(
     folder = Path(folder)
     with petl.disable():  # full fine-tuning must not hide its weights; fingerprint is shape-only
         fingerprint = backbone_fingerprint(petl.model)
+    method_config, state = _state_to_save(petl, name, compact)
     config = {
         "format_version": FORMAT_VERSION,
         "library": "petlkit",
         "library_version": __version__,
-        "method": None,
+        "method": method_config.to_dict(),
         "backbone": fingerprint,
     }
-    method_config, state = (
-        method.export(petl.model)
-        if compact
-        else (method.config, dict(method.trainable(petl.model)))
-    )
-    config["method"] = method_config.to_dict()
-    state.update({f"head.{n}": p for n, p in petl.model.head.named_parameters()})
     write_safetensors(folder / WEIGHTS_FILE, state, {"format": "pt"})
     write_json(folder / CONFIG_FILE, config)
     return folder
@@ -110,7 +108,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
         )
     tensors = read_safetensors(Path(folder) / WEIGHTS_FILE)
     petl = attach(model, config_from_dict(config["method"]), name=name)
-    expected = _state_to_save(petl, name)
+    _, expected = _state_to_save(petl, name)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         petl.remove_method(name)

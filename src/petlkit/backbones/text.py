@@ -13,21 +13,42 @@ from petlkit.layout import BackboneLayout, BlockLayout
 POOLINGS = ("cls", "mean")
 
 
-class TextClassifier(nn.Module):
+class _EncoderTaskModel(nn.Module):
+    """A transformers encoder with a linear head of `outputs` units (N(0, 0.02), zero bias)."""
+
+    def __init__(self, encoder: nn.Module, outputs: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, outputs)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+
+    def petl_layout(self) -> BackboneLayout:
+        return encoder_layout(self.encoder, prefix="encoder.")
+
+
+class TextClassifier(_EncoderTaskModel):
     """encoder → pooled token (CLS or masked mean) → dropout → head."""
 
     def __init__(
         self, encoder: nn.Module, num_labels: int, pooling: str = "cls", dropout: float = 0.1
     ) -> None:
-        super().__init__()
         if pooling not in POOLINGS:
             raise PetlError(f"unknown pooling {pooling!r}; valid: {list(POOLINGS)}")
-        self.encoder = encoder
+        super().__init__(encoder, num_labels)
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pooling == "cls":
@@ -43,25 +64,15 @@ class TextClassifier(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = {"attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
         return self.head(self.dropout(self.pool(hidden, attention_mask)))
 
-    def petl_layout(self) -> BackboneLayout:
-        return encoder_layout(self.encoder, prefix="encoder.")
 
-
-class TextSpanModel(nn.Module):
+class TextSpanModel(_EncoderTaskModel):
     """encoder → per-token (start, end) logits, for extractive question answering."""
 
     def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, 2)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        super().__init__(encoder, 2)
 
     def forward(
         self,
@@ -69,17 +80,10 @@ class TextSpanModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = {"attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
-        logits = self.head(hidden)
+        logits = self.head(self.encode(input_ids, attention_mask, token_type_ids))
         if attention_mask is not None:  # padding can never be a start or an end
             logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)
         return logits
-
-    def petl_layout(self) -> BackboneLayout:
-        return encoder_layout(self.encoder, prefix="encoder.")
 
 
 def _block_layout(layer: nn.Module, p: str) -> BlockLayout:

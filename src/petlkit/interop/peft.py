@@ -14,10 +14,27 @@ from petlkit.errors import CheckpointError, PetlError
 from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.layout import layout_of
 from petlkit.methods.lora import LoRA, LoRAConfig, LoRALinear
+from petlkit.methods.prompt import Prompt, PromptConfig
 from petlkit.model import PetlModel, attach
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+
+
+def _read_peft(folder: Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a PEFT adapter folder holding a `peft_type` adapter."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG} in {folder}; is it a PEFT adapter folder?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    if config.get("peft_type") != peft_type:
+        raise CheckpointError(
+            f"{folder} holds a {config.get('peft_type')} adapter, not {peft_type}"
+        )
+    return config, read_safetensors(folder / WEIGHTS)
 
 
 def _encoder_prefix(model: torch.nn.Module) -> str:
@@ -61,16 +78,11 @@ def import_peft_lora(
 ) -> PetlModel:
     """Attach the PEFT LoRA in `folder` to a petlkit text task model (or PetlModel)."""
     folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise CheckpointError(f"no {CONFIG} in {folder}; is it a PEFT adapter folder?")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{folder} holds a {config.get('peft_type')} adapter, not LORA")
+    config, tensors = _read_peft(folder, "LORA")
     unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if config.get(k)]
     unsupported += [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported:
         raise CheckpointError(f"{folder} uses PEFT options petlkit's LoRA lacks: {unsupported}")
-    tensors = read_safetensors(folder / WEIGHTS)
     task_model = model.model if isinstance(model, PetlModel) else model
     prefix = _encoder_prefix(task_model)
     targets = sorted({
@@ -92,8 +104,6 @@ def import_peft_lora(
 
 def export_peft_prompt(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
     """Write method `name` (ungated prompt tuning) as a PEFT PROMPT_TUNING folder."""
-    from petlkit.methods.prompt import Prompt
-
     method = petl._get(name)
     if not isinstance(method, Prompt) or method.config.gated:
         raise PetlError(
@@ -117,17 +127,9 @@ def import_peft_prompt(
     model: torch.nn.Module, folder: str | Path, name: str = "default"
 ) -> PetlModel:
     """Attach the PEFT PROMPT_TUNING adapter in `folder` to a petlkit text task model."""
-    from petlkit.methods.prompt import PromptConfig
-
     folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise CheckpointError(f"no {CONFIG} in {folder}; is it a PEFT adapter folder?")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise CheckpointError(
-            f"{folder} holds a {config.get('peft_type')} adapter, not PROMPT_TUNING"
-        )
-    prompts = read_safetensors(folder / WEIGHTS).get("prompt_embeddings")
+    _, tensors = _read_peft(folder, "PROMPT_TUNING")
+    prompts = tensors.get("prompt_embeddings")
     if prompts is None:
         raise CheckpointError(f"{folder / WEIGHTS} has no prompt_embeddings")
     petl = attach(model, PromptConfig(length=prompts.shape[0]), name=name)

@@ -118,8 +118,7 @@ class Prefix(Method):
         self._kv = None
 
     def export(self, model: nn.Module) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
-        state = {k: v for k, v in self.trainable(model).items() if not k.startswith("method.")}
+        training_only = ("method.embedding", "method.mlp.")
+        state = {k: v for k, v in self.trainable(model).items() if not k.startswith(training_only)}
         state["method.prefix"] = self.values().detach()
-        if self.config.gated:
-            state.update({f"method.gates.{k}": v for k, v in self.gates.state_dict().items()})
         return self.config.replace(reparameterize=False), state

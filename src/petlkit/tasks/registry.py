@@ -96,16 +96,7 @@ def digits(seed: int = 0) -> Task:
 
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = (images - 0.5) / 0.5
-    labels = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    parts = {
-        "train": order[:VTAB_TRAIN],
-        "val": order[VTAB_TRAIN : VTAB_TRAIN + VTAB_VAL],
-        "test": order[VTAB_TRAIN + VTAB_VAL :],
-    }
-    splits = {name: Split(images[i], labels[i]) for name, i in parts.items()}
-    return Task("digits", "vision", 10, splits, image_size=8, channels=1)
+    return vtab_style("digits", images, torch.tensor(data.target, dtype=torch.long), seed)
 
 
 def sentiment(domain: str, regression: bool) -> Task:

@@ -83,6 +83,7 @@ class Trainer:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
         self.tokenizer = tokenizer
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         # cpu=True when no GPU: Accelerate then joins the torch DDP (gloo) processes torchrun
         # started; without it, each CPU process would train alone
@@ -138,11 +139,18 @@ class Trainer:
         epochs = positions // n
         out = torch.empty(size, dtype=torch.long)
         for epoch in epochs.unique().tolist():
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=gen)
             mask = epochs == epoch
-            out[mask] = order[positions[mask] % n]
+            out[mask] = self._epoch_order(epoch, n)[positions[mask] % n]
         return out
+
+    def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
+        """The permutation of epoch `epoch`, drawn once (not at every step of the epoch)."""
+        cached = self._order
+        if cached is None or cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            cached = (epoch, torch.randperm(n, generator=gen))
+            self._order = cached
+        return cached[1]
 
     def encode(self, split: Split, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
         sub = split.subset(index)
