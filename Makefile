@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow bench-here pretrain lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The two here-scale presets (an hour or more each on 2 cores); reruns skip finished cells.
+bench-here: $(STAMP)
+	$(BIN)/petlkit bench --preset text-here --output results/text-here
+	$(BIN)/petlkit bench --preset vision-here --output results/vision-here
+
+# Rebuilds the shipped ViT (needs the optional Debian package dataset-fashion-mnist, as root).
+pretrain: $(STAMP)
+	$(BIN)/petlkit pretrain --output src/petlkit/assets/vit-fmnist.safetensors --work-dir runs/pretrain
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -70,12 +70,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     """One trained model on its own task or on several others (domain generalisation)."""
-    from petlkit.run import load_run
+    from petlkit.run import fit_to_backbone, load_run
     from petlkit.tasks import load_task
     from petlkit.train.trainer import Trainer
 
     model, spec, built = load_run(args.run)
-    home = spec.load_task(built.tokenizer)
+    home = fit_to_backbone(spec.load_task(built.tokenizer), spec.backbone)
     if not args.task:
         trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer, progress=False)
         _print_results({split: trainer.evaluate(split) for split in args.split})
@@ -83,6 +83,7 @@ def _eval(args: argparse.Namespace) -> None:
     table = {}
     for name in args.task:
         task = load_task(name, spec.data_dir, spec.shots, spec.data_seed, spec.image_size)
+        task = fit_to_backbone(task, spec.backbone)
         if (task.modality, task.num_labels, task.image_size, task.channels) != (
             home.modality,
             home.num_labels,
@@ -117,19 +118,55 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged backbone written to {output}")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from petlkit.demo import run_demo
+def _pretrain(args: argparse.Namespace) -> None:
+    from petlkit.pretrain import PretrainRecipe, pretrain
 
-    run_demo(methods=args.methods, steps=args.steps)
+    recipe = PretrainRecipe(steps=args.steps, seed=args.seed)
+    summary = pretrain(args.output, args.work_dir, recipe, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    print(f"pretrained ViT written to {args.output}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from petlkit.bench.command import run_bench
+
+    print("petlkit demo: the `quick` bench preset (real MiniLM-L6 weights on Rotten Tomatoes; "
+          "the project's Fashion-MNIST ViT on two mini VTAB-1k tasks)", flush=True)  # fmt: skip
+    print(run_bench("quick", args.output))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from petlkit.bench.command import run_bench
+
+    print(run_bench(args.preset, args.output, data_dir=args.data_dir,
+                    report_only=args.report_only, methods=args.methods, tasks=args.tasks,
+                    seeds=args.seeds, backbone=args.backbone, steps=args.steps))  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petlkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the quick real-weights, real-data job (make demo)")
-    demo.add_argument("--steps", type=int, default=200)
-    demo.add_argument("--methods", nargs="+", default=["linear", "lora", "sas"])
+    demo.add_argument("--output", default="runs/demo", help="results folder (resumable)")
     demo.set_defaults(handler=_demo)
+    bench = sub.add_parser("bench", help="run a preset grid: methods x tasks x seeds")
+    bench.add_argument("--preset", required=True, help="text-here, vision-here, quick, vtab1k, ...")
+    bench.add_argument("--output", required=True, help="results folder; reruns skip done cells")
+    bench.add_argument("--data-dir", help="the benchmark's files (paper-scale presets)")
+    bench.add_argument("--backbone", help="another backbone (e.g. a timm ViT-B/16 file)")
+    bench.add_argument("--methods", nargs="+", help="a subset of the preset's methods")
+    bench.add_argument("--tasks", nargs="+", help="a subset of the preset's tasks")
+    bench.add_argument("--seeds", nargs="+", type=int)
+    bench.add_argument("--steps", type=int, help="training steps per cell")
+    bench.add_argument("--report-only", action="store_true", help="tables from saved results")
+    bench.set_defaults(handler=_bench)
+    pre = sub.add_parser("pretrain", help="pretrain the project ViT on Fashion-MNIST")
+    pre.add_argument("--output", required=True, help="the .safetensors file to write")
+    pre.add_argument("--work-dir", required=True, help="checkpoints and logs (resumable)")
+    pre.add_argument("--steps", type=int, default=3000)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--resume", action="store_true")
+    pre.set_defaults(handler=_pretrain)
     params = sub.add_parser("params", help="trainable parameters per method on a backbone")
     params.add_argument("--backbone", default="vit-base")
     params.add_argument("--num-classes", type=int, default=10)

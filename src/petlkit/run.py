@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from petlkit.backbones import build_model
-from petlkit.backbones.registry import Built, build_span_model
+from petlkit.backbones.registry import (
+    Built,
+    build_span_model,
+    pretrained_vit_file,
+    vit_file_input,
+)
 from petlkit.checkpoint import load_adapter, save_adapter
 from petlkit.errors import ConfigError, PetlError
 from petlkit.io import write_json
@@ -57,7 +62,7 @@ class RunSpec:
         if self.task == "squad":
             built = build_for_task(self, None)
             return built, self.load_task(built.tokenizer)
-        task = self.load_task()
+        task = fit_to_backbone(self.load_task(), self.backbone)
         return build_for_task(self, task), task
 
     def train_config(self) -> TrainConfig:
@@ -102,6 +107,15 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of run keys ({list(KEYS)})")
     return data
+
+
+def fit_to_backbone(task: Task, backbone: str) -> Task:
+    """In-memory images resized (and grey → RGB) to a pretrained ViT's own input."""
+    path = pretrained_vit_file(backbone) if task.modality == "vision" else None
+    if path is None or not isinstance(task.splits["train"].inputs, torch.Tensor):
+        return task
+    size, channels = vit_file_input(path)
+    return task.with_images(size, channels)
 
 
 BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same in every command

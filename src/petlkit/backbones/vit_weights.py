@@ -106,9 +106,14 @@ def load_vit(
     return model
 
 
-def save_vit(model: VisionTransformer, path: str | Path) -> None:
+def save_vit(
+    model: VisionTransformer,
+    path: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, str] | None = None,
+) -> None:
     """Write a timm-format checkpoint (atomically) that `load_vit` reads back exactly; the head
-    count goes in the metadata, since shapes alone do not fix it."""
-    write_safetensors(
-        path, model.state_dict(), {"format": "pt", "num_heads": str(model.cfg.num_heads)}
-    )
+    count goes in the metadata, since shapes alone do not fix it. `state` replaces the model's
+    own state dict (e.g. cast to float16); `extra` adds metadata strings."""
+    metadata = {"format": "pt", "num_heads": str(model.cfg.num_heads), **(extra or {})}
+    write_safetensors(path, model.state_dict() if state is None else state, metadata)

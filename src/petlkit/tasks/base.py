@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from petlkit.errors import PetlError
 from petlkit.tasks.metrics import METRICS
@@ -68,6 +70,29 @@ class Task:
     @property
     def regression(self) -> bool:
         return self.num_labels == 1
+
+    def with_images(self, size: int, channels: int) -> Task:
+        """This image task at `size`×`size` with `channels` channels (bilinear resize; grey
+        repeated to 3 channels), so it fits a pretrained backbone's input; unchanged if it
+        already does."""
+        if (size, channels) == (self.image_size, self.channels):
+            return self
+        if self.modality != "vision":
+            raise PetlError(f"task {self.name!r} is {self.modality}, not images")
+        if channels not in (self.channels, 3) or self.channels not in (1, channels):
+            raise PetlError(f"task {self.name!r} has {self.channels}-channel images; the backbone "
+                            f"takes {channels} (only grey → RGB is converted)")  # fmt: skip
+        splits = {}
+        for name, split in self.splits.items():
+            if not isinstance(split.inputs, torch.Tensor):
+                raise PetlError(f"task {self.name!r} reads image files: set their resolution "
+                                f"(--image-size {size}) instead")  # fmt: skip
+            images = split.inputs
+            if images.shape[-1] != size:
+                images = F.interpolate(images, size=(size, size), mode="bilinear",
+                                       align_corners=False)  # fmt: skip
+            splits[name] = Split(images.expand(-1, channels, -1, -1).contiguous(), split.labels)
+        return dataclasses.replace(self, splits=splits, image_size=size, channels=channels)
 
     def score(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Metric name → value; the first entry is the one model selection uses."""

@@ -67,17 +67,35 @@ def fashion_mnist_1k() -> Task:
     data = load_fashion_mnist()
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
     pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0)).numpy()
-
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
-        images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
-        return Split((images - 0.5) / 0.5, torch.from_numpy(y.astype(np.int64)))
-
     splits = {
-        "train": split(train_x[pick[:VTAB_TRAIN]], train_y[pick[:VTAB_TRAIN]]),
-        "val": split(train_x[pick[VTAB_TRAIN:1000]], train_y[pick[VTAB_TRAIN:1000]]),
-        "test": split(test_x, test_y),
+        "train": _grey_split(train_x[pick[:VTAB_TRAIN]], train_y[pick[:VTAB_TRAIN]]),
+        "val": _grey_split(train_x[pick[VTAB_TRAIN:1000]], train_y[pick[VTAB_TRAIN:1000]]),
+        "test": _grey_split(test_x, test_y),
     }
     return Task("fashion-mnist-1k", "vision", 10, splits, image_size=28, channels=1)
+
+
+def fashion_mnist(val: int = 5000) -> Task:
+    """All of Fashion-MNIST, for pretraining: its training set less `val` images held out for
+    validation, and its 10,000 test images (optional Debian package)."""
+    from petlkit.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist()
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0)).numpy()
+    parts = {
+        "train": (train_x[pick[val:]], train_y[pick[val:]]),
+        "val": (train_x[pick[:val]], train_y[pick[:val]]),
+        "test": (test_x, test_y),
+    }
+    splits = {name: _grey_split(x, y) for name, (x, y) in parts.items()}
+    return Task("fashion-mnist", "vision", 10, splits, image_size=28, channels=1)
+
+
+def _grey_split(x: np.ndarray, y: np.ndarray) -> Split:
+    """uint8 (n, H, W) images → a split normalised to [-1, 1], like `vtab_style`."""
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
+    return Split((images - 0.5) / 0.5, torch.from_numpy(y.astype(np.int64)))
 
 
 def structured(kind: str, seed: int = 0) -> Task:
@@ -121,6 +139,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "digits": digits,
     "mnist-5k": mnist_5k,
     "fashion-mnist-1k": fashion_mnist_1k,
+    "fashion-mnist": fashion_mnist,
     **{
         f"shapes-{kind}": partial(structured, kind) for kind in ("location", "orientation", "count")
     },

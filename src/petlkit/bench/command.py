@@ -1,0 +1,50 @@
+"""`petlkit bench` and `petlkit demo`: run presets, then print and write their reports."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import date
+from pathlib import Path
+
+from petlkit.bench.grid import read_records, run_grid
+from petlkit.bench.presets import get_presets, narrowed
+from petlkit.bench.report import write_report
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def run_bench(
+    name: str,
+    output: str | Path,
+    *,
+    data_dir: str | None = None,
+    report_only: bool = False,
+    **narrow,
+) -> str:
+    """Run the preset (each part of a composite one in `<output>/<part>`); return the reports."""
+    output = Path(output)
+    parts = get_presets(name)
+    texts = []
+    start = time.perf_counter()
+    for preset in parts:
+        preset = narrowed(preset, **narrow)
+        folder = output / preset.name if len(parts) > 1 else output
+        records = read_records(folder) if report_only else run_grid(preset, folder, data_dir)
+        if not records:
+            texts.append(f"# {preset.name}\n\nno results in {folder} yet\n")
+            continue
+        title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} "
+                 f"(petlkit {_commit()}, {date.today().isoformat()})")  # fmt: skip
+        texts.append(write_report(records, folder, title))
+    if not report_only:
+        texts.append(f"wall time: {time.perf_counter() - start:.0f} s; reports and plots in "
+                      f"{output}")  # fmt: skip
+    return "\n".join(texts)

@@ -1,0 +1,73 @@
+"""PNG plots of a grid's results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from petlkit.io import atomic_write
+
+if TYPE_CHECKING:
+    from petlkit.bench.report import Summary
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_score_vs_params(summary: Summary, path: Path, title: str) -> None:
+    """Mean test score against trainable parameters (log scale; methods with none at 1)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in summary.methods:
+        mean = summary.mean(method)
+        if mean is None:
+            continue
+        params = max(summary.params[method][0], 1)
+        ax.scatter(params, mean, s=36)
+        ax.annotate(method, (params, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (head excluded; log scale)")
+    ax.set_ylabel("mean test score over tasks (points)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
+    """Score against shots per class, one panel per few-shot task, one line per method."""
+    plt = _figure()
+    tasks = list(dict.fromkeys(r["task"] for r in summary.fewshot))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
+    from petlkit.bench.report import points
+
+    for ax, task in zip(axes[0], tasks, strict=True):
+        curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in summary.fewshot:
+            if r["task"] == task:
+                curves[r["method"]][r["shots"]].append(points(r))
+        for method, by_shots in curves.items():
+            shots = sorted(by_shots)
+            ax.plot(shots, [statistics.fmean(by_shots[k]) for k in shots], marker="o",
+                    label=method)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training examples per class")
+        ax.set_ylabel("test score (points)")
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)

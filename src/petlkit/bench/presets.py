@@ -1,0 +1,200 @@
+"""Benchmark presets: which backbone, tasks, methods, seeds and training settings a grid runs.
+
+Here-scale presets use real weights and data that install from packages; paper-scale presets
+(`vtab1k`, `fewshot-fgvc`, `glue`, `squad`) read the user's files from `--data-dir` and name the
+backbone the papers use (a timm-format ViT-B/16 file or a transformers folder, `--backbone`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from petlkit.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    """A column of the results: a registered method, its arguments and its learning rate."""
+
+    method: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    backbone: str
+    tasks: dict[str, str]  # task name → its group in the tables
+    methods: dict[str, MethodEntry]  # label → entry
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_limit: int | None = None  # score at most this many test examples (a fixed subset)
+    val_limit: int | None = None  # and at most this many val examples
+    shots: tuple[int, ...] = ()  # few-shot curves: k examples per class
+    fewshot_tasks: tuple[str, ...] = ()
+    fewshot_methods: tuple[str, ...] = ()  # labels; empty: all
+    fewshot_steps: int | None = None  # training steps of a few-shot cell (default: train's)
+    dg: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # source → targets
+    needs_data_dir: bool = False
+    image_size: int = 224
+    pooling: str = "mean"
+    description: str = ""
+
+
+# Learning rates for the short here-scale schedules (one per method, not tuned per task)
+TEXT_METHODS = {
+    "full": MethodEntry("full", lr=1e-4),
+    "linear": MethodEntry("linear", lr=1e-2),
+    "bitfit": MethodEntry("bitfit", lr=1e-2),
+    "lora": MethodEntry("lora", {"r": 8, "alpha": 16}, 3e-3),
+    "adapter": MethodEntry("adapter", {"placement": "pfeiffer"}, 3e-3),
+    "prefix": MethodEntry("prefix", {"length": 10}, 1e-2),
+    "prompt": MethodEntry("prompt", {"length": 10}, 3e-2),
+    "unipelt-ap": MethodEntry("unipelt-ap", lr=3e-3),
+    "unipelt": MethodEntry("unipelt", lr=3e-3),
+    "unipelt-prompt": MethodEntry("unipelt-prompt", lr=3e-3),
+    "sas": MethodEntry("sas", lr=1e-2),
+}
+VISION_METHODS = {
+    "full": MethodEntry("full", lr=3e-4),
+    "linear": MethodEntry("linear", lr=1e-2),
+    "bitfit": MethodEntry("bitfit", lr=1e-2),
+    "lora": MethodEntry("lora", {"r": 8, "alpha": 16}, 3e-3),
+    "adapter": MethodEntry("adapter", {"placement": "pfeiffer"}, 3e-3),
+    "vpt-deep": MethodEntry("vpt", {"length": 10, "deep": True}, 1e-2),
+    "ssf": MethodEntry("ssf", lr=1e-2),
+    "sas": MethodEntry("sas", lr=1e-2),
+    "sas-shared": MethodEntry("sas", {"specific": False}, 1e-2),
+    "sas-specific": MethodEntry("sas", {"shared": False}, 1e-2),
+}
+TEXT_HERE_TASKS = {
+    "rotten-tomatoes": "movies",
+    "sentiment-movies-binary": "movies",
+    "sentiment-tweets-binary": "social",
+    "sentiment-products-binary": "products",
+}
+VISION_HERE_TASKS = {
+    "mnist-5k": "natural-like",
+    "digits": "natural-like",
+    "shapes-location": "structured",
+    "shapes-orientation": "structured",
+    "shapes-count": "structured",
+}
+TEXT_HERE_TRAIN = dict(steps=60, batch_size=16, max_length=40, eval_every=0,
+                       checkpoint_every=20, eval_batch_size=100)  # fmt: skip
+VISION_HERE_TRAIN = dict(steps=200, batch_size=32, eval_every=0, checkpoint_every=100,
+                         eval_batch_size=500)  # fmt: skip
+# VTAB-1k (Zhai et al., 2019) in the SaS/NOAH protocol: 19 tasks, 800 + 200 training images
+VTAB1K_TASKS = {
+    **{f"vtab-{t}": "natural" for t in ("cifar", "caltech101", "dtd", "oxford_flowers102",
+                                         "oxford_iiit_pet", "svhn", "sun397")},
+    **{f"vtab-{t}": "specialized" for t in ("patch_camelyon", "eurosat", "resisc45",
+                                             "diabetic_retinopathy")},
+    **{f"vtab-{t}": "structured" for t in ("clevr_count", "clevr_dist", "dmlab", "kitti",
+                                            "dsprites_loc", "dsprites_ori", "smallnorb_azi",
+                                            "smallnorb_ele")},
+}  # fmt: skip
+FGVC_FEWSHOT = ("fgvc-aircraft", "food-101", "oxford-flowers102", "oxford-pets", "stanford-cars")
+GLUE_TASKS = {f"glue-{t}": "glue" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli",
+                                              "qnli", "rte")}  # fmt: skip
+PAPER_TRAIN = dict(steps=5000, batch_size=64, eval_every=500, checkpoint_every=500)
+
+PRESETS: dict[str, Preset] = {
+    "text-here": Preset(
+        "text-here", "minilm-l6", TEXT_HERE_TASKS, TEXT_METHODS, train=TEXT_HERE_TRAIN,
+        eval_limit=500, val_limit=200,
+        description="MiniLM-L6 (pretrained) on Rotten Tomatoes and three human-rated sentiment "
+        "domains (binary), 60 steps of batch 16, max 40 tokens; 500 test sentences per task",
+    ),
+    "vision-here": Preset(
+        "vision-here", "vit-fmnist", VISION_HERE_TASKS, VISION_METHODS, train=VISION_HERE_TRAIN,
+        eval_limit=1000, shots=(1, 2, 4, 8, 16), fewshot_tasks=("mnist-5k",), fewshot_steps=100,
+        fewshot_methods=("linear", "lora", "adapter", "vpt-deep", "ssf", "sas"),
+        dg={"mnist-5k": ("digits",)},
+        description="the project ViT (pretrained on Fashion-MNIST) on a mini VTAB-1k: "
+        "natural-like and structured tasks, 200 steps of batch 32",
+    ),
+    "quick-text": Preset(
+        "quick-text", "minilm-l6", {"rotten-tomatoes": "movies"},
+        {k: TEXT_METHODS[k] for k in ("linear", "lora", "unipelt-prompt", "sas")},
+        seeds=(0,), train=TEXT_HERE_TRAIN, eval_limit=500, val_limit=200,
+        description="make demo: a slice of text-here (Rotten Tomatoes, one seed)",
+    ),
+    "quick-vision": Preset(
+        "quick-vision", "vit-fmnist", {"mnist-5k": "natural-like", "shapes-count": "structured"},
+        {k: VISION_METHODS[k] for k in ("linear", "lora", "vpt-deep", "sas")},
+        seeds=(0,), train=VISION_HERE_TRAIN, eval_limit=1000,
+        description="make demo: a slice of vision-here (two tasks, one seed)",
+    ),
+    "vtab1k": Preset(
+        "vtab1k", "vit-b16.safetensors", VTAB1K_TASKS, VISION_METHODS,
+        train=dict(PAPER_TRAIN, steps=100 * 1000 // 64), needs_data_dir=True,
+        description="VTAB-1k, 19 tasks: 100 epochs of 1,000 images (NOAH file lists)",
+    ),
+    "fewshot-fgvc": Preset(
+        "fewshot-fgvc", "vit-b16.safetensors", {f"fewshot-{d}": "fgvc" for d in FGVC_FEWSHOT},
+        VISION_METHODS, shots=(1, 2, 4, 8, 16),
+        fewshot_tasks=tuple(f"fewshot-{d}" for d in FGVC_FEWSHOT), train=PAPER_TRAIN,
+        needs_data_dir=True, description="few-shot fine-grained (NOAH splits), 1–16 shots",
+    ),
+    "glue": Preset(
+        "glue", "bert-base-uncased", GLUE_TASKS, TEXT_METHODS, train=PAPER_TRAIN,
+        needs_data_dir=True, pooling="cls", description="GLUE dev sets (official TSVs)",
+    ),
+    "squad": Preset(
+        "squad", "bert-base-uncased", {"squad": "qa"},
+        {k: TEXT_METHODS[k] for k in ("full", "unipelt", "unipelt-prompt", "lora", "adapter")},
+        train=dict(PAPER_TRAIN, max_length=384), needs_data_dir=True, pooling="cls",
+        description="SQuAD 1.1 dev (EM/F1)",
+    ),
+}  # fmt: skip
+
+
+COMPOSITE = {"quick": ("quick-text", "quick-vision")}  # make demo: a slice of both here presets
+
+
+def preset_names() -> list[str]:
+    return sorted([*PRESETS, *COMPOSITE])
+
+
+def get_presets(name: str) -> list[Preset]:
+    """The preset `name`, or the parts of a composite preset."""
+    if name in COMPOSITE:
+        return [PRESETS[part] for part in COMPOSITE[name]]
+    if name not in PRESETS:
+        raise ConfigError(f"unknown bench preset {name!r}; valid presets: {preset_names()}")
+    return [PRESETS[name]]
+
+
+def narrowed(
+    preset: Preset,
+    *,
+    methods: list[str] | None = None,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    backbone: str | None = None,
+    steps: int | None = None,
+) -> Preset:
+    """The preset with a subset of its methods/tasks, other seeds, another backbone or steps."""
+    changes: dict[str, Any] = {}
+    if methods:
+        unknown = sorted(set(methods) - set(preset.methods))
+        if unknown:
+            raise ConfigError(f"unknown methods {unknown} for preset {preset.name!r}; valid: "
+                              f"{list(preset.methods)}")  # fmt: skip
+        changes["methods"] = {k: v for k, v in preset.methods.items() if k in methods}
+    if tasks:
+        unknown = sorted(set(tasks) - set(preset.tasks))
+        if unknown:
+            raise ConfigError(f"unknown tasks {unknown} for preset {preset.name!r}; valid: "
+                              f"{list(preset.tasks)}")  # fmt: skip
+        changes["tasks"] = {k: v for k, v in preset.tasks.items() if k in tasks}
+    if seeds:
+        changes["seeds"] = tuple(seeds)
+    if backbone:
+        changes["backbone"] = backbone
+    if steps:
+        changes["train"] = {**preset.train, "steps": steps}
+    return dataclasses.replace(preset, **changes)
