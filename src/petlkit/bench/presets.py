@@ -110,9 +110,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "vision-here": Preset(
         "vision-here", "vit-fmnist", VISION_HERE_TASKS, VISION_METHODS, train=VISION_HERE_TRAIN,
-        eval_limit=1000, shots=(1, 2, 4, 8, 16), fewshot_tasks=("mnist-5k",), fewshot_steps=100,
+        eval_limit=1000, shots=(1, 2, 4, 8, 16), fewshot_tasks=("mnist-5k", "digits"),
+        fewshot_steps=100,
         fewshot_methods=("linear", "lora", "adapter", "vpt-deep", "ssf", "sas"),
-        dg={"mnist-5k": ("digits",)},
+        dg={"mnist-5k": ("digits",), "digits": ("mnist-5k",)},
         description="the project ViT (pretrained on Fashion-MNIST) on a mini VTAB-1k: "
         "natural-like and structured tasks, 200 steps of batch 32",
     ),

@@ -91,18 +91,23 @@ def fewshot_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 
 def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    if not summary.dg:
-        return [], []
-    source = summary.dg[0]["task"]
-    targets = list(summary.dg[0]["dg"])
-    header = ["method", f"{source} (source)", *targets]
-    by_method: dict[str, list[dict]] = defaultdict(list)
+    """Per method: each source's own test score, then the same weights on each target."""
+    pairs = list(dict.fromkeys((r["task"], t) for r in summary.dg for t in r["dg"]))
+    sources = list(dict.fromkeys(source for source, _ in pairs))
+    header = ["method"]
+    for source in sources:
+        header += [f"{source} (source)"] + [f"{s} → {t}" for s, t in pairs if s == source]
+    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in summary.dg:
-        by_method[r["method"]].append(r)
+        scores[r["method"]][r["task"]].append(points(r))
+        for target, value in r["dg"].items():
+            scores[r["method"]][f"{r['task']} → {target}"].append(100 * value)
     rows = []
-    for method, records in by_method.items():
-        row = [method, f"{statistics.fmean(points(r) for r in records):.1f}"]
-        row += [f"{100 * statistics.fmean(r['dg'][t] for r in records):.1f}" for t in targets]
+    for method, by_column in scores.items():
+        row = [method]
+        for column in header[1:]:
+            values = by_column.get(column.removesuffix(" (source)"))
+            row.append(f"{statistics.fmean(values):.1f}" if values else "–")
         rows.append(row)
     return header, rows
 

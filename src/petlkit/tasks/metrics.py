@@ -20,6 +20,14 @@ def f1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
+def macro_f1(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Domain and sentiment tasks: F1 averaged over classes, then accuracy."""
+    return {
+        "macro_f1": float(f1_score(labels.numpy(), pred.numpy(), average="macro")),
+        "accuracy": float(accuracy_score(labels.numpy(), pred.numpy())),
+    }
+
+
 def mcc(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """CoLA: Matthews correlation."""
     return {"mcc": float(matthews_corrcoef(labels.numpy(), pred.numpy()))}
@@ -31,4 +39,10 @@ def correlation(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"pearson": float(pearsonr(p, y)[0]), "spearman": float(spearmanr(p, y)[0])}
 
 
-METRICS = {"accuracy": accuracy, "f1_accuracy": f1_accuracy, "mcc": mcc, "correlation": correlation}
+METRICS = {
+    "accuracy": accuracy,
+    "f1_accuracy": f1_accuracy,
+    "macro_f1": macro_f1,
+    "mcc": mcc,
+    "correlation": correlation,
+}

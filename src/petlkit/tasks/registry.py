@@ -117,8 +117,12 @@ def digits(seed: int = 0) -> Task:
     return vtab_style("digits", images, torch.tensor(data.target, dtype=torch.long), seed)
 
 
+BINARY_MARGIN = 0.5  # binary tasks drop sentences rated within this of neutral
+
+
 def sentiment(domain: str, regression: bool) -> Task:
-    """A human-rated sentiment domain: the mean rating (regression) or its sign (binary)."""
+    """A human-rated sentiment domain: the mean rating in [-4, 4] (regression, Pearson and
+    Spearman), or its sign (binary, macro-F1) with near-neutral ratings (|r| < 0.5) dropped."""
     from petlkit.data.vader import split_domain
 
     splits = {}
@@ -126,12 +130,12 @@ def sentiment(domain: str, regression: bool) -> Task:
         if regression:
             splits[name] = Split([t for t, _ in rows], torch.tensor([r for _, r in rows]))
         else:
-            kept = [(t, int(r > 0)) for t, r in rows if r != 0]
+            kept = [(t, int(r > 0)) for t, r in rows if abs(r) >= BINARY_MARGIN]
             splits[name] = Split([t for t, _ in kept], torch.tensor([y for _, y in kept]))
     kind = "score" if regression else "binary"
     if regression:
         return Task(f"sentiment-{domain}-{kind}", "text", 1, splits, "correlation")
-    return Task(f"sentiment-{domain}-{kind}", "text", 2, splits)
+    return Task(f"sentiment-{domain}-{kind}", "text", 2, splits, "macro_f1")
 
 
 TASKS: dict[str, Callable[[], Task]] = {
