@@ -14,20 +14,36 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import petlkit
-from tests.conftest import tiny_bert_case
+from petlkit.registry import method_names
+from tests.conftest import tiny_bert_case, tiny_vit_case
 
-CONFIGS = [
-    ("sas", {}),
-    ("sas", {"shared": False}),
-    ("sas", {"specific": False}),
-    ("lora", {"r": 2}),
-    ("bitfit", {}),
-    ("ssf", {}),
-    ("prefix", {"length": 2, "hidden": 8, "gated": True}),
-    ("prompt", {"length": 2, "gated": True}),
-    ("unipelt-prompt", {"prefix_length": 2, "prefix_hidden": 8, "lora_r": 2}),
-    ("unipelt", {"prefix_length": 2, "prefix_hidden": 8, "lora_r": 2, "gated": False}),
+UNIPELT_SMALL = {"prefix_length": 2, "prefix_hidden": 8, "lora_r": 2}
+CONFIGS = [  # (backbone case, method, config): every registered method, on text and vision
+    ("bert", "full", {}),
+    ("bert", "linear", {}),
+    ("bert", "sas", {}),
+    ("bert", "sas", {"shared": False}),
+    ("bert", "sas", {"specific": False}),
+    ("bert", "lora", {"r": 2}),
+    ("bert", "bitfit", {}),
+    ("bert", "ssf", {}),
+    ("bert", "adapter", {"placement": "houlsby"}),
+    ("bert", "adapter", {"placement": "pfeiffer", "gated": True}),
+    ("bert", "prefix", {"length": 2, "hidden": 8, "gated": True}),
+    ("bert", "prompt", {"length": 2, "gated": True}),
+    ("bert", "unipelt-ap", {"prefix_length": 2, "prefix_hidden": 8}),
+    ("bert", "unipelt-prompt", UNIPELT_SMALL),
+    ("bert", "unipelt", {**UNIPELT_SMALL, "gated": False}),
+    ("vit", "vpt", {"length": 2, "deep": True}),
+    ("vit", "vpt", {"length": 2, "deep": False}),
+    ("vit", "sas", {}),
+    ("vit", "prefix", {"length": 2, "hidden": 8}),
+    ("vit", "unipelt-prompt", UNIPELT_SMALL),
 ]
+
+
+def test_every_registered_method_is_in_the_ddp_run():
+    assert {method for _, method, _ in CONFIGS} == set(method_names())
 
 
 def _train(rank: int, case, method: str, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -52,11 +68,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     torch.set_num_threads(1)
-    case = tiny_bert_case()
-    for index, (method, kwargs) in enumerate(CONFIGS):
+    cases = {"bert": tiny_bert_case(), "vit": tiny_vit_case()}
+    for index, (case, method, kwargs) in enumerate(CONFIGS):
         # each DDP wrapper is built and freed inside _train: a DDP object still alive when the
         # process group is destroyed can hang the process at exit
-        state = _train(rank, case, method, kwargs)
+        state = _train(rank, cases[case], method, kwargs)
         torch.save(state, os.path.join(out_dir, f"{index}-{rank}.pt"))
     gc.collect()
     dist.barrier()

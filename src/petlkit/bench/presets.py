@@ -47,14 +47,14 @@ class Preset:
 TEXT_METHODS = {
     "full": MethodEntry("full", lr=1e-4),
     "linear": MethodEntry("linear", lr=1e-2),
-    "bitfit": MethodEntry("bitfit", lr=1e-2),
+    "bitfit": MethodEntry("bitfit", lr=1e-3),
     "lora": MethodEntry("lora", {"r": 8, "alpha": 16}, 3e-3),
     "adapter": MethodEntry("adapter", {"placement": "pfeiffer"}, 3e-3),
-    "prefix": MethodEntry("prefix", {"length": 10}, 1e-2),
+    "prefix": MethodEntry("prefix", {"length": 10}, 1e-3),
     "prompt": MethodEntry("prompt", {"length": 10}, 3e-2),
-    "unipelt-ap": MethodEntry("unipelt-ap", lr=3e-3),
-    "unipelt": MethodEntry("unipelt", lr=3e-3),
-    "unipelt-prompt": MethodEntry("unipelt-prompt", lr=3e-3),
+    "unipelt-ap": MethodEntry("unipelt-ap", lr=1e-3),
+    "unipelt": MethodEntry("unipelt", lr=1e-3),
+    "unipelt-prompt": MethodEntry("unipelt-prompt", lr=1e-3),
     "sas": MethodEntry("sas", lr=1e-2),
 }
 VISION_METHODS = {
@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         "vision-here", "vit-fmnist", VISION_HERE_TASKS, VISION_METHODS, train=VISION_HERE_TRAIN,
         eval_limit=1000, shots=(1, 2, 4, 8, 16), fewshot_tasks=("mnist-5k", "digits"),
         fewshot_steps=100,
-        fewshot_methods=("linear", "lora", "adapter", "vpt-deep", "ssf", "sas"),
+        fewshot_methods=("linear", "lora", "vpt-deep", "sas"),
         dg={"mnist-5k": ("digits",), "digits": ("mnist-5k",)},
         description="the project ViT (pretrained on Fashion-MNIST) on a mini VTAB-1k: "
         "natural-like and structured tasks, 200 steps of batch 32",
@@ -180,18 +180,15 @@ def narrowed(
 ) -> Preset:
     """The preset with a subset of its methods/tasks, other seeds, another backbone or steps."""
     changes: dict[str, Any] = {}
-    if methods:
-        unknown = sorted(set(methods) - set(preset.methods))
+    for kind, chosen in (("methods", methods), ("tasks", tasks)):
+        if not chosen:
+            continue
+        available = getattr(preset, kind)
+        unknown = sorted(set(chosen) - set(available))
         if unknown:
-            raise ConfigError(f"unknown methods {unknown} for preset {preset.name!r}; valid: "
-                              f"{list(preset.methods)}")  # fmt: skip
-        changes["methods"] = {k: v for k, v in preset.methods.items() if k in methods}
-    if tasks:
-        unknown = sorted(set(tasks) - set(preset.tasks))
-        if unknown:
-            raise ConfigError(f"unknown tasks {unknown} for preset {preset.name!r}; valid: "
-                              f"{list(preset.tasks)}")  # fmt: skip
-        changes["tasks"] = {k: v for k, v in preset.tasks.items() if k in tasks}
+            raise ConfigError(f"unknown {kind} {unknown} for preset {preset.name!r}; valid: "
+                              f"{list(available)}")  # fmt: skip
+        changes[kind] = {k: v for k, v in available.items() if k in chosen}
     if seeds:
         changes["seeds"] = tuple(seeds)
     if backbone:
