@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ def plot_score_vs_params(summary: Summary, path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (head excluded; log scale)")
     ax.set_ylabel("mean test score over tasks (points)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -68,6 +69,6 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=8)
     _save(fig, path)
     plt.close(fig)

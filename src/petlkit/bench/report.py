@@ -119,10 +119,11 @@ def goals(summary: Summary) -> list[str]:
     if sas is not None and lora is not None:
         gap = sas - lora
         ratio = summary.params["sas"][0] / max(summary.params["lora"][0], 1)
-        met = gap >= -0.5 and ratio <= 0.2
+        close, small = gap >= -0.5, ratio <= 0.2
         lines.append(f"SaS within 0.5 points of LoRA with ≤ 1/5 of its parameters: "
-                     f"{'met' if met else 'missed'} (SaS − LoRA = {gap:+.2f} points; parameters "
-                     f"{ratio:.3f} × LoRA's)")  # fmt: skip
+                     f"{'met' if close and small else 'missed'} (SaS − LoRA = {gap:+.2f} points: "
+                     f"{'within' if close else 'outside'} 0.5; parameters {ratio:.3f} × LoRA's: "
+                     f"{'within' if small else 'more than'} 1/5)")  # fmt: skip
     parts = [summary.mean(m) for m in ("sas-shared", "sas-specific")]
     if sas is not None and None not in parts:
         best = max(parts)
