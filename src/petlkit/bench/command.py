@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -10,15 +9,7 @@ from pathlib import Path
 from petlkit.bench.grid import read_records, run_grid
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+from petlkit.bench.revision import commit
 
 
 def run_bench(
@@ -41,9 +32,11 @@ def run_bench(
         if not records:
             texts.append(f"# {preset.name}\n\nno results in {folder} yet\n")
             continue
-        title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} "
-                 f"(petlkit {_commit()}, {date.today().isoformat()})")  # fmt: skip
-        texts.append(write_report(records, folder, title))
+        runs = sorted({r["commit"] for r in records if "commit" in r})
+        made = f"cells run by petlkit {', '.join(runs)}; " if runs else ""
+        title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} ({made}"
+                 f"report by petlkit {commit()}, {date.today().isoformat()})")  # fmt: skip
+        texts.append(write_report(records, folder, title, list(preset.methods)))
     if not report_only:
         texts.append(f"wall time: {time.perf_counter() - start:.0f} s; reports and plots in "
                       f"{output}")  # fmt: skip

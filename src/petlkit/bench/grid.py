@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from petlkit.bench.presets import Preset
+from petlkit.bench.revision import commit
 from petlkit.errors import PetlError
 from petlkit.io import atomic_write
 from petlkit.model import attach
@@ -136,6 +137,7 @@ def run_cell(preset: Preset, cell: Cell, tasks: TaskCache, folder: Path) -> dict
         "val": next(iter(results["val"].values())),
         "trainable": results["trainable_parameters"], "percent": results["trainable_percent"],
         "steps": config.steps, "seconds": round(time.perf_counter() - start, 1),
+        "commit": commit(),
     }  # fmt: skip
     if cell.shots is None and cell.task in preset.dg:
         record["dg"] = {

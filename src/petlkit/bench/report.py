@@ -27,10 +27,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 class Summary:
     """Seed means of the main cells: scores[method][task] = [points per seed]."""
 
-    def __init__(self, records: list[dict]) -> None:
+    def __init__(self, records: list[dict], order: list[str] | None = None) -> None:
         main = [r for r in records if r.get("shots") is None]
         self.tasks = list(dict.fromkeys(r["task"] for r in main))
-        self.methods = list(dict.fromkeys(r["method"] for r in main))
+        found = list(dict.fromkeys(r["method"] for r in main))
+        rank = {m: i for i, m in enumerate(order or found)}  # the preset's order, if given
+        self.methods = sorted(found, key=lambda m: rank.get(m, len(rank)))
         self.groups = {r["task"]: r["group"] for r in main}
         self.scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.params: dict[str, tuple[int, float]] = {}
@@ -69,7 +71,7 @@ def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
             values = summary.scores[method].get(task)
             if values:
                 mean, std = _mean_std(values)
-                row.append(f"{mean:.1f} ± {std:.1f}")
+                row.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
             else:
                 row.append("–")
         means = [summary.mean(method, ts) for ts in groups.values()] if len(groups) > 1 else []
@@ -161,11 +163,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     atomic_write(path, write)
 
 
-def write_report(records: list[dict], output: str | Path, title: str) -> str:
-    """report.md, main.csv (+ fewshot.csv, dg.csv) and PNG plots in `output`; returns the
-    Markdown."""
+def write_report(
+    records: list[dict], output: str | Path, title: str, order: list[str] | None = None
+) -> str:
+    """report.md, main.csv (+ fewshot.csv, dg.csv) and PNG plots in `output`, methods in
+    `order`; returns the Markdown."""
     output = Path(output)
-    summary = Summary(records)
+    summary = Summary(records, order)
     sections = [f"# {title}"]
     header, rows = main_rows(summary)
     sections += ["## Test scores (mean ± std over seeds)", markdown(header, rows)]
