@@ -64,11 +64,13 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
             ax.plot(shots, [statistics.fmean(by_shots[k]) for k in shots], marker="o",
                     label=method)  # fmt: skip
         ax.set_xscale("log", base=2)
+        ticks = sorted({k for by_shots in curves.values() for k in by_shots})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.set_xlabel("training examples per class")
         ax.set_ylabel("test score (points)")
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 120), fontsize=8)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.05)
     _save(fig, path)
     plt.close(fig)
