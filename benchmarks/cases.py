@@ -38,3 +38,8 @@ def frozen_limit(model: torch.nn.Module, inputs: dict):
     else:  # make the embedding output require grad, so backward runs through every block
         model.encoder.embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     return model, inputs
+
+
+def trained_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the parameters a method trains (a tiny lr: the timing, not the result, counts)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)

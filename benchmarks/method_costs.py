@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cases import TEXT_METHODS, VISION_METHODS, frozen_limit, text_case, vision_case  # noqa: E402
+from cases import (  # noqa: E402
+    TEXT_METHODS,
+    VISION_METHODS,
+    frozen_limit,
+    text_case,
+    trained_optimizer,
+    vision_case,
+)
 from timing import median_seconds  # noqa: E402
 
 import petlkit  # noqa: E402
@@ -64,10 +71,7 @@ def main() -> None:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     frozen, frozen_inputs = frozen_limit(copy.deepcopy(model), inputs)
     models = {m: trained(model, m) for m in methods}
-    optims = {
-        m: torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-6)
-        for m, pm in models.items()
-    }
+    optims = {m: trained_optimizer(pm) for m, pm in models.items()}
 
     def step(m):
         def run():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cases import TEXT_METHODS, VISION_METHODS, text_case, vision_case  # noqa: E402
+from cases import TEXT_METHODS, VISION_METHODS, text_case, trained_optimizer, vision_case  # noqa: E402
 
 import petlkit  # noqa: E402
 
@@ -65,7 +65,7 @@ def one(args) -> None:
     model.to(device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long, device=device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    opt = trained_optimizer(model)
     for _ in range(args.steps):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(**inputs), labels).backward()

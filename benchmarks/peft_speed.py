@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cases import text_case  # noqa: E402
+from cases import text_case, trained_optimizer  # noqa: E402
 from peak_memory import PEFT_PAIRS, peft_model  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -35,10 +35,7 @@ def main() -> None:
         model, inputs = text_case(args.seq, args.batch)
         models[f"{method}:peft"] = peft_model(model, method).train()
     labels = torch.zeros(args.batch, dtype=torch.long)
-    optims = {
-        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
-        for k, m in models.items()
-    }
+    optims = {k: trained_optimizer(m) for k, m in models.items()}
 
     def step(key):
         def run():

@@ -164,8 +164,9 @@ def run_grid(
         lines = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write(output / RESULTS, lambda tmp: Path(tmp).write_text(lines))
     done = {r["cell"] for r in records}
-    todo = [c for c in cells(preset) if c.key not in done]
-    total = len(cells(preset))
+    grid = cells(preset)
+    todo = [c for c in grid if c.key not in done]
+    total = len(grid)
     log(f"{preset.name}: {total - len(todo)} of {total} cells done; running {len(todo)}")
     tasks = TaskCache(preset, data_dir)
     for number, cell in enumerate(todo, total - len(todo) + 1):

@@ -59,37 +59,25 @@ def mnist_5k() -> Task:
     return vtab_style("mnist-5k", images, torch.from_numpy(rows[:, -1].astype(np.int64)))
 
 
-def fashion_mnist_1k() -> Task:
-    """Fashion-MNIST as a VTAB-1k-style task: 1,000 training images (800 + 200) drawn from its
-    training set, its 10,000 test images as the test split (optional Debian package)."""
+def fashion_mnist_task(name: str, train: slice, val: slice) -> Task:
+    """Fashion-MNIST (optional Debian package): `train` and `val` index one fixed permutation
+    (seed 0) of its 60,000 training images; its 10,000 test images are the test split."""
     from petlkit.data.fashion_mnist import load_fashion_mnist
 
     data = load_fashion_mnist()
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
     pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0)).numpy()
-    splits = {
-        "train": _grey_split(train_x[pick[:VTAB_TRAIN]], train_y[pick[:VTAB_TRAIN]]),
-        "val": _grey_split(train_x[pick[VTAB_TRAIN:1000]], train_y[pick[VTAB_TRAIN:1000]]),
-        "test": _grey_split(test_x, test_y),
-    }
-    return Task("fashion-mnist-1k", "vision", 10, splits, image_size=28, channels=1)
+    splits = {part: _grey_split(train_x[pick[rows]], train_y[pick[rows]])
+              for part, rows in (("train", train), ("val", val))}  # fmt: skip
+    splits["test"] = _grey_split(test_x, test_y)
+    return Task(name, "vision", 10, splits, image_size=28, channels=1)
 
 
-def fashion_mnist(val: int = 5000) -> Task:
-    """All of Fashion-MNIST, for pretraining: its training set less `val` images held out for
-    validation, and its 10,000 test images (optional Debian package)."""
-    from petlkit.data.fashion_mnist import load_fashion_mnist
-
-    data = load_fashion_mnist()
-    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0)).numpy()
-    parts = {
-        "train": (train_x[pick[val:]], train_y[pick[val:]]),
-        "val": (train_x[pick[:val]], train_y[pick[:val]]),
-        "test": (test_x, test_y),
-    }
-    splits = {name: _grey_split(x, y) for name, (x, y) in parts.items()}
-    return Task("fashion-mnist", "vision", 10, splits, image_size=28, channels=1)
+# VTAB-1k style: 1,000 training images (800 + 200)
+fashion_mnist_1k = partial(fashion_mnist_task, "fashion-mnist-1k", slice(0, VTAB_TRAIN),
+                           slice(VTAB_TRAIN, VTAB_TRAIN + VTAB_VAL))  # fmt: skip
+# for pretraining: 55,000 training images, 5,000 held out for validation
+fashion_mnist = partial(fashion_mnist_task, "fashion-mnist", slice(5000, None), slice(0, 5000))
 
 
 def _grey_split(x: np.ndarray, y: np.ndarray) -> Split:
