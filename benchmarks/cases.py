@@ -43,3 +43,41 @@ def frozen_limit(model: torch.nn.Module, inputs: dict):
 def trained_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW over the parameters a method trains (a tiny lr: the timing, not the result, counts)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+
+# -- device, autocast and memory: one place for every benchmark script ---------------------------
+def add_device_args(parser) -> None:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default, help=f"where to run (default {default})")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as on a GPU)")
+
+
+def autocast(args):
+    return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.bf16)
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def to_device(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def where(args) -> str:
+    """The device in words, for the table's caption."""
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(args.device))
+    return f"{torch.get_num_threads()}-thread CPU"
+
+
+def peak_step_gib(run, device: str) -> float | None:
+    """CUDA memory allocated during one call of `run` at its peak (GiB), None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30

@@ -25,10 +25,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cases import (  # noqa: E402
     TEXT_METHODS,
     VISION_METHODS,
+    add_device_args,
+    autocast,
     frozen_limit,
+    peak_step_gib,
+    sync,
     text_case,
+    to_device,
     trained_optimizer,
     vision_case,
+    where,
 )
 from timing import median_seconds  # noqa: E402
 
@@ -53,9 +59,9 @@ def main() -> None:
     parser.add_argument("--preset", default="vit_tiny")
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--patch", type=int, default=4)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    add_device_args(parser)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     if args.model == "text":
         batch = args.batch or 32
         model, inputs = text_case(args.seq, batch)
@@ -65,10 +71,10 @@ def main() -> None:
         model, inputs = vision_case(batch, args.img, args.patch, args.preset)
         methods = VISION_METHODS
         what = f"{args.preset}, batch {batch} × {args.img} px / patch {args.patch}"
-    model = model.to(device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    model = model.to(device)  # methods attach to the model where it is (placement rule)
+    inputs = to_device(inputs, device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+    amp = autocast(args)
     frozen, frozen_inputs = frozen_limit(copy.deepcopy(model), inputs)
     models = {m: trained(model, m) for m in methods}
     optims = {m: trained_optimizer(pm) for m, pm in models.items()}
@@ -76,27 +82,24 @@ def main() -> None:
     def step(m):
         def run():
             optims[m].zero_grad(set_to_none=True)
-            with autocast:
+            with amp:
                 loss = F.cross_entropy(models[m](**inputs).float(), labels)
             loss.backward()
             optims[m].step()
-            sync()
+            sync(device)
 
         return run
 
     def frozen_step():
-        with autocast:
+        with amp:
             loss = F.cross_entropy(frozen(**frozen_inputs).float(), labels)
         loss.backward()
-        sync()
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     fns = {"frozen": frozen_step}
     fns.update({m: step(m) for m in methods})
     t = median_seconds(fns, args.repeats)
+    peaks = {name: peak_step_gib(fn, device) for name, fn in fns.items()}
 
     plain = copy.deepcopy(model).eval()
     infer_models = {"plain": plain}
@@ -111,31 +114,32 @@ def main() -> None:
 
     def infer(pm):
         def run():
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), amp:
                 pm(**inputs)
-            sync()
+            sync(device)
 
         return run
 
     ti = median_seconds({k: infer(v) for k, v in infer_models.items()}, args.repeats)
-    where = (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"{torch.get_num_threads()}-thread CPU"
-    )
-    print(f"{what}; torch {torch.__version__}, {where}, bf16 {args.bf16}, median of "
+    print(f"{what}; torch {torch.__version__}, {where(args)}, bf16 {args.bf16}, median of "
           f"{args.repeats} interleaved runs")  # fmt: skip
-    print("\n| method | trainable | step | ÷ frozen limit | ÷ full FT | infer ÷ plain | "
-          "merged ÷ plain |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| frozen limit | 0 | {t['frozen'] * 1e3:.0f} ms | 1.000 | "
-          f"{t['frozen'] / t['full']:.3f} | | |")  # fmt: skip
+
+    def gib(name):  # peak CUDA memory of one step, and ÷ the frozen step's
+        if peaks[name] is None:
+            return "n/a | n/a | "
+        return f"{peaks[name]:.2f} | {peaks[name] / peaks['frozen']:.2f} | "
+
+    print("\n| method | trainable | step | ÷ frozen limit | ÷ full FT | peak GiB | ÷ frozen | "
+          "infer ÷ plain | merged ÷ plain |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| frozen limit | 0 | {t['frozen'] * 1e3:.1f} ms | 1.000 | "
+          f"{t['frozen'] / t['full']:.3f} | {gib('frozen')}| |")  # fmt: skip
     for m in methods:
         count = models[m].trainable_parameters().trainable
         unmerged = f"{ti[m] / ti['plain']:.3f}" if m in ti else ""
         merged = f"{ti[m + ' merged'] / ti['plain']:.3f}" if m + " merged" in ti else ""
-        print(f"| {m} | {count:,} | {t[m] * 1e3:.0f} ms | {t[m] / t['frozen']:.3f} | "
-              f"{t[m] / t['full']:.3f} | {unmerged} | {merged} |")  # fmt: skip
+        print(f"| {m} | {count:,} | {t[m] * 1e3:.1f} ms | {t[m] / t['frozen']:.3f} | "
+              f"{t[m] / t['full']:.3f} | {gib(m)}{unmerged} | {merged} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ fresh process, which reports its peak resident set size (CPU) or peak CUDA memor
     python benchmarks/peak_memory.py --model text [--seq 128 --batch 32] [--steps 3]
     python benchmarks/peak_memory.py --model vision [--batch 64]
     python benchmarks/peak_memory.py --peft     # petlkit's LoRA, prefix, prompt vs HF PEFT's
+    add --device cuda --bf16 on a GPU (peak CUDA memory allocated, bf16 autocast)
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cases import TEXT_METHODS, VISION_METHODS, text_case, trained_optimizer, vision_case  # noqa: E402
+from cases import (  # noqa: E402
+    TEXT_METHODS,
+    VISION_METHODS,
+    add_device_args,
+    autocast,
+    text_case,
+    to_device,
+    trained_optimizer,
+    vision_case,
+)
 
 import petlkit  # noqa: E402
 
@@ -45,32 +55,33 @@ def peft_model(model, method: str):
     return model
 
 
-def build(args, method: str, library: str):
+def build(args, method: str, library: str, device: str):
     if args.model == "text":
         model, inputs = text_case(args.seq, args.batch or 32)
     else:
         model, inputs = vision_case(args.batch or 64)
     if library == "peft":
-        return peft_model(model, method), inputs
+        return peft_model(model, method).to(device), inputs
     if method in ("prompt",):
         model.pooling = "cls"  # same pooling as the PEFT side
-    return petlkit.attach(model, method).train(), inputs
+    return petlkit.attach(model.to(device), method).train(), inputs
 
 
 def one(args) -> None:
     method, library = args.one.split(":")
-    model, inputs = build(args, method, library)
+    device = args.device
+    model, inputs = build(args, method, library, device)
     model.train()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = to_device(inputs, device)
     labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long, device=device)
     opt = trained_optimizer(model)
     for _ in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(**inputs), labels).backward()
+        with autocast(args):
+            loss = F.cross_entropy(model(**inputs).float(), labels)
+        loss.backward()
         opt.step()
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -85,6 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peft", action="store_true", help="compare with HF PEFT (text)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    add_device_args(parser)
     args = parser.parse_args()
     if args.one:
         return one(args)
@@ -97,10 +109,11 @@ def main() -> None:
     peaks = {}
     for run in runs:
         cmd = [sys.executable, __file__, "--one", run, "--model", args.model, "--seq",
-               str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
+               str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
+               "--device", args.device, *(["--bf16"] if args.bf16 else [])]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         peaks[run] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-    unit = "peak CUDA MiB" if torch.cuda.is_available() else "peak RSS MiB"
+    unit = "peak CUDA MiB" if torch.device(args.device).type == "cuda" else "peak RSS MiB"
     if args.peft:
         print(f"| method | petlkit {unit} | PEFT {unit} | petlkit ÷ PEFT |\n|---|---:|---:|---:|")
         for m in PEFT_PAIRS:

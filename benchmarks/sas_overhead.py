@@ -1,6 +1,6 @@
 """SaS cost on CPU, measured side by side in one run (a benchmark, never a pass/fail test).
 
-    python benchmarks/sas_overhead.py [--repeats 7]
+    python benchmarks/sas_overhead.py [--repeats 7] [--device cuda --bf16]
 
 Prints, for real MiniLM-L6 (batch 32, sequence 64) and a ViT-Tiny-shaped model (batch 64,
 32 px, patch 4): the SaS training step (forward + backward) ÷ the frozen-backbone limit (the same
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cases import add_device_args, autocast, peak_step_gib, sync, to_device, where  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 import petlkit  # noqa: E402
@@ -40,8 +41,10 @@ def vision_case():
     return model, {"pixels": torch.randn(64, 3, 32, 32, requires_grad=True)}
 
 
-def measure(name: str, model: torch.nn.Module, inputs: dict, repeats: int) -> None:
-    labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long)
+def measure(name: str, model: torch.nn.Module, inputs: dict, args) -> None:
+    device, amp, repeats = args.device, autocast(args), args.repeats
+    model, inputs = model.to(device), to_device(inputs, device)
+    labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long, device=device)
     frozen = copy.deepcopy(model).train()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -54,23 +57,30 @@ def measure(name: str, model: torch.nn.Module, inputs: dict, repeats: int) -> No
     merged.merge()
 
     def step(m):
-        return lambda: F.cross_entropy(m(**inputs), labels).backward()
-
-    def infer(m):
         def run():
-            with torch.no_grad():
-                m(**inputs)
+            with amp:
+                loss = F.cross_entropy(m(**inputs).float(), labels)
+            loss.backward()
+            sync(device)
 
         return run
 
-    t = median_seconds(
-        {"frozen": step(frozen), "sas": step(sas), "plain": infer(plain), "merged": infer(merged)},
-        repeats,
-    )
+    def infer(m):
+        def run():
+            with torch.no_grad(), amp:
+                m(**inputs)
+            sync(device)
+
+        return run
+
+    fns = {"frozen": step(frozen), "sas": step(sas), "plain": infer(plain), "merged": infer(merged)}
+    t = median_seconds(fns, repeats)
+    peaks = [peak_step_gib(fns[k], device) for k in ("frozen", "sas")]
+    memory = "n/a" if peaks[0] is None else f"{peaks[1]:.2f} / {peaks[0]:.2f}"
     print(
-        f"| {name} | {t['frozen'] * 1e3:.0f} ms | {t['sas'] * 1e3:.0f} ms | "
-        f"{t['sas'] / t['frozen']:.3f} | {t['plain'] * 1e3:.0f} ms | {t['merged'] * 1e3:.0f} ms | "
-        f"{t['merged'] / t['plain']:.3f} |",
+        f"| {name} | {t['frozen'] * 1e3:.1f} ms | {t['sas'] * 1e3:.1f} ms | "
+        f"{t['sas'] / t['frozen']:.3f} | {t['plain'] * 1e3:.1f} ms | {t['merged'] * 1e3:.1f} ms | "
+        f"{t['merged'] / t['plain']:.3f} | {memory} |",
         flush=True,
     )
 
@@ -78,19 +88,19 @@ def measure(name: str, model: torch.nn.Module, inputs: dict, repeats: int) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
+    add_device_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of "
+        f"torch {torch.__version__}, {where(args)}, bf16 {args.bf16}, median of "
         f"{args.repeats} interleaved runs"
     )
     print(
         "| model | frozen step | SaS step | SaS ÷ frozen (goal ≤ 1.15) | plain infer | "
-        "merged infer | merged ÷ plain (goal ≤ 1.02) |"
+        "merged infer | merged ÷ plain (goal ≤ 1.02) | peak GiB SaS / frozen |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    measure("MiniLM-L6, b32 × 64 tokens", *text_case(), args.repeats)
-    measure("ViT-Tiny, b64 × 32 px / patch 4", *vision_case(), args.repeats)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    measure("MiniLM-L6, b32 × 64 tokens", *text_case(), args)
+    measure("ViT-Tiny, b64 × 32 px / patch 4", *vision_case(), args)
 
 
 if __name__ == "__main__":

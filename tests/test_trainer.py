@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import petlkit
+from petlkit.backbones import vit
 from petlkit.errors import PetlError
 from petlkit.io import read_safetensors
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import Trainer
+from petlkit.train.trainer import Trainer, TrainingInterrupted
 from tests.train_job import CONFIG, build
 
 ROOT = Path(__file__).parent.parent
@@ -198,3 +200,45 @@ def test_a_dying_rank_makes_the_run_fail_instead_of_hanging(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert done.returncode != 0
     assert time.time() - start < 200  # failed, not hung until the test's own timeout
+
+
+def _bf16_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
+    """A bfloat16 backbone, float32 trained tensors and bf16 autocast, through the trainer;
+    `interrupt_at`: SIGINT to this process at that training forward (the trainer checkpoints
+    the finished steps and stops)."""
+    torch.manual_seed(0)
+    model = vit("vit_tiny", img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32,
+                num_heads=2, num_classes=10).to(torch.bfloat16)  # fmt: skip
+    petl = petlkit.attach(model, "sas")
+    assert {p.dtype for p in petl.parameters() if p.requires_grad} == {torch.float32}
+    if interrupt_at:
+        calls = [0]
+
+        def interrupt(module, args):
+            calls[0] += module.training
+            if calls[0] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        petl.register_forward_pre_hook(interrupt)
+    cfg = TrainConfig(steps=12, batch_size=16, eval_every=4, checkpoint_every=4, lr=3e-3,
+                      mixed_precision="bf16", seed=1)  # fmt: skip
+    trainer = Trainer(petl, load_task("digits"), cfg, out, progress=False)
+    if interrupt_at:
+        with pytest.raises(TrainingInterrupted, match="interrupted at step"):
+            trainer.fit()
+        return {}
+    trainer.fit(resume=(out / "checkpoint.safetensors").exists())
+    return {n: p.detach().clone() for n, p in petl.named_parameters() if p.requires_grad}
+
+
+def test_bfloat16_backbone_with_autocast_trains_and_resumes_exactly(tmp_path):
+    reference = _bf16_run(tmp_path / "whole")
+    _bf16_run(tmp_path / "cut", interrupt_at=6)
+    assert _checkpoint_step(tmp_path / "cut") == 6
+    resumed = _bf16_run(tmp_path / "cut")
+    assert resumed.keys() == reference.keys()
+    for name, value in reference.items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(resumed[name], value), name
+    results = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert results == json.loads((tmp_path / "whole" / "results.json").read_text())

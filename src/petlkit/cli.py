@@ -46,12 +46,13 @@ def _run_spec(args: argparse.Namespace):
     saved = Path(args.output) / "run.json"
     if args.resume and not args.config and saved.is_file():  # resume needs only --output
         data = read_run_file(saved)
-    for key in ("backbone", "method", "task", "data_dir", "shots"):
+    for key in ("backbone", "method", "task", "data_dir", "shots", "dtype"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
     train = dict(data.get("train", {}))
-    for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every"):
+    for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every",
+                "mixed_precision"):  # fmt: skip
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     data["train"] = train
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
                        ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip
         train.add_argument(flag, type=kind)
+    train.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the backbone's dtype (default float32); trained tensors stay float32",
+    )
+    train.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast (default no)"
+    )
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
     train.set_defaults(handler=_train)

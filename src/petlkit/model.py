@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from petlkit.config import MethodConfig
 from petlkit.errors import PetlError
 from petlkit.methods.base import Method
+from petlkit.methods.placement import backbone_anchor, parse_dtype, place, place_head
 from petlkit.registry import make_config, method_class
 
 
@@ -35,9 +37,12 @@ class ParameterCount:
 
 
 class PetlModel(nn.Module):
-    """Wraps a task model (it must have a `head` submodule) and the methods attached to it."""
+    """Wraps a task model (it must have a `head` submodule) and the methods attached to it.
 
-    def __init__(self, model: nn.Module) -> None:
+    trained_dtype: the dtype policy of trained tensors (methods/placement.py): 'float32' (default:
+    float32 next to a float16/bfloat16 backbone), 'backbone', or a torch dtype."""
+
+    def __init__(self, model: nn.Module, trained_dtype: str | torch.dtype = "float32") -> None:
         super().__init__()
         if not isinstance(getattr(model, "head", None), nn.Module):
             raise PetlError(
@@ -45,6 +50,7 @@ class PetlModel(nn.Module):
                 "apart from the backbone: use petlkit.build_model or add a `head` attribute"
             )
         self.model = model
+        self.trained_dtype = parse_dtype(trained_dtype)
         self.methods = nn.ModuleDict()
         self.active: list[str] = []
 
@@ -55,7 +61,10 @@ class PetlModel(nn.Module):
         if not name.isidentifier():
             raise PetlError(f"method name {name!r} must be a Python identifier (e.g. 'task_a')")
         method = method_class(config.method)(config, name)
-        method.attach(self.model)
+        with torch.device("cpu"):  # same initial values on every device, then placed
+            method.attach(self.model)
+        place(method, self.model, self.trained_dtype)
+        place_head(self.model.head, backbone_anchor(self.model), self.trained_dtype)
         self.methods[name] = method
         self.set_active(name)
         return method
@@ -142,16 +151,23 @@ class PetlModel(nn.Module):
 
 
 def attach(
-    model: nn.Module, config: MethodConfig | str, name: str = "default", **kwargs: Any
+    model: nn.Module,
+    config: MethodConfig | str,
+    name: str = "default",
+    *,
+    trained_dtype: str | torch.dtype = "float32",
+    **kwargs: Any,
 ) -> PetlModel:
     """Inject a method into `model` (a task model or a PetlModel) and freeze everything else.
 
-    `config` is a MethodConfig or a method name (then `kwargs` are its config fields).
+    `config` is a MethodConfig or a method name (then `kwargs` are its config fields). The
+    method's tensors go where the weights they adapt are; `trained_dtype` is their dtype policy
+    (see PetlModel). Attach before or after moving the model: both give the same placement.
     """
     if isinstance(config, str):
         config = make_config(config, **kwargs)
     elif kwargs:
         raise PetlError("pass config fields either in the config object or as kwargs, not both")
-    petl = model if isinstance(model, PetlModel) else PetlModel(model)
+    petl = model if isinstance(model, PetlModel) else PetlModel(model, trained_dtype)
     petl.add_method(config, name)
     return petl

@@ -32,7 +32,8 @@ from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
 KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size", "data_dir",
-        "shots", "data_seed", "image_size")  # fmt: skip
+        "shots", "data_seed", "image_size", "dtype")  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,11 @@ class RunSpec:
     shots: int | None = None
     data_seed: int = 0
     image_size: int = 224  # resolution for file-based image tasks
+    dtype: str = "float32"  # the backbone's dtype; trained tensors stay float32 (placement.py)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {list(DTYPES)}")
 
     def load_task(self, tokenizer=None) -> Task:
         if self.task == "squad":  # windows depend on the backbone's tokenizer
@@ -122,15 +128,19 @@ BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same
 
 
 def build_for_task(spec: RunSpec, task: Task | None) -> Built:
+    """The task model in the run's dtype (the backbone seed fixed for random backbones)."""
     torch.manual_seed(BACKBONE_SEED)
     if task is None or task.modality == "span":
-        return build_span_model(spec.backbone)
-    if task.modality == "vision":
+        built = build_span_model(spec.backbone)
+    elif task.modality == "vision":
         size = task.image_size
         patch = spec.patch_size or (16 if size >= 64 else max(1, size // 4))
-        return build_model(spec.backbone, task.num_labels, img_size=size, patch_size=patch,
-                           in_chans=task.channels)  # fmt: skip
-    return build_model(spec.backbone, task.num_labels, pooling=spec.pooling)
+        built = build_model(spec.backbone, task.num_labels, img_size=size, patch_size=patch,
+                            in_chans=task.channels)  # fmt: skip
+    else:
+        built = build_model(spec.backbone, task.num_labels, pooling=spec.pooling)
+    built.model.to(DTYPES[spec.dtype])
+    return built
 
 
 def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress: bool = True):

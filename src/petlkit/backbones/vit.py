@@ -131,7 +131,7 @@ class VisionTransformer(nn.Module):
         return x if hook is None else hook(x)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels)
+        x = self.patch_embed(pixels.to(self.cls_token.dtype))  # inputs take the model dtype
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         x = self._hook("embed", x)

@@ -19,6 +19,7 @@ from petlkit.config import (
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
+from petlkit.methods.placement import CastLinear
 from petlkit.registry import register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -29,10 +30,10 @@ class Bottleneck(nn.Module):
     def __init__(self, width: int, reduction: int, activation: str, dropout: float) -> None:
         super().__init__()
         hidden = max(1, width // reduction)
-        self.down = nn.Linear(width, hidden)
+        self.down = CastLinear(width, hidden)
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.up = nn.Linear(hidden, width)
+        self.up = CastLinear(hidden, width)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 

@@ -33,6 +33,13 @@ class Tuner(nn.Module):
         raise NotMergeableError(f"{type(self).__name__} has no weight-space update to merge")
 
 
+def add_in_float32(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """weight += delta, summed in (at least) float32 on the weight's device, rounded once."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    total = weight.to(wide) + delta.to(device=weight.device, dtype=wide)
+    weight.copy_(total)
+
+
 def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Canonical name → parameter of the pretrained backbone (no head, nothing a method added)."""
     added = {id(p) for m in model.modules() if isinstance(m, Tuner) for _, p in m.own_parameters()}
@@ -161,11 +168,11 @@ class Method(nn.Module):
             old_weight = None if base.weight is None else base.weight.detach().clone()
             self._merged.append((*get_slot(model, name), tuner, old_weight, old_bias))
             if d_weight is not None:
-                base.weight += d_weight.to(base.weight.dtype)
+                add_in_float32(base.weight, d_weight)
             if d_bias is not None:
-                if base.bias is None:
-                    base.bias = nn.Parameter(torch.zeros_like(d_bias), requires_grad=False)
-                base.bias += d_bias.to(base.bias.dtype)
+                if base.bias is None:  # the base layer's dtype and device, not the update's
+                    base.bias = nn.Parameter(base.weight.new_zeros(d_bias.shape), False)
+                add_in_float32(base.bias, d_bias)
             parent, attr = get_slot(model, name)
             setattr(parent, attr, base)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from petlkit.config import MethodConfig
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -38,9 +39,10 @@ class BiasTuner(Tuner):
         out = self.base_layer(x)
         if not self.enabled:
             return out
+        delta = follow(self.bias_delta, out)
         if self._channel_dim == 1:
-            return out + self.bias_delta.view(1, -1, 1, 1)
-        return out + self.bias_delta
+            return out + delta.view(1, -1, 1, 1)
+        return out + delta
 
     def delta(self) -> tuple[None, torch.Tensor]:
         return None, self.bias_delta

@@ -17,6 +17,10 @@ class FullFineTuneConfig(MethodConfig):
     """Train every backbone weight. Keeps the pretrained weights to give `disable()` exactly."""
 
 
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
 @register_method("full")
 class FullFineTune(Method):
     config_cls = FullFineTuneConfig
@@ -25,7 +29,10 @@ class FullFineTune(Method):
 
     def attach(self, model: nn.Module) -> None:
         self._params = backbone_parameters(model)
-        self._pretrained = {n: p.detach().clone() for n, p in self._params.items()}
+        # buffers (not saved in state dicts): they move with the model on .to(device)
+        self.pretrained = nn.Module()
+        for name, param in self._params.items():
+            self.pretrained.register_buffer(_key(name), param.detach().clone(), persistent=False)
         self._swapped = False
 
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -35,7 +42,9 @@ class FullFineTune(Method):
         super().set_enabled(model, enabled)
         if enabled == self._swapped:  # swap tensors, no copies
             for name, param in self._params.items():
-                param.data, self._pretrained[name] = self._pretrained[name], param.data
+                kept = getattr(self.pretrained, _key(name))
+                setattr(self.pretrained, _key(name), param.data)
+                param.data = kept
             self._swapped = not enabled
 
     def detach(self, model: nn.Module) -> None:
@@ -43,7 +52,7 @@ class FullFineTune(Method):
         with torch.no_grad():
             for name, param in self._params.items():
                 if not self._swapped:
-                    param.copy_(self._pretrained[name])
+                    param.copy_(getattr(self.pretrained, _key(name)))
 
     def merge(self, model: nn.Module) -> None:  # nothing to fold
         pass

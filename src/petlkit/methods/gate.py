@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from petlkit.methods.placement import CastLinear
+
 
 class Gate(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(width, 1)
+        self.linear = CastLinear(width, 1)
         nn.init.normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 

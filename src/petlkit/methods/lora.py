@@ -27,6 +27,7 @@ from petlkit.errors import ConfigError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
+from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -64,9 +65,9 @@ class LoRALinear(Tuner):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank update for input x, shaped (..., n_parts, out_part)."""
-        h = self.dropout(x) @ self.lora_A.t()
+        h = self.dropout(x) @ follow(self.lora_A, x).t()
         h = h.unflatten(-1, (self.lora_B.shape[0], self.r))
-        delta = torch.einsum("...pr,por->...po", h, self.lora_B)
+        delta = torch.einsum("...pr,por->...po", h, follow(self.lora_B, h))
         if self.gate is None:
             return delta * self.scaling
         g = self.gate(x)

@@ -23,6 +23,7 @@ from petlkit.config import MethodConfig, check_bool, check_positive_int
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
+from petlkit.methods.placement import CastLinear, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -58,7 +59,7 @@ class Prefix(Method):
         if cfg.reparameterize:
             self.embedding = nn.Parameter(torch.randn(cfg.length, width))
             self.mlp = nn.Sequential(
-                nn.Linear(width, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, self.values_width)
+                CastLinear(width, cfg.hidden), nn.Tanh(), CastLinear(cfg.hidden, self.values_width)
             )
         else:
             self.prefix = nn.Parameter(torch.randn(cfg.length, self.values_width) * 0.02)
@@ -98,7 +99,7 @@ class Prefix(Method):
             return None
         if self._kv is None:
             self._kv = self.key_values()
-        key, value = self._kv[index]
+        key, value = follow(self._kv[index], x)
         batch = x.shape[0]
         key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
         if self.config.gated:

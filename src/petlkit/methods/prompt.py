@@ -29,6 +29,7 @@ from petlkit.errors import PetlError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
+from petlkit.methods.placement import follow
 from petlkit.registry import register_method
 
 NO_MERGE = "prompt tokens lengthen the sequence, so they cannot fold into weights"
@@ -70,7 +71,7 @@ class Prompt(Method):
     def _tokens(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.enabled:
             return None
-        tokens = self.prompt.expand(x.shape[0], *self.prompt.shape)
+        tokens = follow(self.prompt, x).expand(x.shape[0], *self.prompt.shape)
         if self.config.gated:
             tokens = tokens * self.gate(x).view(-1, 1, 1).to(tokens.dtype)
         return tokens
@@ -117,11 +118,11 @@ class VPT(Method):
     def detach(self, model: nn.Module) -> None:
         self._handle.remove()
 
-    def _expand(self, index: int, batch: int) -> torch.Tensor:
-        return self.dropout(self.prompts[index].expand(batch, -1, -1))
+    def _expand(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(follow(self.prompts[index], x).expand(x.shape[0], -1, -1))
 
     def _first_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._expand(0, x.shape[0]) if self.enabled else None
+        return self._expand(0, x) if self.enabled else None
 
     def _block_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        return self._expand(index, x.shape[0]) if self.enabled else None
+        return self._expand(index, x) if self.enabled else None

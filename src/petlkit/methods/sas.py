@@ -29,10 +29,16 @@ from petlkit.config import (
 from petlkit.errors import ConfigError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.placement import CastLinear, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
 SITES = ("attn_in", "mlp_in")
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    """The merge arithmetic's dtype: float64, except on devices without it (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +79,7 @@ class SiteModule(nn.Module):
             nn.init.kaiming_uniform_(self.down.T, a=math.sqrt(5))
         if cfg.specific:
             self.hyper = nn.Sequential(
-                nn.Linear(cfg.embed_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 2 * width)
+                CastLinear(cfg.embed_dim, cfg.hidden), nn.GELU(), CastLinear(cfg.hidden, 2 * width)
             )
             nn.init.zeros_(self.hyper[2].weight)
             nn.init.zeros_(self.hyper[2].bias)
@@ -149,27 +155,30 @@ class SaS(Method):
             if self._cache is None:
                 self._cache = self.generate()
             a, b = self._cache[site]
-            y = torch.addcmul(b[index], x, 1.0 + a[index])  # x + x⊙a + b in one kernel
+            a, b = follow(a[index], x), follow(b[index], x)
+            y = torch.addcmul(b, x, 1.0 + a)  # x + x⊙a + b in one kernel
         if self.config.shared:
-            low = (self.dropout(x) @ sm.down) @ sm.up
+            low = (self.dropout(x) @ follow(sm.down, x)) @ follow(sm.up, x)
             y = y + self.config.scale * low
         return y
 
     # -- merge -------------------------------------------------------------------------------
     def site_matrices(
-        self, site: str, index: int, generated: dict | None
+        self, site: str, index: int, generated: dict | None, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, b) with y = x·M + b for the site of block `index`, in float64."""
+        """(M, b) with y = x·M + b for the site of block `index`, in float64 (float32 where the
+        device has no float64) on the device of `like` (the weight the site folds into)."""
         sm = self.site_modules[site]
+        kind = {"device": like.device, "dtype": _wide(like.device)}
         width = self.layout.width
-        matrix = torch.eye(width, dtype=torch.float64)
-        shift = torch.zeros(width, dtype=torch.float64)
+        matrix = torch.eye(width, **kind)
+        shift = torch.zeros(width, **kind)
         if self.config.shared:
-            matrix += self.config.scale * (sm.down.double() @ sm.up.double())
+            matrix += self.config.scale * (sm.down.to(**kind) @ sm.up.to(**kind))
         if self.config.specific:
             a, b = generated[site]
-            matrix += torch.diag(a[index].double())
-            shift += b[index].double()
+            matrix += torch.diag(a[index].to(**kind))
+            shift += b[index].to(**kind)
         return matrix, shift
 
     @torch.no_grad()
@@ -190,11 +199,11 @@ class SaS(Method):
         generated = self.generate() if self.config.specific else None
         for site, index, name in consumers:
             linear = get_module(model, name)
-            matrix, shift = self.site_matrices(site, index, generated)
-            weight = linear.weight.double()
-            bias = torch.zeros(weight.shape[0], dtype=torch.float64)
+            matrix, shift = self.site_matrices(site, index, generated, linear.weight)
+            weight = linear.weight.to(matrix.dtype)
+            bias = weight.new_zeros(weight.shape[0])
             if linear.bias is not None:
-                bias = linear.bias.double()
+                bias = linear.bias.to(matrix.dtype)
             self._originals[name] = (
                 linear.weight.detach().clone(),
                 None if linear.bias is None else linear.bias.detach().clone(),

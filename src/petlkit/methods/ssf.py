@@ -14,6 +14,7 @@ from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -29,7 +30,7 @@ class SSFTuner(Tuner):
         out = self.base_layer(x)
         if not self.enabled:
             return out
-        return torch.addcmul(self.ssf_shift.to(out.dtype), out, self.ssf_scale.to(out.dtype))
+        return torch.addcmul(follow(self.ssf_shift, out), out, follow(self.ssf_scale, out))
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.base_layer

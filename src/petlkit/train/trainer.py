@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -89,6 +90,10 @@ class Trainer:
         # started; without it, each CPU process would train alone
         # a rank that dies makes the others fail after dist_timeout seconds instead of hanging
         timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.dist_timeout))
+        # Accelerate keeps one state per process; a second trainer in the same process (a
+        # notebook, a benchmark grid) may want another precision: start from a fresh state,
+        # keeping the process group (PartialState) that torchrun set up
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
