@@ -66,7 +66,7 @@ def test_what_peft_cannot_hold_is_refused(minilm, vit_case, tmp_path):
 def test_prompt_tuning_moves_both_ways(minilm, tmp_path):
     from petlkit.interop.peft import export_peft_prompt, import_peft_prompt
 
-    ours = petlkit.attach(minilm.make(), "prompt", length=4).eval()
+    ours = petlkit.attach(minilm.make(), "prompt", length=4, placement="before_embeddings").eval()
     export_peft_prompt(ours, tmp_path / "out")
     theirs = PeftModel.from_pretrained(minilm.make().encoder, tmp_path / "out").eval()
     mask = minilm.inputs["attention_mask"].unsqueeze(-1)

@@ -79,7 +79,7 @@ def test_prefix_tuning_matches_peft(minilm, reparameterize):
 
 def test_prompt_tuning_matches_peft(minilm):
     length = 5
-    ours = _ours(minilm, "prompt", length=length)
+    ours = _ours(minilm, "prompt", length=length, placement="before_embeddings")
     peft = _peft(
         minilm,
         PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=length),

@@ -63,12 +63,24 @@ def test_merge_matches_unmerged_with_nontrivial_parameters(kind, request):
     assert torch.equal(model(**case.inputs), expected)
 
 
-def test_merge_refuses_when_another_method_wraps_the_linears(bert_case):
-    model = petlkit.attach(bert_case.make(), "sas", name="sas")
-    petlkit.attach(model, "lora", name="lora")
-    model.set_active("sas", "lora")
-    with pytest.raises(NotMergeableError, match="another method wraps"):
+@pytest.mark.parametrize("order", [("sas", "lora"), ("lora", "sas")])
+def test_merge_with_lora_on_the_same_linears_folds_lora_first(bert_case, order):
+    """LoRA wraps q/k/v, SaS transforms their input: PetlModel.merge folds LoRA into W first,
+    then SaS into W + BA, whatever the attach order; SaS alone over a wrapped linear refuses."""
+    model = petlkit.attach(bert_case.make(), order[0], name=order[0])
+    petlkit.attach(model, order[1], name=order[1])
+    model.set_active(*order)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        expected = model(**bert_case.inputs)
+        with pytest.raises(NotMergeableError, match="another method wraps"):
+            model.methods["sas"].merge(model.model)
         model.merge()
+        torch.testing.assert_close(model(**bert_case.inputs), expected, rtol=0, atol=1e-5)
+        model.unmerge()
+        torch.testing.assert_close(model(**bert_case.inputs), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -96,13 +96,34 @@ def test_same_seed_gives_bit_identical_parameters():
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
 
-def test_model_selection_uses_validation_only(uninterrupted):
-    results = json.loads((uninterrupted / "results.json").read_text())
-    evals = [line for line in _lines(uninterrupted) if "val" in line]
-    assert [e["step"] for e in evals] == [10, 20, 30, 40]
-    best = max(evals, key=lambda e: e["val"]["accuracy"])
-    assert results["best_step"] == best["step"]
-    assert results["val"]["accuracy"] == best["val"]["accuracy"]
+def test_model_selection_never_reads_test_labels(tmp_path):
+    """Poison the test labels: the chosen step, its validation scores and the kept parameters do
+    not move; only the test score does (so the test split really is scored, and only at the end).
+    The selection is real: validation peaks before the last step here."""
+    import dataclasses
+
+    from petlkit.tasks.base import Split
+
+    task = load_task("digits")
+    test = task.splits["test"]
+    poisoned = dataclasses.replace(
+        task, splits={**task.splits, "test": Split(test.inputs, (test.labels + 1) % 10)}
+    )
+    cfg = TrainConfig(steps=24, batch_size=32, eval_every=4, checkpoint_every=0, lr=3e-2, seed=2)
+    runs = []
+    for name, t in (("clean", task), ("poisoned", poisoned)):
+        model = build("lora")
+        results = Trainer(model, t, cfg, tmp_path / name, progress=False).fit()
+        kept = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((results, kept, _lines(tmp_path / name)))
+    (clean, clean_params, log), (poison, poison_params, _) = runs
+    assert poison["best_step"] == clean["best_step"] and poison["val"] == clean["val"]
+    assert all(torch.equal(poison_params[n], v) for n, v in clean_params.items())
+    assert poison["test"]["accuracy"] != clean["test"]["accuracy"]
+    vals = {line["step"]: line["val"]["accuracy"] for line in log if "val" in line}
+    assert clean["best_step"] == max(vals, key=vals.get)  # the best validation step is kept
+    assert clean["best_step"] < cfg.steps  # a real choice: not simply the last step
+    assert all("test" not in line for line in log)  # no test score while training
 
 
 def test_gradient_accumulation_equals_the_full_batch():
@@ -169,7 +190,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert len(_lines(tmp_path)) == 14
 
 
-def test_inputs_longer_than_the_encoder_allows_are_cut_with_a_warning():
+@pytest.mark.parametrize(
+    ("placement", "free"), [("before_embeddings", 60), ("after_embeddings", 64)]
+)
+def test_inputs_longer_than_the_encoder_allows_are_cut_with_a_warning(placement, free):
+    """Prompts in front of the word embeddings take positions; after the embedding layer they
+    take none, so real tokens may use all 64."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     import petlkit
@@ -184,12 +210,12 @@ def test_inputs_longer_than_the_encoder_allows_are_cut_with_a_warning():
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=64)  # fmt: skip
     encoder = BertModel(config, add_pooling_layer=False)
-    model = petlkit.attach(TextClassifier(encoder, 2), "prompt", length=4)  # 64 - 4 positions
-    with pytest.warns(UserWarning, match="max_length 512 is more than the encoder's 60 free"):
+    model = petlkit.attach(TextClassifier(encoder, 2), "prompt", length=4, placement=placement)
+    with pytest.warns(UserWarning, match=f"max_length 512 is more than the encoder's {free} free"):
         trainer = Trainer(model, task, TrainConfig(max_length=512, batch_size=4), None, tokenizer)
     inputs, _ = trainer.encode(split, torch.arange(2))
-    assert inputs["input_ids"].shape[1] == 60
-    trainer.evaluate("val")  # runs: 60 tokens + 4 prompts fit the 64 positions
+    assert inputs["input_ids"].shape[1] == free
+    trainer.evaluate("val")  # runs: the tokens fit the 64 positions, prompts or not
 
 
 def test_a_dying_rank_makes_the_run_fail_instead_of_hanging(tmp_path):

@@ -8,88 +8,140 @@ import torch.nn.functional as F
 
 import petlkit
 from petlkit.backbones.extensions import add_extra_kv
-from petlkit.methods.adapter import AdapterTuner
-from petlkit.methods.lora import LoRALinear
+from petlkit.methods.base import innermost
 from tests.conftest import minilm_case
 from tests.helpers import snapshot, train_steps
 
 SMALL = {"prefix_length": 3, "prefix_hidden": 16, "lora_r": 2, "adapter_reduction": 4}
 
 
-def _zero_gates(petl) -> int:
-    zeroed = 0
+def _randomise(petl, scale: float = 0.3) -> None:
+    """Every trained tensor non-zero and away from its init, so no term can hide."""
+    torch.manual_seed(7)
     with torch.no_grad():
-        for name, p in petl.named_parameters():
-            if ".gate" in name:
-                p.zero_()
-                zeroed += 1
-    return zeroed
+        for p in petl.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn_like(p))
 
 
-def _copy_part_parameters(source, target) -> None:
-    """Copy every non-gate trained tensor of `source`'s method into `target`'s, by name."""
-    src = {n: p for n, p in source.named_parameters() if ".gate" not in n}
-    with torch.no_grad():
-        for name, p in target.named_parameters():
-            if name in src and p.shape == src[name].shape:
-                p.copy_(src[name] + 0.05 * torch.randn_like(p))  # non-zero updates (B starts at 0)
-                src[name].copy_(p)
+def _gate(gate, h: torch.Tensor) -> torch.Tensor:
+    """The original formula: mean over tokens of σ(W_G·h_t + b_G), (batch, outputs)."""
+    return torch.sigmoid(h @ gate.linear.weight.T + gate.linear.bias).mean(dim=1)
 
 
-# -- gates: σ(0) = 1/2 -----------------------------------------------------------------------
-def _pair(case, part: str, **extra):
-    """The same part gated (gates zeroed) and ungated, with equal parameters."""
-    cfg = {**SMALL, "submodules": [part] if part != "prompt" else [], **extra}
-    if part == "prompt":
-        cfg.update(prompt=True, prompt_gated=True)
-    gated = petlkit.attach(case.make(), "unipelt", **cfg, gated=True, lora_alpha=2.0)
-    plain_cfg = {**cfg, "prompt_gated": False} if part == "prompt" else cfg
-    plain = petlkit.attach(case.make(), "unipelt", **plain_cfg, gated=False, lora_alpha=2.0)
-    assert _zero_gates(gated) > 0
-    _copy_part_parameters(plain, gated)
-    return gated, plain
+# -- each gate: its input, its value, where it applies -----------------------------------------
+def test_gated_lora_has_one_gate_per_projection_fed_by_that_projection_input(bert_case):
+    petl = petlkit.attach(bert_case.make(), "lora", r=2, gated=True).eval()
+    _randomise(petl)
+    attention = petl.model.encoder.encoder.layer[0].attention.self
+    query, value = attention.query, attention.value
+    assert query.gate is not value.gate  # UniPELT: LoRA_Linear(add_gate=True) per projection
+    h = torch.randn(3, 5, 32)
+    for tuner in (query, value):
+        base = tuner.base_layer
+        low = h @ tuner.lora_A.T @ tuner.lora_B[0].T
+        expected = base(h) + low * _gate(tuner.gate, h).unsqueeze(1)
+        torch.testing.assert_close(tuner(h), expected, rtol=0, atol=1e-6)
 
 
-def _first(model, kind):
-    return next(m for m in model.modules() if isinstance(m, kind))
+def test_gated_lora_on_a_fused_qkv_gates_q_and_v_apart_and_leaves_k(vit_case):
+    petl = petlkit.attach(vit_case.make(), "lora", r=2, gated=True).eval()
+    _randomise(petl)
+    qkv = petl.model.blocks[0].attn.qkv
+    h = torch.randn(2, 6, 32)
+    g = _gate(qkv.gate, h)  # (batch, 2): the q gate and the v gate
+    assert g.shape == (2, 2) and not torch.allclose(g[:, 0], g[:, 1])
+    a = qkv.lora_A.unflatten(0, (2, 2))
+    dq = h @ a[0].T @ qkv.lora_B[0].T * g[:, 0, None, None]
+    dv = h @ a[1].T @ qkv.lora_B[1].T * g[:, 1, None, None]
+    expected = qkv.base_layer(h) + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+    torch.testing.assert_close(qkv(h), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("part,kind", [("lora", LoRALinear), ("adapter", AdapterTuner)])
-def test_zero_gate_halves_a_weight_space_part(bert_case, part, kind):
-    gated, plain = _pair(bert_case, part)  # lora_alpha = r: the ungated scale α/r is 1
-    tuner_g, tuner_p = _first(gated, kind), _first(plain, kind)
-    x = torch.randn(2, 5, tuner_p.base_layer.in_features)
-    base = tuner_p.base_layer(x)
-    plain_part = tuner_p(x) - base
-    assert plain_part.abs().max() > 1e-3
-    torch.testing.assert_close(tuner_g(x) - base, 0.5 * plain_part, rtol=0, atol=1e-6)
+def test_gated_prefix_scales_both_keys_and_values_by_the_attention_input_gate(bert_case):
+    petl = petlkit.attach(bert_case.make(), "prefix", length=3, hidden=16, gated=True).eval()
+    _randomise(petl)
+    prefix = petl.methods["default"]
+    h = torch.randn(2, 5, 32)
+    prefix._kv = None
+    key, value = prefix._block_kv(1, h)
+    raw_key, raw_value = prefix.key_values()[1]
+    g = _gate(prefix.gates[1], h).view(2, 1, 1, 1)
+    torch.testing.assert_close(key, raw_key * g, rtol=0, atol=1e-6)
+    torch.testing.assert_close(value, raw_value * g, rtol=0, atol=1e-6)
 
 
-def test_zero_gate_halves_the_prefix(bert_case):
-    gated, plain = _pair(bert_case, "prefix")
-    x = torch.randn(2, 5, 32)
-    prefix_g = gated.methods["default"].parts["prefix"]
-    prefix_p = plain.methods["default"].parts["prefix"]
-    for index in range(2):
-        (kg, vg), (kp, vp) = prefix_g._block_kv(index, x), prefix_p._block_kv(index, x)
-        torch.testing.assert_close(kg, 0.5 * kp, rtol=0, atol=0)
-        torch.testing.assert_close(vg, 0.5 * vp, rtol=0, atol=0)
+def test_gated_adapter_on_bert_reads_the_normed_ffn_output_plus_residual(bert_case):
+    """AdapterHub/UniPELT Pfeiffer: y = h_ffn + residual, x = LN(y); out = LN(y + G(x)·A(x))."""
+    petl = petlkit.attach(bert_case.make(), "adapter", reduction_factor=4, gated=True).eval()
+    _randomise(petl)
+    output = petl.model.encoder.encoder.layer[0].output
+    h_inter, residual = torch.randn(2, 5, 37), torch.randn(2, 5, 32)
+    norm = output.LayerNorm.base_layer
+    adapter = output.LayerNorm.adapter
+    y = output.dense(h_inter) + residual
+    x = norm(y)
+    update = adapter.up(torch.relu(adapter.down(x))) * _gate(adapter.gate, x).unsqueeze(-1)
+    torch.testing.assert_close(output(h_inter, residual), norm(y + update), rtol=0, atol=1e-6)
 
 
-def test_zero_gate_halves_the_prompt(bert_case):
-    gated, plain = _pair(bert_case, "prompt")
-    x = torch.randn(2, 5, 32)
-    tokens_g = gated.methods["default"].parts["prompt"]._tokens(x)
-    tokens_p = plain.methods["default"].parts["prompt"]._tokens(x)
-    torch.testing.assert_close(tokens_g, 0.5 * tokens_p, rtol=0, atol=0)
+def test_gated_adapter_on_a_pre_norm_vit_reads_the_block_output(vit_case):
+    petl = petlkit.attach(vit_case.make(), "adapter", reduction_factor=4, gated=True).eval()
+    _randomise(petl)
+    block, adapter = petl.model.blocks[1], petl.methods["default"].block_adapters[1]
+    h = torch.randn(2, 17, 32)
+    with petl.disable():
+        y = block(h)
+    update = adapter.up(torch.relu(adapter.down(y))) * _gate(adapter.gate, y).unsqueeze(-1)
+    torch.testing.assert_close(block(h), y + update, rtol=0, atol=1e-6)
 
 
-def test_gate_is_one_scalar_per_example(bert_case):
-    model = petlkit.attach(bert_case.make(), "unipelt", **SMALL)
-    gates = [m for m in model.modules() if type(m).__name__ == "Gate"]
-    assert len(gates) == 3 * 2  # LoRA, prefix and adapter gates in each of the 2 blocks
-    out = gates[0](torch.randn(4, 7, 32))
-    assert out.shape == (4,) and ((out > 0) & (out < 1)).all()
+def test_gated_prompt_scales_the_tokens_by_the_embedded_input_gate(bert_case):
+    petl = petlkit.attach(bert_case.make(), "prompt", length=3, gated=True).eval()
+    _randomise(petl)
+    method = petl.methods["default"]
+    e = torch.randn(2, 5, 32)
+    expected = method.prompt * _gate(method.gate, e).view(2, 1, 1)
+    torch.testing.assert_close(method._tokens(e), expected, rtol=0, atol=1e-6)
+
+
+def test_one_bert_layer_equals_the_original_unipelt_equations(bert_case):
+    """UniPELT (APL) on one BERT layer, computed by hand from the original code's equations:
+    per-projection gated LoRA on q and v, gated prefix keys/values, Pfeiffer gated adapter."""
+    petl = petlkit.attach(bert_case.make(), "unipelt", **SMALL).eval()
+    _randomise(petl)
+    layer = petl.model.encoder.encoder.layer[0]
+    parts = petl.methods["default"].parts
+    h = torch.randn(2, 5, 32)
+    att = layer.attention.self
+
+    def lora(tuner, x):
+        low = x @ tuner.lora_A.T @ tuner.lora_B[0].T
+        return innermost(tuner)(x) + low * _gate(tuner.gate, x).unsqueeze(1)
+
+    heads, hd = 4, 8
+
+    def split(t):
+        return t.view(2, -1, heads, hd).transpose(1, 2)
+
+    q, k, v = split(lora(att.query, h)), split(att.key(h)), split(lora(att.value, h))
+    prefix = parts["prefix"]
+    pk, pv = prefix.key_values()[0]
+    gp = _gate(prefix.gates[0], h).view(2, 1, 1, 1)
+    k = torch.cat([pk.expand(2, -1, -1, -1) * gp, k], dim=2)
+    v = torch.cat([pv.expand(2, -1, -1, -1) * gp, v], dim=2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1)
+    context = (weights @ v).transpose(1, 2).reshape(2, 5, 32)
+    a = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + h)
+    h_ffn = layer.output.dense(layer.intermediate(a))
+    norm, adapter = layer.output.LayerNorm.base_layer, layer.output.LayerNorm.adapter
+    y = h_ffn + a
+    x = norm(y)
+    out = norm(y + adapter.up(torch.relu(adapter.down(x))) * _gate(adapter.gate, x).unsqueeze(-1))
+    prefix._kv = None
+    got = layer(h)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, out, rtol=0, atol=1e-5)
 
 
 # -- variants and parts ----------------------------------------------------------------------
@@ -126,7 +178,8 @@ def test_variant_trains_only_its_parameters_and_round_trips(bert_case, variant, 
     assert {id(p) for p in model.parameters() if p.requires_grad} == own | head
     gates = sum(type(m).__name__ == "Gate" for m in model.modules())
     gated_parts = expected_parts - {"prompt"} if method.config.gated else set()
-    assert gates == 2 * len(gated_parts) + (method.config.prompt and method.config.prompt_gated)
+    per_block = sum(2 if part == "lora" else 1 for part in gated_parts)  # LoRA: q and v
+    assert gates == 2 * per_block + (method.config.prompt and method.config.prompt_gated)
     petlkit.save_adapter(model, tmp_path)
     loaded = petlkit.load_adapter(bert_case.make(), tmp_path)
     torch.testing.assert_close(
@@ -210,7 +263,7 @@ def test_removing_prefix_restores_the_attention_implementation(bert_case):
 
 # -- parameter counts: the formulas in docs/methods/unipelt.md ---------------------------------
 def formulas(d: int, layers: int, r=8, p=10, hidden=512, reduction=16, n=10) -> dict[str, int]:
-    gates = layers * (d + 1)
+    gates = layers * (d + 1)  # one gate per block (LoRA has two: q and v)
     m = d // reduction
     return {
         "lora": 4 * r * d * layers,
@@ -237,15 +290,15 @@ def test_counts_match_the_documented_formulas_on_minilm(minilm):
     f = formulas(d=384, layers=6)
     assert f["lora"] == 73_728 and f["adapter"] == 113_040  # the numbers the doc prints
     assert _count(minilm, "lora") == f["lora"]
-    assert _count(minilm, "lora", gated=True) == f["lora"] + f["gates"]
+    assert _count(minilm, "lora", gated=True) == f["lora"] + 2 * f["gates"]
     assert _count(minilm, "adapter") == f["adapter"]
     assert _count(minilm, "prefix") == f["prefix_training"]
     assert _count(minilm, "prefix", reparameterize=False) == f["prefix_stored"]
     assert _count(minilm, "prompt") == f["prompt"]
     assert _count(minilm, "prompt", gated=True) == f["prompt"] + 385
-    apl = f["lora"] + f["prefix_training"] + f["adapter"] + 3 * f["gates"]
+    apl = f["lora"] + f["prefix_training"] + f["adapter"] + 4 * f["gates"]
     assert _count(minilm, "unipelt") == apl
-    assert _count(minilm, "unipelt-ap") == apl - f["lora"] - f["gates"]
+    assert _count(minilm, "unipelt-ap") == apl - f["lora"] - 2 * f["gates"]
     assert _count(minilm, "unipelt-prompt") == apl + f["prompt"]
-    stored = f["lora"] + f["prefix_stored"] + f["adapter"] + 3 * f["gates"]
+    stored = f["lora"] + f["prefix_stored"] + f["adapter"] + 4 * f["gates"]
     assert _count(minilm, "unipelt", prefix_reparameterize=False) == stored

@@ -25,6 +25,8 @@ class BlockLayout:
     mlp_linears: tuple[str, ...]  # linears that read the MLP site (fc1)
     mlp_out: str  # last MLP linear (fc2)
     attention: str  # the self-attention module (extra key/value tokens go here)
+    block: str = ""  # the whole block (pre-norm: its output is the residual stream)
+    mlp_norm: str | None = None  # post-norm encoders: the LayerNorm over FFN output + residual
 
     def site(self, kind: str) -> tuple[str, tuple[str, ...]]:
         """(module whose input is the site, linears reading it) for 'attn_in' or 'mlp_in'."""

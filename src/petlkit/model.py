@@ -61,8 +61,18 @@ class PetlModel(nn.Module):
         if not name.isidentifier():
             raise PetlError(f"method name {name!r} must be a Python identifier (e.g. 'task_a')")
         method = method_class(config.method)(config, name)
-        with torch.device("cpu"):  # same initial values on every device, then placed
-            method.attach(self.model)
+        try:
+            with torch.device("cpu"):  # same initial values on every device, then placed
+                method.attach(self.model)
+        except PetlError as err:
+            with contextlib.suppress(Exception):  # leave the model as it was
+                method.detach(self.model)
+            others = ", ".join(f"{n!r} ({m.config.method})" for n, m in self.methods.items())
+            if not others:
+                raise
+            raise type(err)(
+                f"{name!r} ({config.method}) cannot join {others} on this model: {err}"
+            ) from err
         place(method, self.model, self.trained_dtype)
         place_head(self.model.head, backbone_anchor(self.model), self.trained_dtype)
         self.methods[name] = method
@@ -119,15 +129,25 @@ class PetlModel(nn.Module):
 
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold every active method into the backbone weights: plain modules, no overhead."""
+        """Fold every active method into the backbone weights: plain modules, no overhead.
+
+        Wrappers stacked on one layer fold inner (first attached) first; methods that fold into
+        the linears others wrap (SaS) fold after them; unmerge undoes it in reverse."""
         for name in self.active:
             self.methods[name].check_mergeable()
-        for name in self.active:
+        for name in self._merge_order():
             self.methods[name].merge(self.model)
 
     def unmerge(self) -> None:
-        for name in reversed(self.active):
+        for name in reversed(self._merge_order()):
             self.methods[name].unmerge(self.model)
+
+    def _merge_order(self) -> list[str]:
+        """Wrappers in attach order (inner first); then the methods that fold into the linears
+        (SaS), last attached first: its transform is the one nearest the linear."""
+        early = [n for n in self.active if not self.methods[n].merge_late]
+        late = [n for n in self.active if self.methods[n].merge_late]
+        return early + late[::-1]
 
     # -- counting ----------------------------------------------------------------------------
     def trainable_parameters(self) -> ParameterCount:

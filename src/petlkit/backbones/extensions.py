@@ -156,20 +156,41 @@ def _extend_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
 
 
 # -- prompt tokens ----------------------------------------------------------------------------
+PROMPT_PLACEMENTS = ("after_embeddings", "before_embeddings")
+
+
 def add_prompt_tokens(
     model: nn.Module,
     layout: BackboneLayout,
     make: TokenMaker,
     per_block: BlockTokenMaker | None = None,
+    placement: str = "after_embeddings",
+    count: Callable[[], int] | None = None,
 ) -> Handle:
-    """Insert `make(embedded input)` ((batch, p, width), or None for nothing) before the first block
-    (ViT: after the class token; text: in front of the word embeddings, so the encoder adds its
-    position embeddings); `per_block(i, tokens)` replaces them before block i ≥ 1 (ViT only)."""
+    """Insert `make(x)` ((batch, p, width), or None for nothing) into the sequence before the
+    first block; `per_block(i, tokens)` replaces them before block i ≥ 1 (ViT only).
+
+    placement 'after_embeddings' (the spec's): on a ViT after the class token, once the position
+    embedding is added; on text in front of the embedding layer's output (x = that output), so
+    the prompts get no position or token-type embedding and real tokens keep positions 0..n−1.
+    'before_embeddings' (text only; Lester et al. and HF PEFT): in front of the word embeddings
+    (x = those), so the encoder adds position embeddings to the prompts and shifts the real
+    tokens by p. `count()` is how many tokens `make` will give (0 when off)."""
     if layout.encoder is None:
+        if placement != "after_embeddings":
+            raise PetlError(
+                "on a ViT prompts go after the class token, once position embeddings are added "
+                "(they have no position of their own): use placement='after_embeddings'"
+            )
         return _vit_prompts(model, make, per_block)
     if per_block is not None:
         raise PetlError("per-block (deep) prompts need the project ViT; for text use prefix tuning")
-    return _text_prompts(_encoder(model, layout), make)
+    encoder = _encoder(model, layout)
+    if placement == "before_embeddings":
+        return _text_prompts_before(encoder, make)
+    if count is None:
+        raise PetlError("after_embeddings prompts on text need `count` to extend the mask")
+    return _text_prompts_after(encoder, make, count)
 
 
 def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker | None) -> Handle:
@@ -207,9 +228,67 @@ def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker 
     return Handle(lambda: [hooks.pop(key, None) for key in wanted])
 
 
-def _text_prompts(encoder: nn.Module, make: TokenMaker) -> Handle:
+def _claim_prompts(encoder: nn.Module) -> None:
     if getattr(encoder, "_petlkit_prompts", False):
         raise PetlError("this encoder gets prompt tokens from another method already")
+
+
+def _drop_prompt_outputs(inserted: list[int]) -> Callable:
+    def after(module: nn.Module, args: tuple, kwargs: dict, output):
+        n = inserted[0]
+        if n:
+            output.last_hidden_state = output.last_hidden_state[:, n:]
+        return output
+
+    return after
+
+
+def _text_prompts_after(encoder: nn.Module, make: TokenMaker, count: Callable[[], int]) -> Handle:
+    _claim_prompts(encoder)
+    inserted = [0]
+
+    def extend_mask(module: nn.Module, args: tuple, kwargs: dict):
+        inserted[0] = count()
+        mask = kwargs.get("attention_mask")
+        if not inserted[0] or mask is None:
+            return None
+        pad = torch.ones((mask.shape[0], inserted[0]), dtype=mask.dtype, device=mask.device)
+        return args, dict(kwargs, attention_mask=torch.cat([pad, mask], dim=1))
+
+    def prepend(module: nn.Module, args: tuple, kwargs: dict, embedded: torch.Tensor):
+        if not inserted[0]:
+            return None
+        tokens = make(embedded)
+        if tokens is None or tokens.shape[1] != inserted[0]:
+            raise PetlError(f"the prompt maker gave {tokens and tokens.shape[1]} tokens, not "
+                            f"the {inserted[0]} announced")  # fmt: skip
+        return torch.cat([tokens.to(embedded.dtype), embedded], dim=1)
+
+    embeddings = encoder.get_input_embeddings()
+    embedding_layer = getattr(encoder, "embeddings", None)
+    if embedding_layer is None or embedding_layer is embeddings:
+        raise PetlError(f"{type(encoder).__name__} has no `embeddings` layer to put prompts after")
+    handles = [
+        encoder.register_forward_pre_hook(extend_mask, with_kwargs=True),
+        embedding_layer.register_forward_hook(prepend, with_kwargs=True),
+        encoder.register_forward_hook(_drop_prompt_outputs(inserted), with_kwargs=True),
+    ]
+    return _release_prompts(encoder, handles)
+
+
+def _release_prompts(encoder: nn.Module, handles: list) -> Handle:
+    encoder.__dict__["_petlkit_prompts"] = True
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        encoder.__dict__.pop("_petlkit_prompts", None)
+
+    return Handle(undo)
+
+
+def _text_prompts_before(encoder: nn.Module, make: TokenMaker) -> Handle:
+    _claim_prompts(encoder)
     inserted = [0]
 
     def before(module: nn.Module, args: tuple, kwargs: dict):
@@ -235,21 +314,8 @@ def _text_prompts(encoder: nn.Module, make: TokenMaker) -> Handle:
                 kwargs[key] = torch.cat([pad, value], dim=1)
         return args, kwargs
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, output):
-        n = inserted[0]
-        if n:
-            output.last_hidden_state = output.last_hidden_state[:, n:]
-        return output
-
     handles = [
         encoder.register_forward_pre_hook(before, with_kwargs=True),
-        encoder.register_forward_hook(after, with_kwargs=True),
+        encoder.register_forward_hook(_drop_prompt_outputs(inserted), with_kwargs=True),
     ]
-    encoder.__dict__["_petlkit_prompts"] = True
-
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
-        encoder.__dict__.pop("_petlkit_prompts", None)
-
-    return Handle(undo)
+    return _release_prompts(encoder, handles)

@@ -107,6 +107,8 @@ def _block_layout(layer: nn.Module, p: str) -> BlockLayout:
         mlp_linears=(f"{p}intermediate.dense",),
         mlp_out=f"{p}output.dense",
         attention=attn,
+        block=p.removesuffix("."),
+        mlp_norm=f"{p}output.LayerNorm",
     )
 
 

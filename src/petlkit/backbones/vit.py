@@ -160,6 +160,7 @@ class VisionTransformer(nn.Module):
                 mlp_linears=(f"blocks.{i}.mlp.fc1",),
                 mlp_out=f"blocks.{i}.mlp.fc2",
                 attention=f"blocks.{i}.attn",
+                block=f"blocks.{i}",
             )
             for i in range(self.cfg.depth)
         )

@@ -105,6 +105,11 @@ def import_peft_lora(
 def export_peft_prompt(petl: PetlModel, folder: str | Path, name: str = "default") -> Path:
     """Write method `name` (ungated prompt tuning) as a PEFT PROMPT_TUNING folder."""
     method = petl._get(name)
+    if method.config.placement != "before_embeddings" if isinstance(method, Prompt) else False:
+        raise CheckpointError(
+            f"{name!r} puts its prompts after the embedding layer; PEFT's PROMPT_TUNING puts "
+            "them in front of the word embeddings: train with placement='before_embeddings'"
+        )
     if not isinstance(method, Prompt) or method.config.gated:
         raise PetlError(
             f"{name!r} is not ungated prompt tuning; PEFT's PROMPT_TUNING holds only that"
@@ -132,7 +137,8 @@ def import_peft_prompt(
     prompts = tensors.get("prompt_embeddings")
     if prompts is None:
         raise CheckpointError(f"{folder / WEIGHTS} has no prompt_embeddings")
-    petl = attach(model, PromptConfig(length=prompts.shape[0]), name=name)
+    config = PromptConfig(length=prompts.shape[0], placement="before_embeddings")  # PEFT's place
+    petl = attach(model, config, name=name)
     with torch.no_grad():
         petl.methods[name].prompt.copy_(prompts)
     return petl

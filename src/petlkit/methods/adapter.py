@@ -1,10 +1,22 @@
 """Bottleneck adapters: Houlsby et al. (2019, after attention and FFN) and Pfeiffer et al.
-(2021, after the FFN only): out = h + W_up·σ(W_down·h), zero-initialised up-projection.
-Gated (UniPELT): out = h + G(h)·W_up·σ(W_down·h), one gate per adapter."""
+(2021, after the FFN only), A(x) = W_up·σ(W_down·x); gated (UniPELT): G(x)·A(x).
+
+Placements, as AdapterHub's `adapters` (and so UniPELT's original code) compute them:
+- houlsby: on each sublayer's output projection h (before the residual add and the layer's
+  LayerNorm): h → h + A(h);
+- pfeiffer, post-norm encoders (BERT family; `original_ln_before`, `residual_before_ln`,
+  `original_ln_after`): with y = h_ffn + residual, the adapter reads x = LN(y), its output is
+  added to h_ffn, and the layer's LayerNorm follows: out = LN(y + G(x)·A(x));
+- pfeiffer, pre-norm ViT (no LayerNorm after the FFN): the adapter reads the block output
+  y = residual + h_ffn: out = y + G(y)·A(y).
+The up-projection starts at zero (`up_init="zero"`), so the model starts as the pretrained one;
+`up_init="bert"` draws it from N(0, 0.02) as the original code's BERT initialisation does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,57 +32,74 @@ from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import CastLinear
+from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = ("pfeiffer", "houlsby")
+UP_INITS = ("zero", "bert")
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, width: int, reduction: int, activation: str, dropout: float) -> None:
-        super().__init__()
-        hidden = max(1, width // reduction)
-        self.down = CastLinear(width, hidden)
-        self.act = ACTIVATIONS[activation]()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.up = CastLinear(hidden, width)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+    """G(x)·W_up·σ(W_down·x) (no gate: G = 1)."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(self.act(self.down(h))))
+    def __init__(self, width: int, cfg: AdapterConfig) -> None:
+        super().__init__()
+        hidden = max(1, width // cfg.reduction_factor)
+        self.down = CastLinear(width, hidden)
+        self.act = ACTIVATIONS[cfg.non_linearity]()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.up = CastLinear(hidden, width)
+        if cfg.up_init == "zero":
+            nn.init.zeros_(self.up.weight)
+        else:
+            nn.init.normal_(self.up.weight, std=0.02)
+        nn.init.zeros_(self.up.bias)
+        self.gate = Gate(width) if cfg.gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.up(self.dropout(self.act(self.down(x))))
+        if self.gate is not None:
+            update = update * self.gate(x).unsqueeze(-1)  # (batch, 1, 1)
+        return update
 
 
 class AdapterTuner(Tuner):
-    """Adds a bottleneck to the output of the wrapped layer (before the residual add)."""
+    """Houlsby: h → h + A(h) on a sublayer's output projection."""
 
-    def __init__(
-        self, base_layer: nn.Linear, owner: str, adapter: Bottleneck, gate: Gate | None = None
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, owner: str, adapter: Bottleneck) -> None:
         super().__init__(base_layer, owner)
         self.adapter = adapter
-        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        if not self.enabled:
-            return h
-        update = self.adapter(h)
-        if self.gate is not None:
-            update = update * self.gate(h).view(-1, *([1] * (update.dim() - 1))).to(h.dtype)
-        return h + update
+        return h + self.adapter(h) if self.enabled else h
+
+
+class PostNormAdapterTuner(Tuner):
+    """Pfeiffer on a post-norm encoder: wraps the LayerNorm after the FFN; y → LN(y + A(LN(y)))."""
+
+    def __init__(self, base_layer: nn.Module, owner: str, adapter: Bottleneck) -> None:
+        super().__init__(base_layer, owner)
+        self.adapter = adapter
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.base_layer(y)
+        return self.base_layer(y + self.adapter(x)) if self.enabled else x
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig(MethodConfig):
     """placement: 'pfeiffer' (after the FFN) or 'houlsby' (after attention and FFN);
-    bottleneck width = model width // reduction_factor; gated: a UniPELT gate per adapter."""
+    bottleneck width = model width // reduction_factor; gated: a UniPELT gate per adapter,
+    computed from the adapter's input; up_init: 'zero' or 'bert' (N(0, 0.02))."""
 
     placement: str = "pfeiffer"
     reduction_factor: int = 16
     non_linearity: str = "relu"
     dropout: float = 0.0
     gated: bool = False
+    up_init: str = "zero"
 
     def validate(self) -> None:
         check_choice("AdapterConfig", "placement", self.placement, PLACEMENTS)
@@ -78,6 +107,7 @@ class AdapterConfig(MethodConfig):
         check_choice("AdapterConfig", "non_linearity", self.non_linearity, tuple(ACTIVATIONS))
         check_probability("AdapterConfig", "dropout", self.dropout)
         check_bool("AdapterConfig", "gated", self.gated)
+        check_choice("AdapterConfig", "up_init", self.up_init, UP_INITS)
 
 
 @register_method("adapter")
@@ -88,14 +118,32 @@ class Adapter(Method):
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
         layout = layout_of(model)
-        names = [b.mlp_out for b in layout.blocks]
+        self._handles: list = []
+
+        def make() -> Bottleneck:
+            return Bottleneck(layout.width, cfg)
+
         if cfg.placement == "houlsby":
-            names += [b.attn_out for b in layout.blocks]
-        for name in names:
-            bottleneck = Bottleneck(
-                layout.width, cfg.reduction_factor, cfg.non_linearity, cfg.dropout
-            )
-            gate = Gate(layout.width) if cfg.gated else None
-            self.wrap(
-                model, name, lambda base, a=bottleneck, g=gate: AdapterTuner(base, self.name, a, g)
-            )
+            for block in layout.blocks:
+                for name in (block.mlp_out, block.attn_out):
+                    self.wrap(model, name, lambda base: AdapterTuner(base, self.name, make()))
+            return
+        post_norm = [b.mlp_norm for b in layout.blocks if b.mlp_norm is not None]
+        for name in post_norm:
+            self.wrap(model, name, lambda base: PostNormAdapterTuner(base, self.name, make()))
+        if not post_norm:  # pre-norm: on the block's output (the residual stream)
+            self.block_adapters = nn.ModuleList(make() for _ in layout.blocks)
+            for index, block in enumerate(layout.blocks):
+                hook = partial(self._after_block, index)
+                self._handles.append(get_module(model, block.block).register_forward_hook(hook))
+
+    def _after_block(self, index: int, module: nn.Module, args: tuple, y: torch.Tensor):
+        if not self.enabled:
+            return None
+        return y + self.block_adapters[index](y)
+
+    def detach(self, model: nn.Module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        super().detach(model)

@@ -33,6 +33,13 @@ class Tuner(nn.Module):
         raise NotMergeableError(f"{type(self).__name__} has no weight-space update to merge")
 
 
+def innermost(module: nn.Module) -> nn.Module:
+    """The plain module under any number of wrappers (methods stacked on one layer)."""
+    while isinstance(module, Tuner):
+        module = module.base_layer
+    return module
+
+
 def add_in_float32(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """weight += delta, summed in (at least) float32 on the weight's device, rounded once."""
     wide = torch.promote_types(weight.dtype, torch.float32)
@@ -50,6 +57,17 @@ def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def _holder(model: nn.Module, name: str, tuner: Tuner) -> tuple[nn.Module, str]:
+    """(module, attribute) that holds `tuner`: the parent's slot, or an outer wrapper's
+    `base_layer` when another method wrapped this one."""
+    holder, attr = get_slot(model, name)
+    current = getattr(holder, attr)
+    while current is not tuner:
+        holder, attr = current, "base_layer"
+        current = current.base_layer
+    return holder, attr
+
+
 class Method(nn.Module):
     """Base of all methods. `attach` injects into a task model; `detach` undoes it exactly."""
 
@@ -60,6 +78,8 @@ class Method(nn.Module):
     trains_backbone: ClassVar[bool] = False
     #: Attributes holding per-forward caches (tensors with autograd history): not copied.
     transient: ClassVar[tuple[str, ...]] = ()
+    #: True for methods that fold into the linears other methods wrap (SaS): merged after them.
+    merge_late: ClassVar[bool] = False
 
     def __getstate__(self) -> dict:
         """Copies and pickles drop per-forward caches (a copy recomputes them)."""
@@ -153,28 +173,30 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
-        """Fold every wrapper's update into the module it wraps and drop the wrapper."""
+        """Fold every wrapper's update into the module it wraps and splice the wrapper out
+        (methods stacked on one layer merge inner first: PetlModel.merge keeps attach order)."""
         self.check_mergeable()
         tuners = self.tuners(model)
         for name, tuner in tuners:
             if isinstance(tuner.base_layer, Tuner):
                 raise NotMergeableError(
-                    f"{name} is wrapped by more than one method; merge the outer one first"
+                    f"{name}: {tuner.base_layer.owner!r} wraps it inside {self.name!r}; merge "
+                    f"{tuner.base_layer.owner!r} first (PetlModel.merge does, in attach order)"
                 )
         for name, tuner in tuners:
             base = tuner.base_layer
             d_weight, d_bias = tuner.delta()
             old_bias = None if base.bias is None else base.bias.detach().clone()
             old_weight = None if base.weight is None else base.weight.detach().clone()
-            self._merged.append((*get_slot(model, name), tuner, old_weight, old_bias))
+            holder, attr = _holder(model, name, tuner)
+            self._merged.append((holder, attr, tuner, old_weight, old_bias))
             if d_weight is not None:
                 add_in_float32(base.weight, d_weight)
             if d_bias is not None:
                 if base.bias is None:  # the base layer's dtype and device, not the update's
                     base.bias = nn.Parameter(base.weight.new_zeros(d_bias.shape), False)
                 add_in_float32(base.bias, d_bias)
-            parent, attr = get_slot(model, name)
-            setattr(parent, attr, base)
+            setattr(holder, attr, base)
 
     @torch.no_grad()
     def unmerge(self, model: nn.Module) -> None:

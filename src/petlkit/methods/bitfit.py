@@ -1,7 +1,9 @@
 """BitFit (Ben Zaken et al., 2022): train only the bias terms.
 
 Implemented as a learned bias offset per layer (zero at start), so the pretrained biases stay
-untouched for `disable()` and the offset folds into the bias on `merge()`.
+untouched for `disable()` and the offset folds into the bias on `merge()`. Only layers that have
+a bias are tuned, as in BitFit; `add_missing=True` also gives bias-free layers (e.g. a q|k|v
+projection built with `qkv_bias=False`) an offset, which merging turns into a new bias.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from petlkit.config import MethodConfig
-from petlkit.methods.base import Method, Tuner
+from petlkit.config import MethodConfig, check_bool
+from petlkit.errors import TargetError
+from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.placement import follow
-from petlkit.methods.targeting import find_targets
+from petlkit.methods.targeting import find_targets, get_module
 from petlkit.registry import register_method
 
 BIAS_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv2d)
@@ -32,8 +35,9 @@ def _out_features(module: nn.Module) -> int:
 class BiasTuner(Tuner):
     def __init__(self, base_layer: nn.Module, owner: str) -> None:
         super().__init__(base_layer, owner)
-        self.bias_delta = nn.Parameter(torch.zeros(_out_features(base_layer)))
-        self._channel_dim = 1 if isinstance(base_layer, nn.Conv2d) else -1
+        inner = innermost(base_layer)
+        self.bias_delta = nn.Parameter(torch.zeros(_out_features(inner)))
+        self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -50,9 +54,14 @@ class BiasTuner(Tuner):
 
 @dataclasses.dataclass(frozen=True)
 class BitFitConfig(MethodConfig):
-    """targets: full-match regex or suffix list over Linear, LayerNorm and Conv2d modules."""
+    """targets: full-match regex or suffix list over Linear, LayerNorm and Conv2d modules;
+    add_missing: also tune layers that have no bias (BitFit proper does not)."""
 
     targets: str | Sequence[str] = ".*"
+    add_missing: bool = False
+
+    def validate(self) -> None:
+        check_bool("BitFitConfig", "add_missing", self.add_missing)
 
 
 @register_method("bitfit")
@@ -61,5 +70,13 @@ class BitFit(Method):
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:
-        for name in find_targets(model, self.config.targets, types=BIAS_TYPES):
+        names = find_targets(model, self.config.targets, types=BIAS_TYPES)
+        if not self.config.add_missing:
+            names = [n for n in names if get_module(model, n).bias is not None]
+        if not names:
+            raise TargetError(
+                f"BitFit: none of the targeted layers of {type(model).__name__} has a bias; "
+                "pass add_missing=true to give them one"
+            )
+        for name in names:
             self.wrap(model, name, lambda base: BiasTuner(base, self.name))

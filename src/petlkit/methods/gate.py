@@ -1,5 +1,7 @@
 """UniPELT's gate (Mao et al., 2022): G(h) = mean over tokens of σ(W_G·h_t + b_G), one scalar per
-example; W_G ~ N(0, 0.02), b_G = 0, so every gate starts near σ(0) = 0.5."""
+example; W_G ~ N(0, 0.02), b_G = 0, so every gate starts near σ(0) = 0.5. As in the original code
+the mean runs over every position of the sequence, padding included. `outputs` > 1 gives several
+independent gates over the same input (one per part of a fused q|k|v projection)."""
 
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ from petlkit.methods.placement import CastLinear
 
 
 class Gate(nn.Module):
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, outputs: int = 1) -> None:
         super().__init__()
-        self.linear = CastLinear(width, 1)
+        self.linear = CastLinear(width, outputs)
         nn.init.normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, width) → (batch,)."""
-        return torch.sigmoid(self.linear(h)).mean(dim=(1, 2))
+        """(batch, tokens, width) → (batch, outputs)."""
+        return torch.sigmoid(self.linear(h)).mean(dim=1)
 
 
-def gate_count(width: int) -> int:
+def gate_count(width: int, outputs: int = 1) -> int:
     """Parameters of one gate."""
-    return width + 1
+    return (width + 1) * outputs

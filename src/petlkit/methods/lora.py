@@ -2,14 +2,16 @@
 
 On a fused q|k|v projection (the ViT's `attn.qkv`) each chosen part (q, k, v) gets its own
 pair, exactly as LoRA on separate q and v linears would. Gated (UniPELT): W x + G(x)·B A x with
-one gate per block shared by its q and v updates; the gate replaces α/r and blocks merging.
+one gate per adapted projection, computed from that projection's input x (UniPELT's
+`LoRA_Linear(add_gate=True)`); on a fused q|k|v each part has its own gate. The gate replaces α/r
+and blocks merging.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,9 +25,9 @@ from petlkit.config import (
     check_probability,
     check_range,
 )
-from petlkit.errors import ConfigError, NotMergeableError
+from petlkit.errors import ConfigError, NotMergeableError, TargetError
 from petlkit.layout import layout_of
-from petlkit.methods.base import Method, Tuner
+from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
@@ -46,11 +48,12 @@ class LoRALinear(Tuner):
         dropout: float,
         parts: Sequence[int] | None = None,
         num_chunks: int = 1,
-        gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gated: bool = False,
     ) -> None:
         super().__init__(base_layer, owner)
+        base_layer = innermost(base_layer)
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRA wraps nn.Linear, got {type(base_layer).__name__}")
+            raise TargetError(f"LoRA adapts nn.Linear layers, got {type(base_layer).__name__}")
         self.parts = list(parts) if parts is not None else None
         n_parts = 1 if parts is None else len(parts)
         out_part = base_layer.out_features // num_chunks
@@ -61,7 +64,7 @@ class LoRALinear(Tuner):
         self.lora_A = nn.Parameter(torch.empty(n_parts * r, base_layer.in_features))
         self.lora_B = nn.Parameter(torch.zeros(n_parts, out_part, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.__dict__["gate"] = gate  # the method owns the gate; not a submodule here
+        self.gate = Gate(base_layer.in_features, n_parts) if gated else None
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank update for input x, shaped (..., n_parts, out_part)."""
@@ -70,8 +73,8 @@ class LoRALinear(Tuner):
         delta = torch.einsum("...pr,por->...po", h, follow(self.lora_B, h))
         if self.gate is None:
             return delta * self.scaling
-        g = self.gate(x)
-        return delta * g.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+        g = self.gate(x)  # (batch, n_parts): one gate per adapted projection
+        return delta * g.view(g.shape[0], *([1] * (delta.dim() - 3)), g.shape[1], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -103,7 +106,7 @@ class LoRAConfig(MethodConfig):
     """r: rank; alpha: scaling numerator (update scaled by alpha / r); targets: None for the
     backbone's query and value projections, else exact suffixes or a full-match regex;
     qkv_parts: which parts of a fused q|k|v projection get a LoRA pair; gated: multiply each
-    block's update by a UniPELT gate G(x) instead of alpha / r (needs the default targets)."""
+    projection's update by its own UniPELT gate G(x) instead of alpha / r."""
 
     r: int = 8
     alpha: float = 16.0
@@ -122,11 +125,6 @@ class LoRAConfig(MethodConfig):
         for part in self.qkv_parts:
             check_choice("LoRAConfig", "qkv_parts", part, QKV)
         check_bool("LoRAConfig", "gated", self.gated)
-        if self.gated and self.targets is not None:
-            raise ConfigError(
-                "LoRAConfig: gated LoRA has one gate per block, so it needs the default targets "
-                "(the backbone's q and v); drop `targets` or set gated=False"
-            )
 
 
 @register_method("lora")
@@ -137,30 +135,26 @@ class LoRA(Method):
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
         fused = frozenset()
-        gates: dict[str, Gate] = {}
+        if cfg.gated:
+            self.merge_refusal = (
+                "gated LoRA cannot merge: its gate G(x) depends on the input; train with "
+                "gated=False to get a mergeable LoRA"
+            )
         if cfg.targets is None:
             layout = layout_of(model)
             names = list(dict.fromkeys(n for b in layout.blocks for n in (b.query, b.value)))
             fused = layout.fused_qkv
-            if cfg.gated:
-                self.merge_refusal = (
-                    "gated LoRA cannot merge: its gate G(x) depends on the input; train with "
-                    "gated=False to get a mergeable LoRA"
-                )
-                self.gates = nn.ModuleList(Gate(layout.width) for _ in layout.blocks)
-                pairs = zip(layout.blocks, self.gates, strict=True)
-                gates = {n: g for b, g in pairs for n in (b.query, b.value)}
         else:
             names = find_targets(model, cfg.targets)
             if hasattr(model, "petl_layout"):
                 fused = layout_of(model).fused_qkv
         parts = sorted(QKV.index(p) for p in set(cfg.qkv_parts))
         for name in names:
-            is_fused, gate = name in fused, gates.get(name)
+            is_fused = name in fused
             self.wrap(
                 model,
                 name,
-                lambda base, f=is_fused, g=gate: LoRALinear(
+                lambda base, f=is_fused: LoRALinear(
                     base,
                     self.name,
                     cfg.r,
@@ -168,6 +162,6 @@ class LoRA(Method):
                     cfg.dropout,
                     parts=parts if f else None,
                     num_chunks=3 if f else 1,
-                    gate=g,
+                    gated=cfg.gated,
                 ),
             )

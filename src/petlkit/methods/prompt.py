@@ -1,8 +1,11 @@
 """Soft prompts: prompt tuning (Lester et al., 2021) and VPT (Jia et al., 2022).
 
-Prompt tuning prepends n learned tokens to the input (text: in front of the word embeddings, so
-the encoder adds position embeddings to them, as in Lester et al. and HF PEFT; ViT: after the class
-token, after the position embedding). Optionally gated (the prompt-tuning layer of UniPELT+prompt).
+Prompt tuning prepends n learned tokens to the input. By default after the embedding layer (the
+spec of UniPELT+prompt's prompt-tuning layer): on text in front of the embedding layer's output,
+so the prompts get no position embeddings and real tokens keep positions 0..n−1; on a ViT after
+the class token, after the position embedding. `placement="before_embeddings"` (text) puts them in
+front of the word embeddings instead, so the encoder adds position embeddings to them, as in
+Lester et al. and HF PEFT. Optionally gated (G over the embedded input).
 VPT (ViT only) inserts n tokens after the class token; deep VPT replaces them before every block
 with that block's own tokens. Either way the prompt positions are dropped before the final norm,
 so the head sees the sequence it would see without prompts.
@@ -16,10 +19,11 @@ import math
 import torch
 from torch import nn
 
-from petlkit.backbones.extensions import add_prompt_tokens
+from petlkit.backbones.extensions import PROMPT_PLACEMENTS, add_prompt_tokens
 from petlkit.config import (
     MethodConfig,
     check_bool,
+    check_choice,
     check_finite,
     check_positive_int,
     check_probability,
@@ -38,17 +42,20 @@ NO_MERGE = "prompt tokens lengthen the sequence, so they cannot fold into weight
 @dataclasses.dataclass(frozen=True)
 class PromptConfig(MethodConfig):
     """length: soft tokens; init_range: uniform(-init_range, init_range) initialisation;
-    gated: multiply the tokens by a gate G(embedded input)."""
+    gated: multiply the tokens by a gate G(embedded input); placement: 'after_embeddings'
+    (default) or 'before_embeddings' (text only: prompts get position embeddings)."""
 
     length: int = 10
     init_range: float = 0.5
     gated: bool = False
+    placement: str = "after_embeddings"
 
     def validate(self) -> None:
         check_positive_int("PromptConfig", "length", self.length)
         check_finite("PromptConfig", "init_range", self.init_range, positive=True)
         check_range("PromptConfig", "init_range", self.init_range, 0, 10)
         check_bool("PromptConfig", "gated", self.gated)
+        check_choice("PromptConfig", "placement", self.placement, PROMPT_PLACEMENTS)
 
 
 @register_method("prompt")
@@ -63,7 +70,12 @@ class Prompt(Method):
         nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
         if cfg.gated:
             self.gate = Gate(layout.width)
-        self._handle = add_prompt_tokens(model, layout, self._tokens)
+        self._handle = add_prompt_tokens(
+            model, layout, self._tokens, placement=cfg.placement, count=self._count
+        )
+
+    def _count(self) -> int:
+        return self.config.length if self.enabled else 0
 
     def detach(self, model: nn.Module) -> None:
         self._handle.remove()
@@ -106,8 +118,9 @@ class VPT(Method):
                 "VPT needs the project ViT (petlkit.backbones.vit); for text encoders use "
                 "'prompt' or 'prefix'"
             )
-        # Jia et al.: uniform(-v, v) with v = sqrt(6 / (3·patch² + width)) (Xavier over a patch)
-        bound = math.sqrt(6.0 / (3 * patch * patch + layout.width))
+        # Jia et al.: uniform(-v, v), v = sqrt(6 / (channels·patch² + width)) (Xavier over a patch)
+        channels = model.cfg.in_chans
+        bound = math.sqrt(6.0 / (channels * patch * patch + layout.width))
         blocks = layout.depth if cfg.deep else 1
         self.prompts = nn.Parameter(torch.empty(blocks, cfg.length, layout.width))
         nn.init.uniform_(self.prompts, -bound, bound)

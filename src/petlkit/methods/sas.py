@@ -90,6 +90,7 @@ class SaS(Method):
     config_cls = SaSConfig
     transient = ("_cache", "_cache_key")
     merge_refusal = None
+    merge_late = True  # folds into q/k/v and fc1: after the methods that wrap those merged
 
     def attach(self, model: nn.Module) -> None:
         cfg = self.config

@@ -1,6 +1,6 @@
-"""SSF (Lian et al., 2022): y = γ ⊙ f(x) + β after every linear and layer norm of the backbone;
-γ ~ N(1, σ), β ~ N(0, σ) per output channel. Linear in f's output, so it merges:
-W' = diag(γ)·W, b' = γ ⊙ b + β."""
+"""SSF (Lian et al., 2022): y = γ ⊙ f(x) + β after every linear, layer norm and the patch
+embedding of the backbone (as the SSF reference does); γ ~ N(1, σ), β ~ N(0, σ) per output
+channel. Linear in f's output, so it merges: W' = diag(γ)·W, b' = γ ⊙ b + β."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torch import nn
 from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_of
-from petlkit.methods.base import Method, Tuner
+from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.placement import follow
-from petlkit.methods.targeting import find_targets
+from petlkit.methods.targeting import canonical_name, find_targets, inside_a_method
 from petlkit.registry import register_method
 
 
@@ -23,6 +23,7 @@ class SSFTuner(Tuner):
     def __init__(self, base_layer: nn.Module, owner: str, std: float) -> None:
         super().__init__(base_layer, owner)
         channels = _channels(base_layer)
+        self._channel_dim = 1 if isinstance(innermost(base_layer), nn.Conv2d) else -1
         self.ssf_scale = nn.Parameter(1.0 + std * torch.randn(channels))
         self.ssf_shift = nn.Parameter(std * torch.randn(channels))
 
@@ -30,10 +31,13 @@ class SSFTuner(Tuner):
         out = self.base_layer(x)
         if not self.enabled:
             return out
-        return torch.addcmul(follow(self.ssf_shift, out), out, follow(self.ssf_scale, out))
+        shift, scale = follow(self.ssf_shift, out), follow(self.ssf_scale, out)
+        if self._channel_dim == 1:  # a convolution's channels come first: (batch, C, H, W)
+            shift, scale = shift.view(-1, 1, 1), scale.view(-1, 1, 1)
+        return torch.addcmul(shift, out, scale)
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self.base_layer
+        base = innermost(self.base_layer)
         weight = base.weight
         factor = self.ssf_scale - 1.0
         d_weight = factor.view(-1, *([1] * (weight.dim() - 1))) * weight
@@ -44,27 +48,22 @@ class SSFTuner(Tuner):
 
 
 def _channels(module: nn.Module) -> int:
+    module = innermost(module)
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
     if isinstance(module, nn.LayerNorm) and module.weight is not None:
         return module.weight.shape[0]
-    raise TargetError(f"SSF scales nn.Linear or affine nn.LayerNorm, got {type(module).__name__}")
-
-
-def _scalable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (
-        isinstance(module, nn.LayerNorm) and module.weight is not None
+    raise TargetError(
+        f"SSF scales nn.Linear, nn.Conv2d or affine nn.LayerNorm, got {type(module).__name__}"
     )
 
 
-def _inside_a_method(model: nn.Module, name: str) -> bool:
-    """True for modules another method added (e.g. an adapter's own linears)."""
-    module, parts = model, name.split(".")
-    for part in parts:
-        if isinstance(module, Tuner) and part != "base_layer":
-            return True
-        module = getattr(module, part)
-    return False
+def _scalable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Conv2d) or (
+        isinstance(module, nn.LayerNorm) and module.weight is not None
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +89,14 @@ class SSF(Method):
         cfg = self.config
         if cfg.targets is None:
             head = layout_of(model).head if hasattr(model, "petl_layout") else "head"
-            names = [
-                n
+            names = [  # canonical names: a layer another method wraps is wrapped outside it
+                canonical_name(n)
                 for n, m in model.named_modules()
                 if _scalable(m)
                 and not (n == head or n.startswith(head + "."))
-                and not _inside_a_method(model, n)
+                and not inside_a_method(model, n)
             ]
         else:
-            names = find_targets(model, cfg.targets)
+            names = find_targets(model, cfg.targets, types=(nn.Linear, nn.Conv2d, nn.LayerNorm))
         for name in names:
             self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std))

@@ -23,6 +23,17 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def inside_a_method(model: nn.Module, name: str) -> bool:
+    """True for modules a method added (an adapter's own linears, a gate), not the backbone's:
+    the path passes through a wrapper (it has `base_layer`) other than by its `base_layer`."""
+    module = model
+    for part in name.split("."):
+        if hasattr(module, "base_layer") and part != "base_layer":
+            return True
+        module = getattr(module, part)
+    return False
+
+
 def find_targets(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -32,7 +43,7 @@ def find_targets(
     """Canonical names of the modules of `types` that `targets` selects (error if none)."""
     candidates: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, types):
+        if not isinstance(module, types) or inside_a_method(model, name):
             continue
         canon = canonical_name(name)
         if any(canon == p or canon.startswith(p + ".") for p in exclude_prefixes):

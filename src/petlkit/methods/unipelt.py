@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from petlkit.backbones.extensions import PROMPT_PLACEMENTS
 from petlkit.config import (
     MethodConfig,
     check_bool,
@@ -47,6 +48,7 @@ class UniPELTConfig(MethodConfig):
     prompt: bool = False
     prompt_length: int = 10
     prompt_gated: bool = False
+    prompt_placement: str = "after_embeddings"
     lora_r: int = 8
     lora_alpha: float = 16.0
     prefix_length: int = 10
@@ -54,6 +56,7 @@ class UniPELTConfig(MethodConfig):
     prefix_reparameterize: bool = True
     adapter_reduction: int = 16
     adapter_non_linearity: str = "relu"
+    adapter_up_init: str = "zero"  # "bert": N(0, 0.02), as the original code initialises it
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -71,6 +74,7 @@ class UniPELTConfig(MethodConfig):
         check_finite(owner, "lora_alpha", self.lora_alpha, positive=True)
         check_range(owner, "lora_alpha", self.lora_alpha, 0, 1e4)
         check_choice(owner, "adapter_non_linearity", self.adapter_non_linearity, tuple(ACTIVATIONS))
+        check_choice(owner, "prompt_placement", self.prompt_placement, PROMPT_PLACEMENTS)
 
     def part_configs(self) -> dict[str, MethodConfig]:
         """The config of each part, in the order they are attached."""
@@ -90,9 +94,14 @@ class UniPELTConfig(MethodConfig):
                 reduction_factor=self.adapter_reduction,
                 non_linearity=self.adapter_non_linearity,
                 gated=self.gated,
+                up_init=self.adapter_up_init,
             )
         if self.prompt:
-            parts["prompt"] = PromptConfig(length=self.prompt_length, gated=self.prompt_gated)
+            parts["prompt"] = PromptConfig(
+                length=self.prompt_length,
+                gated=self.prompt_gated,
+                placement=self.prompt_placement,
+            )
         return parts
 
 

@@ -126,7 +126,11 @@ class Trainer:
             return self.config.max_length
         if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
             limit -= 2  # positions start after the padding index
-        limit -= sum(m.config.length for m in self.model.modules() if isinstance(m, Prompt))
+        limit -= sum(  # prompts in front of the word embeddings take positions
+            m.config.length
+            for m in self.model.modules()
+            if isinstance(m, Prompt) and m.config.placement == "before_embeddings"
+        )
         if self.config.max_length > limit:
             warnings.warn(
                 f"max_length {self.config.max_length} is more than the encoder's {limit} free "
