@@ -66,6 +66,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_pa
     steps_done = len(_lines(tmp_path))
     assert 10 <= steps_done < CONFIG.steps, "the kill must land mid-run"
     _run(tmp_path, "--resume")
+    # the steps after the checkpoint ran twice; the log holds each step once
+    assert [line["step"] for line in _lines(tmp_path)] == list(range(1, CONFIG.steps + 1))
     final, reference = _final_params(tmp_path), _final_params(uninterrupted)
     assert final.keys() == reference.keys()
     for name, value in reference.items():

@@ -37,6 +37,39 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def task_model_info(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds the task model around the backbone: its class, its outputs, its pooling
+    (text) or its input (ViT). Recorded in the adapter; `load_adapter` checks it."""
+    head = getattr(model, "head", None)
+    info: dict[str, Any] = {
+        "class": type(model).__name__,
+        "outputs": getattr(head, "out_features", None),
+    }
+    if hasattr(model, "pooling"):
+        info["pooling"] = model.pooling
+    cfg = getattr(model, "cfg", None)
+    for key in ("img_size", "patch_size", "in_chans"):
+        if hasattr(cfg, key):
+            info[key] = getattr(cfg, key)
+    return info
+
+
+def _check_task_model(folder: str | Path, saved: dict[str, Any], model: nn.Module) -> None:
+    found = task_model_info(model)
+    for key, want in saved.items():
+        if key == "labels" or key not in found or found[key] == want:
+            continue
+        hint = {
+            "pooling": f"build it with pooling={want!r} (petlkit.build_model(..., "
+            f"pooling={want!r}); `petlkit train` pools 'mean' unless told)",
+            "outputs": f"build it with num_classes={want}",
+        }.get(key, f"build it with {key}={want!r}")
+        raise CheckpointError(
+            f"{folder} was trained with {key}={want!r}, but this {found['class']} has "
+            f"{key}={found[key]!r}: its predictions would be wrong; {hint}"
+        )
+
+
 def _state_to_save(petl: PetlModel, name: str, compact: bool = False):
     """(method config, tensors) an adapter file holds: the method's part and the head."""
     method = petl.methods[name]
@@ -49,12 +82,19 @@ def _state_to_save(petl: PetlModel, name: str, compact: bool = False):
 
 
 def save_adapter(
-    petl: PetlModel, folder: str | Path, name: str = "default", *, compact: bool = True
+    petl: PetlModel,
+    folder: str | Path,
+    name: str = "default",
+    *,
+    compact: bool = True,
+    labels: tuple[str, ...] | list[str] | None = None,
 ) -> Path:
     """Write method `name`'s trained parameters and the head to `folder` (atomically per file).
 
     compact: store what inference needs (prefix values, not the MLP that produced them while
     training); False keeps every trained tensor, to continue training from the file.
+    labels: the label each class id stands for (`task.label_names`), recorded under
+    `task_model.labels` in adapter_config.json so predictions map back to the data's labels.
     """
     method = petl._get(name)
     if method.merged:
@@ -69,7 +109,10 @@ def save_adapter(
         "library_version": __version__,
         "method": method_config.to_dict(),
         "backbone": fingerprint,
+        "task_model": task_model_info(petl.model),
     }
+    if labels is not None:
+        config["task_model"]["labels"] = list(labels)
     write_safetensors(folder / WEIGHTS_FILE, state, {"format": "pt"})
     write_json(folder / CONFIG_FILE, config)
     return folder
@@ -106,6 +149,8 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
             f"{want.get('num_parameters'):,} parameters, but this is a {found['class']} with "
             f"{found['num_parameters']:,}; load it into the backbone it was trained on"
         )
+    if "task_model" in config:  # (adapters from before format 1.1 lack it)
+        _check_task_model(folder, config["task_model"], task_model)
     tensors = read_safetensors(Path(folder) / WEIGHTS_FILE)
     petl = attach(model, config_from_dict(config["method"]), name=name)
     _, expected = _state_to_save(petl, name)

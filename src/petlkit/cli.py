@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,13 +62,16 @@ def _run_spec(args: argparse.Namespace):
 
 
 def _print_results(results: dict) -> None:
-    print(json.dumps(results, indent=2))
+    """Printed once: under torchrun only the first process prints."""
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(results, indent=2))
 
 
 def _train(args: argparse.Namespace) -> None:
     from petlkit.run import train_run
 
-    _print_results(train_run(_run_spec(args), args.output, resume=args.resume))
+    spec = _run_spec(args)
+    _print_results(train_run(spec, args.output, resume=args.resume, overwrite=args.overwrite))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -75,10 +80,11 @@ def _eval(args: argparse.Namespace) -> None:
     from petlkit.tasks import load_task
     from petlkit.train.trainer import Trainer
 
-    model, spec, built = load_run(args.run)
+    model, spec, built = load_run(args.run, data_dir=args.data_dir)
     home = fit_to_backbone(spec.load_task(built.tokenizer), spec.backbone)
+    _check_labels(args.run, home)
     if not args.task:
-        trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer, progress=False)
+        trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer)
         _print_results({split: trainer.evaluate(split) for split in args.split})
         return
     table = {}
@@ -95,9 +101,21 @@ def _eval(args: argparse.Namespace) -> None:
                 f"{name} does not share the inputs and labels of {home.name} (modality, classes, "
                 "image size, channels); a model can only be scored on such tasks"
             )
-        trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer, progress=False)
+        trainer = Trainer(model, task, spec.train_config(), None, built.tokenizer)
         table[name] = {split: trainer.evaluate(split) for split in args.split}
     _print_results(table)
+
+
+def _check_labels(run: str, task) -> None:
+    """The task's classes must be the ones the adapter was trained on, in the same order."""
+    from petlkit.checkpoint import read_adapter_config
+
+    saved = read_adapter_config(Path(run) / "adapter").get("task_model", {}).get("labels")
+    if saved is not None and task.label_names is not None and list(task.label_names) != saved:
+        raise PetlError(
+            f"{task.name}'s labels {list(task.label_names)} are not the ones {run} was trained "
+            f"on ({saved}); class ids would mean other labels: evaluate on the same label set"
+        )
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -145,6 +163,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from petlkit.registry import method_class, method_names
+    from petlkit.train.config import TrainConfig
+
     parser = argparse.ArgumentParser(prog="petlkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the quick real-weights, real-data job (make demo)")
@@ -189,9 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--data-dir", help="where file-based tasks (GLUE) read their files")
     train.add_argument("--shots", type=int, help="K training examples (low-resource setting)")
-    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--seed", int),
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--seed", int),
                        ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip
-        train.add_argument(flag, type=kind)
+        key = flag.removeprefix("--").replace("-", "_")
+        train.add_argument(flag, type=kind, help=f"(default {defaults[key]})")
+    rates = ", ".join(f"{n} {method_class(n).default_lr:g}" for n in method_names())
+    train.add_argument("--lr", type=float, help=f"(default: the method's own: {rates})")
     train.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -202,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run the --output folder holds"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", help="score a trained run on its task or another one")
@@ -209,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--task", nargs="+", help="other tasks with the same inputs and labels (default: the run's)"
     )
-    evaluate.add_argument("--split", nargs="+", default=["test"])
+    evaluate.add_argument("--split", nargs="+", default=["test"], help="(default test)")
+    evaluate.add_argument("--data-dir", help="read the task's files here (default: the run's)")
     evaluate.set_defaults(handler=_eval)
 
     merge = sub.add_parser("merge", help="write the backbone with the method folded in")

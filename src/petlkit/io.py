@@ -26,6 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; files get the user's umask
         os.replace(tmp, path)
     except OSError as err:  # a full disk, a read-only folder: say so, keep the old file
         Path(tmp).unlink(missing_ok=True)
@@ -36,6 +37,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -49,6 +49,13 @@ class PetlModel(nn.Module):
                 f"{type(model).__name__} has no `head` submodule; petlkit trains a task head "
                 "apart from the backbone: use petlkit.build_model or add a `head` attribute"
             )
+        if model.__dict__.get("_petlkit_attached", False):
+            raise PetlError(
+                f"this {type(model).__name__} already has petlkit methods attached by an earlier "
+                "attach(); keep using the PetlModel it returned (petl.add_method(...), or "
+                "petl.remove_method('default') first), or build a fresh model"
+            )
+        model.__dict__["_petlkit_attached"] = True
         self.model = model
         self.trained_dtype = parse_dtype(trained_dtype)
         self.methods = nn.ModuleDict()
@@ -57,7 +64,10 @@ class PetlModel(nn.Module):
     # -- methods -----------------------------------------------------------------------------
     def add_method(self, config: MethodConfig, name: str = "default") -> Method:
         if name in self.methods:
-            raise PetlError(f"a method named {name!r} is attached already; pick another name")
+            raise PetlError(
+                f"a method named {name!r} is attached already; pick another name, or remove it "
+                f"first with petl.remove_method({name!r})"
+            )
         if not name.isidentifier():
             raise PetlError(f"method name {name!r} must be a Python identifier (e.g. 'task_a')")
         method = method_class(config.method)(config, name)
@@ -99,8 +109,12 @@ class PetlModel(nn.Module):
 
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:
-        """Inside the block the model computes exactly the untouched backbone (+ head)."""
+        """Inside the block the model computes exactly the untouched backbone (+ head). A merged
+        model is unmerged for the block (the original weights are kept) and merged again after."""
         saved = list(self.active)
+        merged = any(m.merged for m in self.methods.values())
+        if merged:
+            self.unmerge()
         for method in self.methods.values():
             method.set_enabled(self.model, False)
         try:
@@ -108,6 +122,8 @@ class PetlModel(nn.Module):
         finally:
             for name, method in self.methods.items():
                 method.set_enabled(self.model, name in saved)
+            if merged:
+                self.merge()
 
     def _get(self, name: str) -> Method:
         if name not in self.methods:

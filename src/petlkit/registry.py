@@ -40,7 +40,14 @@ def method_class(name: str) -> type[Method]:
 
 def make_config(name: str, **kwargs: Any) -> MethodConfig:
     """`make_config("lora", r=4)` builds that method's validated config."""
-    return method_class(name).config_cls(**kwargs)
+    import dataclasses
+
+    config_cls = method_class(name).config_cls
+    valid = sorted(f.name for f in dataclasses.fields(config_cls))
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(f"{name} has no argument {unknown[0]!r}; valid arguments: {valid}")
+    return config_cls(**kwargs)
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:

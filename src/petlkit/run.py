@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,61 @@ def build_for_task(spec: RunSpec, task: Task | None) -> Built:
     return built
 
 
-def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress: bool = True):
+RUN_OUTPUTS = (RUN_FILE, "checkpoint.safetensors", "best.safetensors", "metrics.jsonl",
+               "results.json", "adapter")  # fmt: skip
+
+
+def prepare_run_folder(spec: RunSpec, output: Path, resume: bool, overwrite: bool) -> RunSpec:
+    """Check the folder before anything is written: a new run needs a folder without a run in
+    it (or --overwrite, which clears the old run's files); --resume needs the same settings as
+    the run it continues. Returns the spec with its data path made absolute."""
+    if spec.data_dir is not None:
+        spec = dataclasses.replace(spec, data_dir=str(Path(spec.data_dir).resolve()))
+    if output.exists() and not output.is_dir():
+        raise PetlError(f"--output {output} is a file, not a folder; pick a folder path")
+    saved_path = output / RUN_FILE
+    held = [n for n in RUN_OUTPUTS if (output / n).exists()]
+    if resume:
+        if not saved_path.is_file():
+            raise PetlError(f"--resume: {output} holds no run ({RUN_FILE}); start without --resume")
+        saved = json.loads(saved_path.read_text())
+        wanted = dataclasses.asdict(spec)
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if changed:
+            detail = "; ".join(f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in changed)
+            raise PetlError(
+                f"--resume continues {output} exactly as it was started, but these settings "
+                f"differ from its {RUN_FILE}: {detail}; drop them, or train a new run elsewhere "
+                "(or --overwrite)"
+            )
+        return spec
+    if held and not overwrite:
+        what = ""
+        if saved_path.is_file():
+            saved = json.loads(saved_path.read_text())
+            what = f" ({saved.get('method')} on {saved.get('task')}, {saved.get('backbone')})"
+        raise PetlError(
+            f"{output} holds a run already{what}; --resume continues it, --overwrite replaces it, "
+            "or pick another --output"
+        )
+    for name in held:  # --overwrite: the old run's files go before the new run writes any
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return spec
+
+
+def train_run(
+    spec: RunSpec,
+    output: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+):
     output = Path(output)
+    spec = prepare_run_folder(spec, output, resume, overwrite)
     config = spec.train_config()
     built, task = spec.build_and_load()
     if task.modality != "span" and built.modality != task.modality:
@@ -156,16 +210,21 @@ def train_run(spec: RunSpec, output: str | Path, resume: bool = False, progress:
         write_json(output / RUN_FILE, dataclasses.asdict(spec))
     results = trainer.fit(resume=resume)
     if trainer.accelerator.is_main_process:
-        save_adapter(model, output / "adapter")
+        save_adapter(model, output / "adapter", labels=task.label_names)
     return results
 
 
-def load_run(folder: str | Path, task: Task | None = None) -> tuple[PetlModel, RunSpec, Built]:
+def load_run(
+    folder: str | Path, task: Task | None = None, data_dir: str | None = None
+) -> tuple[PetlModel, RunSpec, Built]:
+    """The trained model of a run folder; `data_dir` overrides where its data is read from."""
     folder = Path(folder)
     if not (folder / RUN_FILE).is_file():
         raise PetlError(f"{folder} is not a petlkit run folder (no {RUN_FILE}); give `train`'s "
                         "--output folder")  # fmt: skip
     spec = RunSpec.from_dict(json.loads((folder / RUN_FILE).read_text()))
+    if data_dir is not None:
+        spec = dataclasses.replace(spec, data_dir=str(Path(data_dir).resolve()))
     if task is None:
         built, task = spec.build_and_load()
     else:

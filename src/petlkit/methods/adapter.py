@@ -113,6 +113,7 @@ class AdapterConfig(MethodConfig):
 @register_method("adapter")
 class Adapter(Method):
     config_cls = AdapterConfig
+    default_lr = 3e-3
     merge_refusal = "a bottleneck adapter has a non-linearity, so it cannot fold into weights"
 
     def attach(self, model: nn.Module) -> None:

@@ -80,6 +80,8 @@ class Method(nn.Module):
     transient: ClassVar[tuple[str, ...]] = ()
     #: True for methods that fold into the linears other methods wrap (SaS): merged after them.
     merge_late: ClassVar[bool] = False
+    #: The learning rate training uses when none is given (the here-scale presets' rate).
+    default_lr: ClassVar[float] = 1e-3
 
     def __getstate__(self) -> dict:
         """Copies and pickles drop per-forward caches (a copy recomputes them)."""

@@ -24,6 +24,7 @@ def _key(name: str) -> str:
 @register_method("full")
 class FullFineTune(Method):
     config_cls = FullFineTuneConfig
+    default_lr = 1e-4
     merge_refusal = None  # the update is already in the weights: merge has nothing to do
     trains_backbone = True
 
@@ -69,6 +70,7 @@ class LinearProbeConfig(MethodConfig):
 @register_method("linear")
 class LinearProbe(Method):
     config_cls = LinearProbeConfig
+    default_lr = 1e-2
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:

@@ -130,6 +130,7 @@ class LoRAConfig(MethodConfig):
 @register_method("lora")
 class LoRA(Method):
     config_cls = LoRAConfig
+    default_lr = 3e-3
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:

@@ -61,6 +61,7 @@ class PromptConfig(MethodConfig):
 @register_method("prompt")
 class Prompt(Method):
     config_cls = PromptConfig
+    default_lr = 3e-2
     merge_refusal = NO_MERGE
 
     def attach(self, model: nn.Module) -> None:
@@ -107,6 +108,7 @@ class VPTConfig(MethodConfig):
 @register_method("vpt")
 class VPT(Method):
     config_cls = VPTConfig
+    default_lr = 1e-2
     merge_refusal = NO_MERGE
 
     def attach(self, model: nn.Module) -> None:

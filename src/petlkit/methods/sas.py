@@ -88,6 +88,7 @@ class SiteModule(nn.Module):
 @register_method("sas")
 class SaS(Method):
     config_cls = SaSConfig
+    default_lr = 1e-2
     transient = ("_cache", "_cache_key")
     merge_refusal = None
     merge_late = True  # folds into q/k/v and fc1: after the methods that wrap those merged

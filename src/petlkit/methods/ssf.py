@@ -83,6 +83,7 @@ class SSFConfig(MethodConfig):
 @register_method("ssf")
 class SSF(Method):
     config_cls = SSFConfig
+    default_lr = 1e-2
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:

@@ -59,6 +59,7 @@ class Task:
     image_size: int = 0  # vision: side of the square images
     channels: int = 3  # vision: image channels
     examples: dict | None = None  # span tasks: the questions behind each split's windows
+    label_names: tuple[str, ...] | None = None  # class id → the label as the data writes it
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS and self.metric != "squad":

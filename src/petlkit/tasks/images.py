@@ -118,6 +118,9 @@ def image_folder_task(root: str | Path, resolution: int = 224) -> Task:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise PetlError(f"{train_dir} has no class folders")
+    for name in classes:  # an empty folder would be a class no example can teach
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in (train_dir / name).iterdir()):
+            raise PetlError(f"{train_dir / name} holds no images; add some or remove the folder")
     splits = {}
     for split, names in (("train", ("train",)), ("val", ("val", "dev")), ("test", ("test",))):
         folder = next((root / n for n in names if (root / n).is_dir()), None)
@@ -136,4 +139,5 @@ def image_folder_task(root: str | Path, resolution: int = 224) -> Task:
         if not paths:
             raise PetlError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         splits[split] = Split(ImageFiles(tuple(paths), resolution), torch.tensor(labels))
-    return Task(root.name, "vision", len(classes), splits, image_size=resolution)
+    return Task(root.name, "vision", len(classes), splits, image_size=resolution,
+                label_names=tuple(classes))  # fmt: skip

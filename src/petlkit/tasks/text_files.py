@@ -1,6 +1,10 @@
 """Domain text tasks from the user's own files: a folder with train, val (or dev) and test files,
 each JSONL or CSV, with a `text` column (or `text_a` and `text_b` for pairs) and either `label`
-(classification; the labels found in train, sorted, become class ids) or `score` (regression)."""
+(classification) or `score` (regression).
+
+Class ids: the labels found in train, sorted: numerically when every label is a number (so 10
+comes after 9, and 1 and 1.0 are one class), else as text. The task keeps the names
+(`label_names`), which adapters record, so predictions map back to the data's labels."""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def text_files_task(folder: str | Path, name: str | None = None) -> Task:
     pair = "text_a" in first
     text_keys = ("text_a", "text_b") if pair else ("text",)
     target = "score" if "score" in first else "label"
-    classes = sorted({str(r.get("label")) for r in records["train"]}) if target == "label" else []
+    classes = _classes(records["train"], paths["train"]) if target == "label" else []
     splits = {}
     for split, rows in records.items():
         texts, labels = [], []
@@ -66,8 +70,8 @@ def text_files_task(folder: str | Path, name: str | None = None) -> Task:
                 raise PetlError(f"{paths[split]}: record {i} has an empty text")
             if target == "score":
                 labels.append(float(row["score"]))
-            elif str(row["label"]) in classes:
-                labels.append(classes.index(str(row["label"])))
+            elif _label_key(row["label"], paths[split], i) in classes:
+                labels.append(classes.index(_label_key(row["label"], paths[split], i)))
             else:
                 raise PetlError(f"{paths[split]}: record {i} has label {row['label']!r}, which "
                                 f"the train file never uses (labels: {classes})")  # fmt: skip
@@ -76,4 +80,33 @@ def text_files_task(folder: str | Path, name: str | None = None) -> Task:
         splits[split] = Split(texts, torch.tensor(labels, dtype=dtype))
     if target == "score":
         return Task(name or folder.name, "text", 1, splits, "correlation", pair=pair)
-    return Task(name or folder.name, "text", len(classes), splits, pair=pair)
+    return Task(name or folder.name, "text", len(classes), splits, pair=pair,
+                label_names=tuple(classes))  # fmt: skip
+
+
+def _label_key(value, path: Path, record: int) -> str:
+    """A label as one canonical string: numbers written as 1, 1.0 or "1" are the same class."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise PetlError(f"{path}: record {record} has no label (null or empty); give every record "
+                        "a label or drop it")  # fmt: skip
+    number = _number(value)
+    if number is None:
+        return str(value).strip()
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _classes(rows: list[dict], path: Path) -> list[str]:
+    """The train file's labels, sorted numerically when they are all numbers, else as text."""
+    keys = {_label_key(r.get("label"), path, i) for i, r in enumerate(rows, start=1)}
+    if all(_number(k) is not None for k in keys):
+        return sorted(keys, key=float)
+    return sorted(keys)

@@ -23,7 +23,7 @@ class TrainConfig:
     steps: int = 500
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's own default (Method.default_lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 turns clipping off
@@ -43,7 +43,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
-        check_finite("TrainConfig", "lr", self.lr, positive=True)
+        if self.lr is not None:
+            check_finite("TrainConfig", "lr", self.lr, positive=True)
         check_finite("TrainConfig", "weight_decay", self.weight_decay)
         check_finite("TrainConfig", "max_grad_norm", self.max_grad_norm)
         check_probability("TrainConfig", "warmup_ratio", self.warmup_ratio)

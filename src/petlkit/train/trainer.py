@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from petlkit.errors import PetlError
-from petlkit.io import read_safetensors, write_json, write_safetensors
+from petlkit.io import atomic_write, read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
 from petlkit.tasks.span import best_answers
@@ -70,6 +70,17 @@ def weight_decay_groups(params: dict[str, torch.nn.Parameter], decay: float) -> 
     return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
 
 
+def _default_lr(model: PetlModel) -> float:
+    """The active method's default learning rate (one method active; else ask for one)."""
+    rates = {model.methods[n].default_lr for n in model.active}
+    if len(rates) != 1:
+        raise PetlError(
+            f"methods {model.active} have different default learning rates {sorted(rates)}; "
+            "pass one (TrainConfig(lr=...), --lr)"
+        )
+    return rates.pop()
+
+
 class Trainer:
     def __init__(
         self,
@@ -83,6 +94,7 @@ class Trainer:
         if task.modality == "text" and tokenizer is None:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
+        self.lr = config.lr if config.lr is not None else _default_lr(model)
         self.tokenizer = tokenizer
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -198,7 +210,9 @@ class Trainer:
         model.eval()
         preds = []
         order = self._eval_order(split)
-        for start in range(0, len(split), self.config.eval_batch_size):
+        starts = range(0, len(split), self.config.eval_batch_size)
+        bar = tqdm(starts, desc=f"eval {split_name}", leave=False, disable=not self.progress)
+        for start in bar:
             index = order[start : start + self.config.eval_batch_size]
             inputs, _ = self.encode(split, index)
             with self.accelerator.autocast():
@@ -233,7 +247,7 @@ class Trainer:
         params = self.trained_parameters()
         if not params:
             raise PetlError("nothing to train: every parameter is frozen")
-        optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=self.lr)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
         )
@@ -244,6 +258,7 @@ class Trainer:
                 raise PetlError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
             info = load_training_state(checkpoint, params, optimizer)
             scheduler.load_state_dict(info["scheduler"])
+            self._forget_log_after(info["step"])
         self.model.to(acc.device)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
@@ -338,6 +353,7 @@ class Trainer:
             "steps": info["step"],
             "best_step": info["best_step"],
             "val": known or self.evaluate("val"),
+            "lr": self.lr,
         }
         if "test" in self.task.splits:
             results["test"] = self.evaluate("test")
@@ -356,6 +372,20 @@ class Trainer:
         if path is not None and self.accelerator.is_main_process:
             write(path)
         self.accelerator.wait_for_everyone()
+
+    def _forget_log_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old log lines."""
+        path = self._path(METRICS_LOG)
+        if path is None or not path.is_file() or not self.accelerator.is_main_process:
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by the kill
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
 
     def _log(self, record: dict) -> None:
         path = self._path(METRICS_LOG)
