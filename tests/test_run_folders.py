@@ -252,3 +252,14 @@ def test_eval_shows_progress(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--run", str(out)]) == 0
     assert "eval test" in capsys.readouterr().err
+
+
+def test_merge_records_the_task_model_and_refuses_a_vit_path_without_suffix(text_run, tmp_path):
+    _, out = text_run
+    assert main(["merge", "--run", str(out), "--output", str(tmp_path / "merged")]) == 0
+    info = json.loads((tmp_path / "merged" / "petlkit_task_model.json").read_text())
+    assert info["pooling"] == "mean" and info["labels"] == ["neg", "pos"]
+    vit_run = tmp_path / "vit"
+    assert main(["train", *ARGS, "--method", "lora", "--output", str(vit_run)]) == 0
+    assert main(["merge", "--run", str(vit_run), "--output", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()

@@ -121,19 +121,25 @@ def _check_labels(run: str, task) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from petlkit.backbones.vit import VisionTransformer
     from petlkit.backbones.vit_weights import save_vit
-    from petlkit.io import write_safetensors
+    from petlkit.checkpoint import read_adapter_config
+    from petlkit.io import write_json, write_safetensors
     from petlkit.run import load_run
 
     model, _, built = load_run(args.run)
+    output = Path(args.output)
+    if isinstance(model.model, VisionTransformer) and output.suffix != ".safetensors":
+        raise PetlError(f"a merged ViT is one .safetensors file; give --output {output}"
+                        ".safetensors")  # fmt: skip
     model.merge()
     task_model = model.model
-    output = Path(args.output)
     if isinstance(task_model, VisionTransformer):
         save_vit(task_model, output)
     else:
         task_model.encoder.save_pretrained(output, safe_serialization=True)
         built.tokenizer.save_pretrained(output)
         write_safetensors(output / "head.safetensors", task_model.head.state_dict())
+        info = read_adapter_config(Path(args.run) / "adapter").get("task_model", {})
+        write_json(output / "petlkit_task_model.json", info)  # pooling, labels: how to use it
     print(f"merged backbone written to {output}")
 
 
