@@ -48,7 +48,7 @@ def _run_spec(args: argparse.Namespace):
     saved = Path(args.output) / "run.json"
     if args.resume and not args.config and saved.is_file():  # resume needs only --output
         data = read_run_file(saved)
-    for key in ("backbone", "method", "task", "data_dir", "shots", "dtype"):
+    for key in ("backbone", "method", "task", "data_dir", "shots", "dtype", "encoding", "target"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--data-dir", help="where file-based tasks (GLUE) read their files")
     train.add_argument("--shots", type=int, help="K training examples (low-resource setting)")
+    train.add_argument("--encoding", help="text-files: the files' encoding (default utf-8)")
+    train.add_argument(
+        "--target", choices=["label", "score"], help="text-files with both columns: which to learn"
+    )
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--seed", int),
                        ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip

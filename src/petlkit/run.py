@@ -26,6 +26,7 @@ from petlkit.checkpoint import load_adapter, save_adapter
 from petlkit.errors import ConfigError, PetlError
 from petlkit.io import write_json
 from petlkit.model import PetlModel, attach
+from petlkit.registry import make_config
 from petlkit.tasks import Task, load_task
 from petlkit.tasks.span import squad_task
 from petlkit.train.config import TrainConfig
@@ -33,7 +34,7 @@ from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
 KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size", "data_dir",
-        "shots", "data_seed", "image_size", "dtype")  # fmt: skip
+        "shots", "data_seed", "image_size", "dtype", "encoding", "target")  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,6 +52,8 @@ class RunSpec:
     data_seed: int = 0
     image_size: int = 224  # resolution for file-based image tasks
     dtype: str = "float32"  # the backbone's dtype; trained tensors stay float32 (placement.py)
+    encoding: str = "utf-8"  # text-files: the files' encoding
+    target: str | None = None  # text-files with both columns: "label" or "score"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,7 +65,8 @@ class RunSpec:
                 raise PetlError("squad reads train-v1.1.json and dev-v1.1.json: pass --data-dir")
             length = self.train_config().max_length
             return squad_task(self.data_dir, tokenizer, max_length=length, stride=length // 3)
-        return load_task(self.task, self.data_dir, self.shots, self.data_seed, self.image_size)
+        return load_task(self.task, self.data_dir, self.shots, self.data_seed, self.image_size,
+                         encoding=self.encoding, target=self.target)  # fmt: skip
 
     def build_and_load(self) -> tuple[Built, Task]:
         """The backbone and the task (a span task needs the tokenizer first)."""
@@ -117,9 +121,10 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
 
 
 def fit_to_backbone(task: Task, backbone: str) -> Task:
-    """In-memory images resized (and grey → RGB) to a pretrained ViT's own input."""
+    """Images fitted to a pretrained ViT's own input: in-memory ones resized (grey → RGB),
+    image files read at its size and channels."""
     path = pretrained_vit_file(backbone) if task.modality == "vision" else None
-    if path is None or not isinstance(task.splits["train"].inputs, torch.Tensor):
+    if path is None:
         return task
     size, channels = vit_file_input(path)
     return task.with_images(size, channels)
@@ -156,6 +161,10 @@ def prepare_run_folder(spec: RunSpec, output: Path, resume: bool, overwrite: boo
         spec = dataclasses.replace(spec, data_dir=str(Path(spec.data_dir).resolve()))
     if output.exists() and not output.is_dir():
         raise PetlError(f"--output {output} is a file, not a folder; pick a folder path")
+    blocker = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PetlError(f"--output {output} lies under {blocker}, which is a file; pick a folder")
+    _check_writable(output)
     saved_path = output / RUN_FILE
     held = [n for n in RUN_OUTPUTS if (output / n).exists()]
     if resume:
@@ -190,6 +199,37 @@ def prepare_run_folder(spec: RunSpec, output: Path, resume: bool, overwrite: boo
     return spec
 
 
+def _check_writable(folder: Path) -> None:
+    """Write a probe file there now, not at the first checkpoint; folders made for the probe
+    are removed again (a refused run leaves nothing behind)."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".petlkit-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        for path in created:  # deepest first
+            path.rmdir()
+    except OSError as err:
+        raise PetlError(
+            f"cannot write to {folder} ({err.strerror or err}); pick a writable --output folder"
+        ) from err
+
+
+def check_space(folder: Path, model: PetlModel) -> None:
+    """Refuse to start when the disk cannot hold the run's checkpoints (trained tensors, the
+    best ones, two AdamW moments, the adapter), with a margin of 1 MiB."""
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    needed = 5 * trained + 2**20
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise PetlError(
+            f"{folder} has {free / 2**20:.1f} MiB free; this run's checkpoints need about "
+            f"{needed / 2**20:.1f} MiB: free space or pick another --output"
+        )
+
+
 def train_run(
     spec: RunSpec,
     output: str | Path,
@@ -198,6 +238,7 @@ def train_run(
     overwrite: bool = False,
 ):
     output = Path(output)
+    make_config(spec.method, **spec.method_args)  # a bad argument fails before any file
     spec = prepare_run_folder(spec, output, resume, overwrite)
     config = spec.train_config()
     built, task = spec.build_and_load()
@@ -205,6 +246,7 @@ def train_run(
         raise PetlError(f"backbone {spec.backbone!r} is {built.modality}; task {spec.task!r} is "
                         f"{task.modality}")  # fmt: skip
     model = attach(built.model, spec.method, **spec.method_args)
+    check_space(output, model)
     trainer = Trainer(model, task, config, output, built.tokenizer, progress=progress)
     if trainer.accelerator.is_main_process:
         write_json(output / RUN_FILE, dataclasses.asdict(spec))

@@ -83,6 +83,12 @@ def import_peft_lora(
     unsupported += [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported:
         raise CheckpointError(f"{folder} uses PEFT options petlkit's LoRA lacks: {unsupported}")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(
+            f"{folder} was trained with PEFT bias={config['bias']!r}: it changed the model's "
+            "biases too, which a petlkit LoRA does not hold (importing would drop them); "
+            "retrain with bias='none', or train LoRA and BitFit together in petlkit"
+        )
     task_model = model.model if isinstance(model, PetlModel) else model
     prefix = _encoder_prefix(task_model)
     targets = sorted({

@@ -80,20 +80,46 @@ class Task:
             return self
         if self.modality != "vision":
             raise PetlError(f"task {self.name!r} is {self.modality}, not images")
+        files = [s for s in self.splits.values() if not isinstance(s.inputs, torch.Tensor)]
+        if files:  # image files: read them at the backbone's size, as grey or RGB
+            splits = {
+                n: Split(
+                    dataclasses.replace(s.inputs, resolution=size, channels=channels), s.labels
+                )  # fmt: skip
+                for n, s in self.splits.items()
+            }
+            return dataclasses.replace(self, splits=splits, image_size=size, channels=channels)
         if channels not in (self.channels, 3) or self.channels not in (1, channels):
             raise PetlError(f"task {self.name!r} has {self.channels}-channel images; the backbone "
                             f"takes {channels} (only grey → RGB is converted)")  # fmt: skip
         splits = {}
         for name, split in self.splits.items():
-            if not isinstance(split.inputs, torch.Tensor):
-                raise PetlError(f"task {self.name!r} reads image files: set their resolution "
-                                f"(--image-size {size}) instead")  # fmt: skip
             images = split.inputs
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)  # fmt: skip
             splits[name] = Split(images.expand(-1, channels, -1, -1).contiguous(), split.labels)
         return dataclasses.replace(self, splits=splits, image_size=size, channels=channels)
+
+    def check_trainable(self) -> None:
+        """Refuse data no model can learn from, before any training (one line, the fix)."""
+        for name, split in self.splits.items():
+            if len(split) == 0:
+                raise PetlError(f"task {self.name!r}: its {name} split is empty; add examples")
+        train = self.splits["train"]
+        if len(train) < 2:
+            raise PetlError(f"task {self.name!r} has {len(train)} training example; it needs at "
+                            "least 2 (and examples of at least 2 classes)")  # fmt: skip
+        if self.num_labels < 2 and self.metric != "correlation" and self.modality != "span":
+            only = self.label_names[0] if self.label_names else 0
+            raise PetlError(f"task {self.name!r}: every training example has label {only!r}; a "
+                            "classifier needs at least 2 classes")  # fmt: skip
+        if not self.regression and self.modality != "span":
+            present = sorted({int(x) for x in train.labels.tolist()})
+            if len(present) < 2:
+                label = self.label_names[present[0]] if self.label_names else present[0]
+                raise PetlError(f"task {self.name!r}: every training example has label "
+                                f"{label!r}; a classifier needs at least 2 classes")  # fmt: skip
 
     def score(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Metric name → value; the first entry is the one model selection uses."""

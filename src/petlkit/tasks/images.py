@@ -1,6 +1,9 @@
 """Image tasks read from files: VTAB-1k's public file lists, NOAH's few-shot split files, and
 image folders. Images load lazily (a split holds paths) with ImageNet-style preprocessing in PIL:
 RGB, bicubic resize to the square resolution, scale to [0, 1], normalise by the ImageNet mean/std.
+For a one-channel backbone (the project's `vit-fmnist`) images are read as grey and normalised to
+[-1, 1], as the project's in-memory grey tasks are (`Task.with_images` picks the backbone's size
+and channels).
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ VTAB_SPLITS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt",
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
-def preprocess(path: Path, resolution: int) -> torch.Tensor:
+def preprocess(path: Path, resolution: int, channels: int = 3) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+            pixels = image.convert(mode).resize((resolution, resolution), Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as err:
         raise PetlError(
             f"{path} is not an image PIL can decode ({err}); remove or replace it"
         ) from err
-    array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    array = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)
+    if channels == 1:
+        return ((array - 0.5) / 0.5).unsqueeze(0)
+    array = array.permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     return (array - mean) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -43,20 +50,21 @@ class ImageFiles(Sequence):
 
     paths: tuple[Path, ...]
     resolution: int
+    channels: int = 3
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return ImageFiles(self.paths[index], self.resolution)
-        return preprocess(self.paths[index], self.resolution)
+            return ImageFiles(self.paths[index], self.resolution, self.channels)
+        return preprocess(self.paths[index], self.resolution, self.channels)
 
     def take(self, index: Sequence[int]) -> ImageFiles:
-        return ImageFiles(tuple(self.paths[i] for i in index), self.resolution)
+        return ImageFiles(tuple(self.paths[i] for i in index), self.resolution, self.channels)
 
     def load(self) -> torch.Tensor:
-        return torch.stack([preprocess(p, self.resolution) for p in self.paths])
+        return torch.stack([preprocess(p, self.resolution, self.channels) for p in self.paths])
 
 
 def read_file_list(list_file: Path, image_root: Path, resolution: int) -> Split:

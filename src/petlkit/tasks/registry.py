@@ -158,6 +158,9 @@ def load_task(
     shots: int | None = None,
     seed: int = 0,
     resolution: int = 224,
+    *,
+    encoding: str = "utf-8",
+    target: str | None = None,
 ) -> Task:
     """A task by name. File-based tasks read `data_dir`: GLUE (`glue-<task>`, `shots`: K-shot
     low-resource training sampled with `seed`), VTAB-1k (`vtab-<task>`) and NOAH few-shot
@@ -174,7 +177,7 @@ def load_task(
             raise PetlError(
                 "text-files reads your train/val/test JSONL or CSV files: pass --data-dir"
             )
-        return text_files_task(data_dir)
+        return text_files_task(data_dir, encoding=encoding, target=target)
     if name.startswith(("vtab-", "fewshot-")):
         if data_dir is None:
             raise PetlError(

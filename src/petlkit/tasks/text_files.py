@@ -1,6 +1,8 @@
 """Domain text tasks from the user's own files: a folder with train, val (or dev) and test files,
 each JSONL or CSV, with a `text` column (or `text_a` and `text_b` for pairs) and either `label`
-(classification) or `score` (regression).
+(classification: macro-F1, then accuracy) or `score` (regression); a file with both needs
+`target`. The validation file may be named val, validation or dev. Files are UTF-8 (a spreadsheet's
+byte-order mark is dropped) unless `encoding` names another.
 
 Class ids: the labels found in train, sorted: numerically when every label is a number (so 10
 comes after 9, and 1 and 1.0 are one class), else as text. The task keeps the names
@@ -9,6 +11,7 @@ comes after 9, and 1 and 1.0 are one class), else as text. The task keeps the na
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -17,21 +20,37 @@ import torch
 from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
 
-SPLIT_FILES = {"train": ("train",), "val": ("val", "dev"), "test": ("test",)}
+SPLIT_FILES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
+TARGETS = ("label", "score")
 
 
-def read_records(path: Path) -> list[dict]:
+def _text(path: Path, encoding: str) -> str:
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return path.read_text(encoding=codec)
+    except UnicodeDecodeError as err:
+        raise PetlError(
+            f"{path} is not {encoding} text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8 or name its encoding (--encoding latin-1)"
+        ) from err
+    except LookupError as err:
+        raise PetlError(f"unknown encoding {encoding!r}; use a Python codec name") from err
+
+
+def read_records(path: Path, encoding: str = "utf-8") -> list[dict]:
+    text = _text(path, encoding)
     if path.suffix == ".jsonl":
         rows = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise PetlError(f"{path}:{line_no}: not a JSON object ({err})") from err
+                if not isinstance(rows[-1], dict):
+                    raise PetlError(f"{path}:{line_no}: not a JSON object")
         return rows
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def _find(folder: Path, stems: tuple[str, ...]) -> Path | None:
@@ -42,18 +61,34 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-def text_files_task(folder: str | Path, name: str | None = None) -> Task:
+def text_files_task(
+    folder: str | Path,
+    name: str | None = None,
+    encoding: str = "utf-8",
+    target: str | None = None,
+) -> Task:
     folder = Path(folder)
+    if target is not None and target not in TARGETS:
+        raise PetlError(f"unknown target {target!r}; use one of {list(TARGETS)}")
     paths = {split: _find(folder, stems) for split, stems in SPLIT_FILES.items()}
     for split in ("train", "val"):
         if paths[split] is None:
-            raise PetlError(f"{folder} has no {split} file; expected {SPLIT_FILES[split][0]}.jsonl "
-                            "or .csv")  # fmt: skip
-    records = {split: read_records(path) for split, path in paths.items() if path is not None}
-    first = records["train"][0] if records["train"] else {}
+            names = " or ".join(f"{s}.jsonl/.csv" for s in SPLIT_FILES[split])
+            raise PetlError(f"{folder} has no {split} file; expected {names}")
+    records = {split: read_records(path, encoding) for split, path in paths.items() if path}
+    for split, rows in records.items():
+        if not rows:
+            raise PetlError(f"{paths[split]} holds no records; add examples or remove the file")
+    first = records["train"][0]
     pair = "text_a" in first
     text_keys = ("text_a", "text_b") if pair else ("text",)
-    target = "score" if "score" in first else "label"
+    if target is None:
+        if "score" in first and "label" in first:
+            raise PetlError(
+                f"{paths['train']} has both 'label' and 'score' columns; say which to learn: "
+                "--target label (classification) or --target score (regression)"
+            )
+        target = "score" if "score" in first else "label"
     classes = _classes(records["train"], paths["train"]) if target == "label" else []
     splits = {}
     for split, rows in records.items():
@@ -69,7 +104,11 @@ def text_files_task(folder: str | Path, name: str | None = None) -> Task:
             if not all(parts):
                 raise PetlError(f"{paths[split]}: record {i} has an empty text")
             if target == "score":
-                labels.append(float(row["score"]))
+                score = _number(row["score"])
+                if score is None:
+                    raise PetlError(f"{paths[split]}: record {i} has score {row['score']!r}, not "
+                                    "a number; scores must be numbers")  # fmt: skip
+                labels.append(score)
             elif _label_key(row["label"], paths[split], i) in classes:
                 labels.append(classes.index(_label_key(row["label"], paths[split], i)))
             else:
@@ -80,7 +119,7 @@ def text_files_task(folder: str | Path, name: str | None = None) -> Task:
         splits[split] = Split(texts, torch.tensor(labels, dtype=dtype))
     if target == "score":
         return Task(name or folder.name, "text", 1, splits, "correlation", pair=pair)
-    return Task(name or folder.name, "text", len(classes), splits, pair=pair,
+    return Task(name or folder.name, "text", len(classes), splits, "macro_f1", pair=pair,
                 label_names=tuple(classes))  # fmt: skip
 
 

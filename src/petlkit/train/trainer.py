@@ -32,7 +32,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from petlkit.errors import PetlError
+from petlkit.errors import CheckpointError, PetlError
 from petlkit.io import atomic_write, read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
@@ -91,6 +91,7 @@ class Trainer:
         tokenizer: Any = None,
         progress: bool = True,
     ) -> None:
+        task.check_trainable()
         if task.modality == "text" and tokenizer is None:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
@@ -391,6 +392,12 @@ class Trainer:
         path = self._path(METRICS_LOG)
         if path is None or not self.accelerator.is_main_process:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise CheckpointError(
+                f"could not write {path}: {err.strerror or err}; the last checkpoint is kept: make "
+                "the folder writable and rerun with --resume"
+            ) from err
