@@ -198,24 +198,25 @@ def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker 
     if hooks is None:
         raise PetlError(f"{type(model).__name__} has no `token_hooks` to insert prompt tokens")
     inserted = [0]
+    k = getattr(model, "num_prefix_tokens", 1)  # class and register tokens stay in front
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         tokens = make(x)
         inserted[0] = 0 if tokens is None else tokens.shape[1]
         if tokens is None:
             return x
-        return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1:]], dim=1)
+        return torch.cat([x[:, :k], tokens.to(x.dtype), x[:, k:]], dim=1)
 
     def replace(index: int, x: torch.Tensor) -> torch.Tensor:
         n = inserted[0]
         tokens = per_block(index, x) if n else None
         if tokens is None:
             return x
-        return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1 + n :]], dim=1)
+        return torch.cat([x[:, :k], tokens.to(x.dtype), x[:, k + n :]], dim=1)
 
-    def final(x: torch.Tensor) -> torch.Tensor:
+    def final(x: torch.Tensor) -> torch.Tensor:  # prompts out before norm and pooling
         n = inserted[0]
-        return torch.cat([x[:, :1], x[:, 1 + n :]], dim=1) if n else x
+        return torch.cat([x[:, :k], x[:, k + n :]], dim=1) if n else x
 
     wanted = {"embed": embed, "final": final}
     if per_block is not None:

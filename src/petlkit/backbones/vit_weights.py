@@ -14,10 +14,15 @@ from petlkit.io import read_safetensors, write_safetensors
 
 
 def infer_config(
-    state: dict[str, torch.Tensor], img_size: int | None = None, num_heads: int | None = None
+    state: dict[str, torch.Tensor],
+    img_size: int | None = None,
+    num_heads: int | None = None,
+    act: str = "gelu",
 ) -> ViTConfig:
-    """The ViT shape that a timm state dict describes (heads: `num_heads`, else width // 64, the
-    timm convention for tiny, small and base)."""
+    """The ViT that a timm state dict describes: shape and layout (class/register tokens,
+    position embeddings with or without them, norm_pre, patch bias, LayerScale, qk-norm, pooling
+    and fc_norm). What weights cannot tell comes as arguments: the head count (else width // 64,
+    timm's convention for tiny/small/base) and the activation ('quick_gelu' for CLIP)."""
     try:
         proj = state["patch_embed.proj.weight"]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -26,9 +31,16 @@ def infer_config(
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"not a timm ViT state dict: missing {err}") from err
     dim, chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    class_token = "cls_token" in state
+    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = int(class_token) + reg_tokens
+    positions = pos.shape[1]
+    no_embed_class = prefix > 0 and _is_square(positions) and not _is_square(positions - prefix)
+    grid = round((positions if no_embed_class else positions - prefix) ** 0.5)
     head = state.get("head.weight")
-    heads = num_heads or max(1, dim // 64)
+    pool = "avg" if "fc_norm.weight" in state else "token"
+    if "attn_pool.latent" in state:
+        pool = "map"
     return ViTConfig(
         img_size=img_size or grid * patch,
         patch_size=patch,
@@ -36,24 +48,37 @@ def infer_config(
         num_classes=0 if head is None else head.shape[0],
         embed_dim=dim,
         depth=depth,
-        num_heads=heads,
+        num_heads=num_heads or max(1, dim // 64),
         mlp_ratio=fc1.shape[0] / dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        pre_norm="norm_pre.weight" in state,
+        patch_bias="patch_embed.proj.bias" in state,
+        act=act,
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,  # γ itself is loaded
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
+        global_pool=pool,
+        fc_norm="fc_norm.weight" in state,
     )
 
 
-def resize_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubic interpolation of the patch position embeddings (the class token's is kept)."""
-    cls, grid_tokens = pos[:, :1], pos[:, 1:]
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n**0.5) ** 2 == n
+
+
+def resize_pos_embed(pos: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """timm's resampling: the prefix tokens' embeddings kept, the patch grid resized bicubically
+    with antialiasing (PIL's cubic kernel), computed in float32."""
+    prefix, grid_tokens = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
     old = int(round(grid_tokens.shape[1] ** 0.5))
     if old == new_grid:
         return pos
     grid = grid_tokens.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
-    )
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos.dtype)
-    return torch.cat([cls, grid], dim=1)
+    return torch.cat([prefix, grid], dim=1)
 
 
 def load_timm_state_dict(
@@ -65,7 +90,8 @@ def load_timm_state_dict(
     """
     state = dict(state)
     if "pos_embed" in state:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.cfg.grid)
+        prefix = 0 if model.cfg.no_embed_class else model.cfg.num_prefix_tokens
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.cfg.grid, prefix)
     if not load_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = model.state_dict()
@@ -96,8 +122,9 @@ def load_vit(
     `num_classes` differs from the checkpoint's."""
     state = read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
-        heads = (f.metadata() or {}).get("num_heads")
-    cfg = infer_config(state, img_size, int(heads) if heads else None)
+        meta = f.metadata() or {}
+    heads = meta.get("num_heads")
+    cfg = infer_config(state, img_size, int(heads) if heads else None, meta.get("act", "gelu"))
     keep_head = num_classes is None or num_classes == cfg.num_classes
     if not keep_head:
         cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
@@ -115,5 +142,6 @@ def save_vit(
     """Write a timm-format checkpoint (atomically) that `load_vit` reads back exactly; the head
     count goes in the metadata, since shapes alone do not fix it. `state` replaces the model's
     own state dict (e.g. cast to float16); `extra` adds metadata strings."""
-    metadata = {"format": "pt", "num_heads": str(model.cfg.num_heads), **(extra or {})}
+    metadata = {"format": "pt", "num_heads": str(model.cfg.num_heads), "act": model.cfg.act,
+                **(extra or {})}  # fmt: skip
     write_safetensors(path, model.state_dict() if state is None else state, metadata)

@@ -1,0 +1,132 @@
+"""The layers of the project ViT, with timm's parameter names (so timm checkpoints load as they
+are): patch embedding, attention (optional q/k LayerNorm), MLP (GELU or CLIP's QuickGELU),
+LayerScale, the pre-norm block, and the attention-pool (MAP) head of SigLIP-style models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation: x·σ(1.702·x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch: int, bias: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `extra_kv` (a callable, see vit.py) prepends key/value tokens."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, qk_norm: bool = False, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if qk_norm:
+            self.q_norm = layer_norm(self.head_dim, eps)
+            self.k_norm = layer_norm(self.head_dim, eps)
+        self.qk_norm = qk_norm
+        self.proj = nn.Linear(dim, dim)
+        self.extra_kv: Callable[[torch.Tensor], tuple | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (b, heads, n, head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        extra = None if self.extra_kv is None else self.extra_kv(x)
+        if extra is not None:
+            k = torch.cat([extra[0].to(k.dtype), k], dim=2)
+            v = torch.cat([extra[1].to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """x·γ per channel (CaiT, DINOv2): `ls1` / `ls2` in timm."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        dim, eps = cfg.embed_dim, cfg.norm_eps
+        self.norm1 = layer_norm(dim, eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, eps)
+        self.norm2 = layer_norm(dim, eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+        scaled = cfg.init_values is not None
+        self.ls1 = LayerScale(dim, cfg.init_values) if scaled else nn.Identity()
+        self.ls2 = LayerScale(dim, cfg.init_values) if scaled else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class AttentionPool(nn.Module):
+    """The MAP head (timm's AttentionPoolLatent): one learned query attends over all tokens,
+    then a residual MLP; the pooled vector feeds the task head."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = layer_norm(dim, cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        heads, hd = self.num_heads, d // self.num_heads
+        # one query for the batch (then expanded): as timm's, and the same whether or not the
+        # weights require grad (matmul on an expanded input picks its kernel by that)
+        q = self.q(self.latent).expand(b, -1, -1).reshape(b, 1, heads, hd).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        out = self.proj(out)
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
