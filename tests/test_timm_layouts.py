@@ -127,3 +127,19 @@ def test_every_method_behaves_on_every_layout(layout, method, tmp_path):
             petl.merge()
             assert not any(isinstance(m, Tuner) for m in petl.model.modules())
             torch.testing.assert_close(petl(pixels), trained, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_from_timm_converts_a_timm_model_with_identical_outputs(layout):
+    """Needs timm (as on the GPU machines); the fixtures hold its weights and outputs."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from petlkit.backbones import from_timm
+
+    kwargs = {k: v for k, v in INDEX[layout].items()}
+    model = timm_vit.VisionTransformer(**kwargs)
+    model.load_state_dict(timm_state(layout))
+    ours = from_timm(model.eval())
+    data = fixture(layout)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(data["input"]), model(data["input"]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(data["input"]), data["logits"], rtol=0, atol=1e-5)

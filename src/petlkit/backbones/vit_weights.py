@@ -145,3 +145,22 @@ def save_vit(
     metadata = {"format": "pt", "num_heads": str(model.cfg.num_heads), "act": model.cfg.act,
                 **(extra or {})}  # fmt: skip
     write_safetensors(path, model.state_dict() if state is None else state, metadata)
+
+
+def from_timm(model: torch.nn.Module) -> VisionTransformer:
+    """A timm `VisionTransformer` (pretrained or not) as the project ViT, with the same weights
+    and outputs. The layout comes from its state dict (`infer_config`); what weights cannot show
+    (head count, QuickGELU, the norms' eps, the image size) from its modules."""
+    try:
+        block, patch_embed = model.blocks[0], model.patch_embed
+        heads, eps = block.attn.num_heads, block.norm1.eps
+    except AttributeError as err:
+        raise CheckpointError(f"{type(model).__name__} is not a timm VisionTransformer") from err
+    act = "quick_gelu" if type(block.mlp.act).__name__ == "QuickGELU" else "gelu"
+    size = patch_embed.img_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cfg = infer_config(state, size, heads, act)
+    ours = VisionTransformer(ViTConfig(**{**cfg.__dict__, "norm_eps": eps}))
+    load_timm_state_dict(ours, state)
+    return ours.train(model.training)
