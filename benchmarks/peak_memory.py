@@ -72,6 +72,8 @@ def one(args) -> None:
     device = args.device
     model, inputs = build(args, method, library, device)
     model.train()
+    if args.checkpointing:
+        model.model.set_activation_checkpointing(True)
     inputs = to_device(inputs, device)
     labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long, device=device)
     opt = trained_optimizer(model)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peft", action="store_true", help="compare with HF PEFT (text)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     add_device_args(parser)
     args = parser.parse_args()
     if args.one:

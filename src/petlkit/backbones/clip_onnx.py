@@ -9,8 +9,8 @@ per output channel: each weight is an unnamed initializer `X_quantized` ([in, ou
 `MatMulInteger` to the named bias `Add` after it (q, k, v, out_proj, fc1, fc2 of each layer); the
 last matrix (768 → 512, no bias) is CLIP's projection, not part of the backbone. About 1 % noise
 comes from the int8 weights (the shipped graph also quantises activations at run time, which
-petlkit does not: benchmarks/clip_parity.py measures both). Layout in timm's names: `norm_pre` (CLIP's pre-LayerNorm), no
-patch-embedding bias, QuickGELU, LayerNorm eps 1e-5.
+petlkit does not: benchmarks/clip_parity.py measures both). Layout in timm's names: `norm_pre`
+(CLIP's pre-LayerNorm), no patch-embedding bias, QuickGELU, LayerNorm eps 1e-5.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -36,6 +37,19 @@ class _EncoderTaskModel(nn.Module):
 
     def petl_layout(self) -> BackboneLayout:
         return encoder_layout(self.encoder, prefix="encoder.")
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """transformers' own per-layer checkpointing (non-reentrant, so frozen inputs work)."""
+        new = hasattr(self.encoder, "activation_checkpointing_enable")  # transformers ≥ 5.x
+        if not enabled:
+            off = "activation_checkpointing_disable" if new else "gradient_checkpointing_disable"
+            getattr(self.encoder, off)()
+            return
+        on = "activation_checkpointing_enable" if new else "gradient_checkpointing_enable"
+        kwargs = {"use_reentrant": False}
+        params = inspect.signature(getattr(self.encoder, on)).parameters
+        key = next(k for k in params if k.endswith("checkpointing_kwargs"))
+        getattr(self.encoder, on)(**{key: kwargs})
 
 
 class TextClassifier(_EncoderTaskModel):

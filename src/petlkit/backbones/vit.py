@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from petlkit.backbones.vit_layers import AttentionPool, Block, PatchEmbed, layer_norm
 from petlkit.layout import BackboneLayout, BlockLayout
@@ -97,6 +98,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = layer_norm(d, eps) if cfg.use_fc_norm else nn.Identity()
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.token_hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # module doc
+        self.grad_checkpointing = False
         self.apply(_init_weights)
         if cfg.class_token:
             nn.init.normal_(self.cls_token, std=1e-6)
@@ -124,8 +126,10 @@ class VisionTransformer(nn.Module):
         dtype = self.pos_embed.dtype  # inputs take the model's dtype
         x = self.norm_pre(self._pos_embed(self.patch_embed(pixels.to(dtype))))
         x = self._hook("embed", x)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(self._hook(f"block.{i}", x))
+            x = self._hook(f"block.{i}", x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(self._hook("final", x))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixels))
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (less memory,
+        about one more forward of time)."""
+        self.grad_checkpointing = enabled
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petlkit.config import (
@@ -66,39 +67,43 @@ class LoRALinear(Tuner):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = Gate(base_layer.in_features, n_parts) if gated else None
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank update for input x, shaped (..., n_parts, out_part)."""
-        h = self.dropout(x) @ follow(self.lora_A, x).t()
-        h = h.unflatten(-1, (self.lora_B.shape[0], self.r))
-        delta = torch.einsum("...pr,por->...po", h, follow(self.lora_B, h))
-        if self.gate is None:
-            return delta * self.scaling
-        g = self.gate(x)  # (batch, n_parts): one gate per adapted projection
-        return delta * g.view(g.shape[0], *([1] * (delta.dim() - 3)), g.shape[1], 1)
+    def up_matrix(self) -> torch.Tensor:
+        """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
+        its chunk's rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per
+        forward from the parameters (out·n·r numbers), so the update is two matmuls per token,
+        with no index tensors and no scatter into the fused output."""
+        n, out_part, r = self.lora_B.shape
+        if self.parts is None:
+            return self.lora_B[0]
+        rows = []
+        for chunk in range(self.num_chunks):
+            if chunk in self.parts:
+                i = self.parts.index(chunk)
+                rows.append(F.pad(self.lora_B[i], (i * r, (n - 1 - i) * r)))
+            else:
+                rows.append(self.lora_B.new_zeros(out_part, n * r))
+        return torch.cat(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.enabled:
             return out
-        return self.add_delta(out, self.lora_delta(x))
-
-    def add_delta(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.parts is None:
-            return out + delta.squeeze(-2)
-        chunks = out.unflatten(-1, (self.num_chunks, -1))
-        index = torch.tensor(self.parts, device=out.device)
-        return chunks.index_add(-2, index, delta.to(out.dtype)).flatten(-2)
+        h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
+        if self.gate is None:
+            h = h * self.scaling
+        else:  # one gate per adapted projection, (batch, n_parts), on that part's rank block
+            g = self.gate(x)
+            shape = (g.shape[0], *([1] * (h.dim() - 2)), g.shape[1], 1)
+            h = (h.unflatten(-1, (g.shape[1], self.r)) * g.view(shape)).flatten(-2)
+        up = follow(self.up_matrix(), h)
+        # out + h·Bᵀ in one GEMM that reads `out` as its addend (no separate pass over it)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
+        return flat.view(out.shape)
 
     def delta(self) -> tuple[torch.Tensor, None]:
         if self.gate is not None:
             raise NotMergeableError("gated LoRA cannot merge: its gate depends on the input")
-        a = self.lora_A.unflatten(0, (self.lora_B.shape[0], self.r))
-        per_part = torch.einsum("por,pri->poi", self.lora_B, a) * self.scaling
-        if self.parts is None:
-            return per_part[0], None
-        full = per_part.new_zeros(self.num_chunks, *per_part.shape[1:])
-        full[self.parts] = per_part
-        return full.flatten(0, 1), None
+        return (self.up_matrix() @ self.lora_A) * self.scaling, None
 
 
 @dataclasses.dataclass(frozen=True)

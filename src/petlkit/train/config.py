@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from petlkit.config import (
+    check_bool,
     check_choice,
     check_finite,
     check_positive_int,
@@ -34,6 +35,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     dist_timeout: int = 300  # seconds a process waits for the others before failing
+    activation_checkpointing: bool = False  # recompute block activations: less memory, ~+1 fwd
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length",
@@ -49,6 +51,7 @@ class TrainConfig:
         check_finite("TrainConfig", "max_grad_norm", self.max_grad_norm)
         check_probability("TrainConfig", "warmup_ratio", self.warmup_ratio)
         check_choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        check_bool("TrainConfig", "activation_checkpointing", self.activation_checkpointing)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig: batch_size {self.batch_size} is not a multiple of grad_accum "

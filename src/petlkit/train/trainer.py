@@ -261,6 +261,12 @@ class Trainer:
             scheduler.load_state_dict(info["scheduler"])
             self._forget_log_after(info["step"])
         self.model.to(acc.device)
+        if cfg.activation_checkpointing:
+            switch = getattr(self.model.model, "set_activation_checkpointing", None)
+            if switch is None:
+                raise PetlError(f"{type(self.model.model).__name__} has no activation "
+                                "checkpointing; use a petlkit backbone")  # fmt: skip
+            switch(True)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
         interrupted, restore = _catch_interrupt()
