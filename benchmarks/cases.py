@@ -72,6 +72,19 @@ def where(args) -> str:
     return f"{torch.get_num_threads()}-thread CPU"
 
 
+def backward_step(model, inputs: dict, labels: torch.Tensor, args):
+    """A callable running one forward (autocast as asked) + backward, synchronised."""
+    import torch.nn.functional as F
+
+    def run() -> None:
+        with autocast(args):
+            loss = F.cross_entropy(model(**inputs).float(), labels)
+        loss.backward()
+        sync(args.device)
+
+    return run
+
+
 def peak_step_gib(run, device: str) -> float | None:
     """CUDA memory allocated during one call of `run` at its peak (GiB), None off CUDA."""
     if torch.device(device).type != "cuda":

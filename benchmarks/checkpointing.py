@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cases import (  # noqa: E402
     add_device_args,
     autocast,
+    backward_step,
     peak_step_gib,
     sync,
     text_case,
@@ -49,15 +50,6 @@ def saved_mib(petl, inputs, labels, amp) -> float:
         loss = F.cross_entropy(petl(**inputs).float(), labels)
     loss.backward()
     return sum(storages.values()) / 2**20
-
-
-def step_fn(petl, inputs, labels, amp):
-    def run() -> None:
-        with amp:
-            loss = F.cross_entropy(petl(**inputs).float(), labels)
-        loss.backward()
-
-    return run
 
 
 def main() -> None:
@@ -95,7 +87,8 @@ def main() -> None:
         t = {on: statistics.median(v) for on, v in times.items()}
         m = {on: saved_mib(p, inputs, labels, amp) for on, p in models.items()}
         cuda = [
-            peak_step_gib(step_fn(p, inputs, labels, amp), args.device) for p in models.values()
+            peak_step_gib(backward_step(p, inputs, labels, args), args.device)
+            for p in models.values()
         ]
         cuda_cell = "n/a" if cuda[0] is None else f"{cuda[0]:.2f} / {cuda[1]:.2f}"
         print(f"| {method} | {t[False] * 1e3:.0f} ms | {t[True] * 1e3:.0f} ms | "

@@ -15,10 +15,17 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cases import add_device_args, autocast, peak_step_gib, sync, to_device, where  # noqa: E402
+from cases import (  # noqa: E402
+    add_device_args,
+    autocast,
+    backward_step,
+    peak_step_gib,
+    sync,
+    to_device,
+    where,
+)
 from timing import median_seconds  # noqa: E402
 
 import petlkit  # noqa: E402
@@ -57,13 +64,7 @@ def measure(name: str, model: torch.nn.Module, inputs: dict, args) -> None:
     merged.merge()
 
     def step(m):
-        def run():
-            with amp:
-                loss = F.cross_entropy(m(**inputs).float(), labels)
-            loss.backward()
-            sync(device)
-
-        return run
+        return backward_step(m, inputs, labels, args)
 
     def infer(m):
         def run():

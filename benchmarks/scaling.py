@@ -18,14 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import (  # noqa: E402
     add_device_args,
-    autocast,
+    backward_step,
     frozen_limit,
-    sync,
     text_case,
     to_device,
     vision_case,
@@ -40,23 +38,16 @@ VISION = ["lora", "sas", "vpt"]
 
 
 def ratios(model, inputs, methods, args) -> dict[str, float]:
-    device, amp = args.device, autocast(args)
+    device = args.device
     model, inputs = model.to(device), to_device(inputs, device)
     labels = torch.zeros(next(iter(inputs.values())).shape[0], dtype=torch.long, device=device)
     frozen, frozen_inputs = frozen_limit(copy.deepcopy(model), inputs)
 
-    def step(m, m_inputs):
-        def run():
-            with amp:
-                loss = F.cross_entropy(m(**m_inputs).float(), labels)
-            loss.backward()
-            sync(device)
-
-        return run
-
-    fns = {"frozen": step(frozen, frozen_inputs)}
+    fns = {"frozen": backward_step(frozen, frozen_inputs, labels, args)}
     for m in methods:
-        fns[m] = step(petlkit.attach(copy.deepcopy(model), m).train(), inputs)
+        fns[m] = backward_step(
+            petlkit.attach(copy.deepcopy(model), m).train(), inputs, labels, args
+        )
     t = median_seconds(fns, args.repeats, warmup=1)
     return {"frozen_ms": t["frozen"] * 1e3, **{m: t[m] / t["frozen"] for m in methods}}
 
