@@ -17,10 +17,7 @@ import contextlib
 import datetime
 import json
 import math
-import signal
-import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ from petlkit.tasks.base import Split, Task
 from petlkit.tasks.span import best_answers
 from petlkit.tasks.squad import squad_scores
 from petlkit.train.config import TrainConfig
+from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
 
 BEST = "best.safetensors"
@@ -48,37 +46,6 @@ RESULTS = "results.json"
 
 class TrainingInterrupted(PetlError):
     """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
-
-
-def _catch_interrupt() -> tuple[list[bool], Callable[[], None]]:
-    """Turn SIGINT into a flag the loop checks between steps (a step is never cut in half)."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():
-        return flag, lambda: None
-
-    def handler(signum, frame) -> None:
-        flag[0] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    return flag, lambda: signal.signal(signal.SIGINT, previous)
-
-
-def weight_decay_groups(params: dict[str, torch.nn.Parameter], decay: float) -> list[dict]:
-    """Matrices decay; biases, norms, scales, gates' biases and other vectors do not."""
-    with_decay = [p for p in params.values() if p.dim() >= 2]
-    without = [p for p in params.values() if p.dim() < 2]
-    return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
-
-
-def _default_lr(model: PetlModel) -> float:
-    """The active method's default learning rate (one method active; else ask for one)."""
-    rates = {model.methods[n].default_lr for n in model.active}
-    if len(rates) != 1:
-        raise PetlError(
-            f"methods {model.active} have different default learning rates {sorted(rates)}; "
-            "pass one (TrainConfig(lr=...), --lr)"
-        )
-    return rates.pop()
 
 
 class Trainer:
@@ -95,7 +62,7 @@ class Trainer:
         if task.modality == "text" and tokenizer is None:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
-        self.lr = config.lr if config.lr is not None else _default_lr(model)
+        self.lr = config.lr if config.lr is not None else default_lr(model)
         self.tokenizer = tokenizer
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -269,7 +236,7 @@ class Trainer:
             switch(True)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
-        interrupted, restore = _catch_interrupt()
+        interrupted, restore = catch_interrupt()
         try:
             self._steps(
                 ddp_model, acc_optimizer, optimizer, scheduler, params, info, bar, interrupted
