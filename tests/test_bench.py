@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -13,10 +14,15 @@ from petlkit.backbones.vit import VisionTransformer, ViTConfig
 from petlkit.backbones.vit_weights import save_vit
 from petlkit.bench import MethodEntry, Preset, cells, read_records, run_grid, write_report
 from petlkit.bench import grid as grid_module
+from petlkit.bench.grid import GridRunner, TaskCache, units
 from petlkit.bench.presets import PRESETS, get_presets, narrowed
-from petlkit.bench.report import Summary, goals, main_rows
+from petlkit.bench.report import Summary, claims, main_rows, ranking_rows
+from petlkit.bench.selection import LADDER, choose, initial_grid, next_rate, rung
 from petlkit.cli import main
 from petlkit.errors import ConfigError, PetlError
+from petlkit.tasks import load_task
+from petlkit.tasks.base import Split
+from petlkit.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +41,10 @@ def tiny_preset(backbone: str) -> Preset:
         "tiny", backbone, {"digits": "natural-like", "shapes-count": "structured"},
         {"linear": MethodEntry("linear", lr=1e-2), "sas": MethodEntry("sas", lr=1e-2),
          "lora": MethodEntry("lora", {"r": 2}, 1e-2)},
-        seeds=(0, 1), train=dict(steps=3, batch_size=8, eval_every=0, checkpoint_every=1),
+        seeds=(0, 1), train=dict(steps=3, batch_size=8, eval_every=1, checkpoint_every=1),
         eval_limit=50, val_limit=50, shots=(1, 2), fewshot_tasks=("digits",),
         fewshot_methods=("sas",),
-        dg={"digits": ("shapes-count",)},
+        dg={"digits": ("shapes-count",)}, widen=0,
     )  # fmt: skip
 
 
@@ -53,13 +59,172 @@ def test_grid_runs_every_cell_once_then_skips_them(tiny_vit_file, tmp_path, monk
     assert set(sas["dg"]) == {"shapes-count"}  # trained on digits, scored on the other task
     assert by_cell["digits-2shot--sas--seed1"]["shots"] == 2
     assert by_cell["digits--linear--seed0"]["trainable"] == 0
-    assert not list(tmp_path.glob("cells/*/checkpoint.safetensors"))  # large files removed
+    assert not list(tmp_path.glob("cells/*/*.safetensors"))  # large files removed
+    trials = read_records(tmp_path, "selection.jsonl")
+    assert len(trials) == len(units(preset)) * 3  # no edge widening asked for: widen=0
 
-    def refuse(*args):
-        raise AssertionError("a finished cell ran again")
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell or selection run ran again")
 
-    monkeypatch.setattr(grid_module, "run_cell", refuse)
+    monkeypatch.setattr(GridRunner, "run_cell", refuse)
+    monkeypatch.setattr(GridRunner, "trial", refuse)
     assert len(run_grid(preset, tmp_path, log=lambda _: None)) == len(records)
+
+
+def test_every_record_says_how_its_rate_was_chosen(tiny_vit_file, tmp_path):
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), shots=(), dg={},
+                                 tasks={"digits": "natural-like"})  # fmt: skip
+    records = run_grid(preset, tmp_path, log=lambda _: None)
+    trials = {(r["method"], r["lr"]): r for r in read_records(tmp_path, "selection.jsonl")}
+    for r in records:
+        assert r["grid"] == sorted(lr for m, lr in trials if m == r["method"])
+        assert r["lr"] in r["grid"] and r["steps"] == 3 and r["selection_seed"] == 0
+        # the choice is the best validation score of the grid (the lower rate on a tie)
+        vals = {lr: trials[(r["method"], lr)]["val"] for lr in r["grid"]}
+        assert r["val_at_choice"] == max(vals.values())
+        assert r["lr"] == min(lr for lr, v in vals.items() if v == r["val_at_choice"])
+        assert r["curve"] and r["curve"][-1][0] == 3  # the validation curve of the run
+    seed0 = {r["method"]: r for r in records if r["seed"] == 0}
+    for method, r in seed0.items():  # the seed-0 cell is the chosen selection run itself
+        assert r["val"] == trials[(method, r["lr"])]["val"]
+
+
+def test_selection_never_reads_test_data(tiny_vit_file, tmp_path, monkeypatch):
+    """Selection runs see a task without its test split, every test evaluation of a (task,
+    method) comes after its choice is recorded, and poisoned test labels change no choice."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0, 1), shots=(1,), dg={})
+    order = []
+    original_init, original_evaluate = Trainer.__init__, Trainer.evaluate
+
+    def spy_init(self, model, task, config, output_dir=None, *args, **kwargs):
+        if output_dir is not None and "select--" in str(output_dir):
+            assert "test" not in task.splits, "a selection run was given the test split"
+        original_init(self, model, task, config, output_dir, *args, **kwargs)
+
+    def spy_evaluate(self, split_name="val"):
+        if split_name == "test":
+            chosen = {r["unit"] for r in read_records(tmp_path / "clean", "selection.jsonl")}
+            order.append((self.task.name, len(chosen)))
+        return original_evaluate(self, split_name)
+
+    monkeypatch.setattr(Trainer, "__init__", spy_init)
+    monkeypatch.setattr(Trainer, "evaluate", spy_evaluate)
+    clean = run_grid(preset, tmp_path / "clean", log=lambda _: None)
+    assert order and order[0][1] == 1  # the first test score waits for the first unit's choice
+
+    original_get = grid_module.TaskCache.get
+
+    def poisoned(self, *args, **kwargs):
+        task = original_get(self, *args, **kwargs)
+        test = task.splits["test"]
+        flipped = Split(test.inputs, (test.labels + 1) % task.num_labels)
+        return dataclasses.replace(task, splits={**task.splits, "test": flipped})
+
+    monkeypatch.setattr(grid_module.TaskCache, "get", poisoned)
+    dirty = run_grid(preset, tmp_path / "dirty", log=lambda _: None)
+    assert [(r["cell"], r["lr"], r["val"]) for r in dirty] == [
+        (r["cell"], r["lr"], r["val"]) for r in clean
+    ]
+    assert [r["score"] for r in dirty] != [r["score"] for r in clean]  # the poison was read
+
+
+@pytest.mark.parametrize(
+    ("peak", "expected_grid", "edge"),
+    [
+        (3e-3, (1e-3, 3e-3, 1e-2), None),  # inside the grid: no widening
+        (3e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), None),  # past the top: grows, finds the peak
+        (1.0, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "high"),  # still rising after 2 rungs: flagged
+        (1e-5, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "low"),
+    ],
+)
+def test_the_grid_widens_past_an_edge_then_flags_it(peak, expected_grid, edge):
+    def val(lr):  # a score that peaks at `peak`
+        return -abs(math.log10(lr) - math.log10(peak))
+
+    entry = MethodEntry("lora", lr=3e-3)
+    initial = initial_grid(entry)
+    assert initial == (1e-3, 3e-3, 1e-2)
+    scores = {}
+    while (lr := next_rate(scores, initial, widen=2)) is not None:
+        scores[lr] = val(lr)
+    choice = choose(scores)
+    assert choice.grid == expected_grid and choice.edge == edge
+    assert choice.lr == max(scores, key=scores.get)
+
+
+def test_a_flat_grid_is_not_widened_and_its_edge_choice_is_reported():
+    scores = {1e-3: 0.5, 3e-3: 0.5, 1e-2: 0.5}  # nothing learned at any rate
+    assert next_rate(scores, (1e-3, 3e-3, 1e-2), widen=2) is None
+    assert choose(scores).edge == "low"
+
+
+def test_a_diverged_rate_is_recorded_and_never_chosen():
+    scores = {1e-3: 0.7, 3e-3: 0.8, 1e-2: None}  # None: the loss became NaN
+    assert next_rate(scores, (1e-3, 3e-3, 1e-2), widen=2) is None
+    choice = choose(scores)
+    assert (choice.lr, choice.val, choice.edge) == (3e-3, 0.8, None)
+    assert rung(0.0031) == rung(3e-3) and LADDER[rung(3e-3) + 1] == 1e-2
+
+
+def test_widening_and_divergence_in_a_real_grid(tiny_vit_file, tmp_path, monkeypatch):
+    """A grid whose validation score keeps rising with the rate tries more rates, records the
+    edge, and a run that diverges is kept as diverged rather than stopping the grid."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(), dg={},
+                                 tasks={"digits": "natural-like"}, widen=1,
+                                 methods={"sas": MethodEntry("sas", lr=1e-2)})  # fmt: skip
+    original = GridRunner.trial
+
+    def rigged(self, unit, lr):
+        record = original(self, unit, lr)
+        if lr > 2e-2:
+            record["val"] = None  # as if the loss had become NaN
+        else:
+            record["val"] = lr  # higher is better, up to the divergence
+        return record
+
+    monkeypatch.setattr(GridRunner, "trial", rigged)
+    [record] = run_grid(preset, tmp_path, log=lambda _: None)
+    assert record["grid"] == [3e-3, 1e-2, 3e-2] and record["lr"] == 1e-2
+    assert record["edge"] is None  # the rate above it was tried (and diverged)
+    trials = read_records(tmp_path, "selection.jsonl")
+    assert [t["val"] for t in trials if t["lr"] == 3e-2] == [None]
+
+
+def test_a_grid_killed_mid_selection_resumes_without_repeating_runs(
+    tiny_vit_file, tmp_path, monkeypatch
+):
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0, 1), shots=(), dg={},
+                                 tasks={"digits": "natural-like"})  # fmt: skip
+    reference = run_grid(preset, tmp_path / "reference", log=lambda _: None)
+    calls = []
+    original = GridRunner.trial
+
+    def killed_after_four(self, unit, lr):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append((unit.key, lr))
+        return original(self, unit, lr)
+
+    monkeypatch.setattr(GridRunner, "trial", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(preset, tmp_path / "run", log=lambda _: None)
+    first = list(calls)
+    monkeypatch.setattr(GridRunner, "trial", lambda self, unit, lr: (
+        calls.append((unit.key, lr)), original(self, unit, lr))[1])  # fmt: skip
+    records = run_grid(preset, tmp_path / "run", log=lambda _: None)
+    assert len(calls) == len(set(calls)) == 9 and calls[:4] == first  # none repeated
+    assert [(r["cell"], r["lr"], r["score"]) for r in records] == [
+        (r["cell"], r["lr"], r["score"]) for r in reference
+    ]
+
+
+def test_results_of_the_fixed_rate_protocol_are_not_mixed_in(tiny_vit_file, tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps(_record("digits", "sas", 0, 0.5, 1)) + "\n")
+    old = json.loads((tmp_path / "results.jsonl").read_text())
+    del old["grid"]
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(PetlError, match="fixed-rate protocol.*new --output"):
+        run_grid(tiny_preset(tiny_vit_file), tmp_path, log=lambda _: None)
 
 
 def test_a_cell_cut_off_mid_write_runs_again(tiny_vit_file, tmp_path):
@@ -74,50 +239,107 @@ def test_a_cell_cut_off_mid_write_runs_again(tiny_vit_file, tmp_path):
     assert again[-1]["score"] == records[-1]["score"]  # same seed, same result
 
 
-def _record(task, method, seed, score, trainable, group="g"):
+def test_the_retrain_rule_trains_every_seed_on_train_and_val(tiny_vit_file, tmp_path, monkeypatch):
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(), dg={},
+                                 tasks={"digits": "natural-like"}, selection="retrain",
+                                 methods={"sas": MethodEntry("sas", lr=1e-2)})  # fmt: skip
+    sizes = []
+    original_init = Trainer.__init__
+
+    def spy(self, model, task, config, output_dir=None, *args, **kwargs):
+        if output_dir is not None:
+            sizes.append(("select" in str(output_dir), len(task.splits["train"])))
+        original_init(self, model, task, config, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    [record] = run_grid(preset, tmp_path, log=lambda _: None)
+    assert sizes == [(True, 800)] * 3 + [(False, 1000)]  # VTAB-1k: 800 + 200
+    assert record["selection"] == "retrain"
+
+
+def test_low_resource_samples_train_and_val_from_the_training_split():
+    preset = dataclasses.replace(PRESETS["text-lowres"], backbone="vit-tiny")
+    cache = TaskCache(preset, None)
+    full = load_task("sentiment-products-binary")
+    texts = set(full.splits["train"].inputs)
+    a, b = cache.get("sentiment-products-binary", size=100, seed=0), cache.get(
+        "sentiment-products-binary", size=100, seed=1)  # fmt: skip
+    assert len(a.splits["train"]) == 100 and len(a.splits["val"]) == preset.size_val
+    assert set(a.splits["train"].inputs) | set(a.splits["val"].inputs) <= texts
+    assert not set(a.splits["train"].inputs) & set(a.splits["val"].inputs)
+    assert set(a.splits["train"].inputs) != set(b.splits["train"].inputs)  # seed-dependent
+    assert a.splits["test"].labels.tolist() == b.splits["test"].labels.tolist()
+    with pytest.raises(PetlError, match="fewer than K = 5000"):
+        cache.get("sentiment-products-binary", size=5000, seed=0)
+
+
+def _record(task, method, seed, score, trainable, group="g", **extra):
     return {"cell": f"{task}-{method}-{seed}", "task": task, "group": group, "method": method,
             "seed": seed, "shots": None, "metric": "accuracy", "score": score,
-            "trainable": trainable, "percent": trainable / 1e4}  # fmt: skip
+            "trainable": trainable, "percent": trainable / 1e4, "lr": 1e-3,
+            "grid": [3e-4, 1e-3, 3e-3], "edge": None, **extra}  # fmt: skip
 
 
-def test_report_tables_means_and_goal_checks(tmp_path):
+def test_report_tables_ranking_ties_and_claims(tmp_path):
     records = [
         _record("a", "lora", 0, 0.80, 1000), _record("a", "lora", 1, 0.82, 1000),
         _record("b", "lora", 0, 0.60, 1000), _record("b", "lora", 1, 0.60, 1000),
-        _record("a", "sas", 0, 0.81, 150), _record("a", "sas", 1, 0.81, 150),
-        _record("b", "sas", 0, 0.59, 150), _record("b", "sas", 1, 0.59, 150),
-        _record("a", "sas-shared", 0, 0.70, 50), _record("b", "sas-shared", 0, 0.50, 50),
-        _record("a", "sas-specific", 0, 0.75, 100), _record("b", "sas-specific", 0, 0.55, 100),
-        _record("a", "prompt", 0, 0.90, 10), _record("b", "prompt", 0, 0.60, 10),
-        _record("a", "unipelt-prompt", 0, 0.85, 5000), _record("b", "unipelt-prompt", 0, 0.6, 5000),
+        _record("a", "sas", 0, 0.81, 150), _record("a", "sas", 1, 0.80, 150),
+        _record("b", "sas", 0, 0.59, 150), _record("b", "sas", 1, 0.61, 150),
+        _record("a", "prompt", 0, 0.60, 10), _record("a", "prompt", 1, 0.62, 10),
+        _record("b", "prompt", 0, 0.50, 10, edge="high", lr=3e-3),
+        _record("b", "prompt", 1, 0.50, 10, edge="high", lr=3e-3),
+        _record("a", "unipelt-prompt", 0, 0.85, 500), _record("a", "unipelt-prompt", 1, 0.87, 500),
+        _record("b", "unipelt-prompt", 0, 0.66, 500), _record("b", "unipelt-prompt", 1, 0.66, 500),
     ]  # fmt: skip
     summary = Summary(records)
     assert summary.mean("lora") == pytest.approx(70.5)
+    assert summary.overall("lora") == pytest.approx((70.5, 0.7071), abs=1e-3)
     header, rows = main_rows(summary)
     assert rows[0][:4] == ["lora", "1,000", "0.100", "81.0 ± 1.4"]
-    lines = goals(summary)
-    assert lines[0].startswith("SaS within 0.5 points of LoRA") and "met" in lines[0]
-    assert "-0.50" in lines[0] or "−0.50" in lines[0] or "-0.5" in lines[0]
-    assert "beats each alone: met" in lines[1]
-    assert "best single submodule (prompt, 75.00): missed" in lines[2] and "-2.50" in lines[2]
+    _, ranked = ranking_rows(summary)
+    assert [row[0] for row in ranked] == ["unipelt-prompt", "lora", "sas", "prompt"]
+    assert ranked[0][2] == "best" and ranked[1][2] == "-5.5" and ranked[3][2] == "-20.5"
+    lines = claims(summary)
+    assert lines[0].startswith("SaS vs LoRA (0.15× LoRA's parameters)") and "tie (-0.2" in lines[0]
+    assert "unipelt-prompt vs its best single submodule" in lines[1] and "ahead by 5.5" in lines[1]
     text = write_report(records, tmp_path, "tiny")
     assert "| lora | 1,000 | 0.100 | 81.0 ± 1.4 |" in text
+    assert "| prompt | 0.001 | 0.003 (highest tried) | 0.0003, 0.001, 0.003 |" in text
+    assert "## Goals" not in text and "## The papers' claims" in text
     assert (tmp_path / "main.csv").read_text().splitlines()[0].startswith("method,trainable")
     assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    brief = write_report(records, tmp_path, "tiny", brief=True)  # the demo's: tables only
+    assert "## Ranking" in brief and "claims" not in brief and "Convergence" not in brief
 
 
-def test_goal_missed_says_by_how_much():
-    records = [_record("a", "lora", 0, 0.80, 1000), _record("a", "sas", 0, 0.78, 100)]
-    line = goals(Summary(records))[0]
-    assert "missed" in line and "-2.00 points" in line
+def test_convergence_is_plotted_and_runs_still_rising_are_named(tmp_path):
+    flat = [[10, 0.70], [20, 0.80], [30, 0.80], [40, 0.81]]
+    rising = [[10, 0.50], [20, 0.60], [30, 0.70], [40, 0.80]]
+    records = [_record("a", "lora", 0, 0.8, 10, curve=flat),
+               _record("a", "prompt", 0, 0.7, 10, curve=rising)]  # fmt: skip
+    text = write_report(records, tmp_path, "tiny")
+    assert "1 of 2 seed-0 runs had plateaued" in text and "prompt on a (+20.0)" in text
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_low_resource_report_has_a_table_per_size(tmp_path):
+    records = [_record("a", m, s, 0.5 + 0.1 * (m == "lora") + k / 1e4, 10, size=k)
+               for k in (100, 500) for m in ("lora", "adapter") for s in (0, 1)]  # fmt: skip
+    text = write_report(records, tmp_path, "lowres")
+    assert "## Test scores, K = 100" in text and "## Test scores, K = 500" in text
+    assert (tmp_path / "main-K100.csv").is_file() and (tmp_path / "main-K500.csv").is_file()
 
 
 def test_fewshot_and_dg_sections_and_plots(tiny_vit_file, tmp_path):
-    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,))
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,),
+                                 dg={"digits": ("shapes-count", "digits:rotate")})  # fmt: skip
     text = write_report(run_grid(preset, tmp_path, log=lambda _: None), tmp_path, "tiny")
     assert "## Few-shot" in text and "| sas |" in text.split("## Few-shot")[1]
-    assert "## Domain generalisation" in text and "shapes-count" in text
+    dg = text.split("## Domain generalisation")[1]
+    assert "→ shapes-count" in dg and "→ digits:rotate" in dg and "digits → mean of 2" in dg
     assert (tmp_path / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_presets_name_their_problems():

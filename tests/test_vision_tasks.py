@@ -103,3 +103,30 @@ def test_missing_fashion_mnist_names_the_optional_package(tmp_path):
 
     with pytest.raises(PetlError, match="optional.*apt-get install -y dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("kind", ["rotate", "invert", "noise", "blur", "sketch"])
+def test_a_shifted_task_is_the_same_task_under_a_seeded_shift(kind):
+    """`<task>:<shift>` keeps labels and range, changes every image set, and is reproducible."""
+    from petlkit.data.shifts import shift_images
+
+    base, shifted = load_task("shapes-count"), load_task(f"shapes-count:{kind}")
+    assert shifted.name == f"shapes-count:{kind}" and shifted.num_labels == base.num_labels
+    for name, split in base.splits.items():
+        moved = shifted.splits[name]
+        assert torch.equal(moved.labels, split.labels)
+        assert moved.inputs.shape == split.inputs.shape
+        assert moved.inputs.min() >= -1.0 and moved.inputs.max() <= 1.0
+        assert (moved.inputs - split.inputs).abs().mean() > 0.05  # a real shift
+    again = load_task(f"shapes-count:{kind}").splits["test"].inputs
+    assert torch.equal(again, shifted.splits["test"].inputs)
+    if kind in ("rotate", "noise"):  # drawn from the seed
+        images = base.splits["test"].inputs[:8]
+        assert not torch.equal(shift_images(images, kind, 0), shift_images(images, kind, 1))
+
+
+def test_shift_names_are_checked():
+    with pytest.raises(PetlError, match="unknown shift 'tilt'.*rotate"):
+        load_task("digits:tilt")
+    with pytest.raises(PetlError, match="shifts apply to image tasks"):
+        load_task("rotten-tomatoes:blur")

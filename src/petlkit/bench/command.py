@@ -8,7 +8,7 @@ from pathlib import Path
 
 from petlkit.bench.grid import read_records, run_grid
 from petlkit.bench.presets import get_presets, narrowed
-from petlkit.bench.report import write_report
+from petlkit.bench.report import variance_note, write_report
 from petlkit.bench.revision import commit
 
 
@@ -18,12 +18,13 @@ def run_bench(
     *,
     data_dir: str | None = None,
     report_only: bool = False,
+    brief: bool = False,
     **narrow,
 ) -> str:
     """Run the preset (each part of a composite one in `<output>/<part>`); return the reports."""
     output = Path(output)
     parts = get_presets(name)
-    texts = []
+    texts, everything = [], []
     start = time.perf_counter()
     for preset in parts:
         preset = narrowed(preset, **narrow)
@@ -36,7 +37,10 @@ def run_bench(
         made = f"cells run by petlkit {', '.join(runs)}; " if runs else ""
         title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} ({made}"
                  f"report by petlkit {commit()}, {date.today().isoformat()})")  # fmt: skip
-        texts.append(write_report(records, folder, title, list(preset.methods)))
+        texts.append(write_report(records, folder, title, list(preset.methods), brief=brief))
+        everything += records
+    if brief and everything:
+        texts.append(variance_note(everything))
     if not report_only:
         texts.append(f"wall time: {time.perf_counter() - start:.0f} s; reports and plots in "
                       f"{output}")  # fmt: skip

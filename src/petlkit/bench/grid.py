@@ -1,8 +1,15 @@
-"""Run a preset's grid of tasks × methods × seeds (and few-shot cells), resumably.
+"""Run a preset's grid resumably, each method at a learning rate chosen on validation data.
 
-Every finished cell appends one JSON line to `<output>/results.jsonl`; a second run skips cells
-already there, and a cell cut off mid-training resumes from its own checkpoint in
-`<output>/cells/<cell>/`. Only small files stay once a cell is done (its metrics and results).
+Two phases, both resumable:
+1. Selection: per (task, method) — and per few-shot K or low-resource size — every rate of the
+   grid (bench/selection.py) trains at seed 0 on a copy of the task without its test split; the
+   best validation score picks the rate. Each finished trial appends a line to
+   `<output>/selection.jsonl`. With the "val" rule the seed-0 trial at the chosen rate is the
+   seed-0 cell: its saved weights are scored on test only now, after the choice.
+2. Cells: every other seed (and, with the VTAB-1k "retrain" rule, every seed on train + val) at
+   the chosen rate; each finished cell appends a line to `<output>/results.jsonl`.
+A second run skips what is recorded; a run cut off mid-training resumes from its checkpoint in
+`<output>/cells/<name>/`. Only small files stay once a cell is done.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,42 +27,78 @@ import torch
 
 from petlkit.bench.presets import Preset
 from petlkit.bench.revision import commit
+from petlkit.bench.selection import Choice, choose, initial_grid, next_rate
 from petlkit.errors import PetlError
 from petlkit.io import atomic_write
 from petlkit.model import attach
 from petlkit.run import RunSpec, build_for_task, fit_to_backbone
 from petlkit.tasks import Task, load_task
+from petlkit.tasks.base import Split
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import Trainer
+from petlkit.train.trainer import BEST, METRICS_LOG, Trainer, TrainingDiverged
 
 RESULTS = "results.jsonl"
+SELECTION = "selection.jsonl"
+SELECTION_SEED = 0
+LARGE_FILES = ("checkpoint.safetensors", BEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What one learning rate is chosen for: a (task, method), at a few-shot K or a size."""
+
+    task: str
+    method: str  # the preset's label
+    shots: int | None = None  # K examples per class (few-shot curves)
+    size: int | None = None  # K training examples in all (low-resource setting)
+
+    @property
+    def key(self) -> str:
+        shots = "" if self.shots is None else f"-{self.shots}shot"
+        size = "" if self.size is None else f"-K{self.size}"
+        return f"{self.task}{shots}{size}--{self.method}"
+
+    def cell(self, seed: int) -> Cell:
+        return Cell(self.task, self.method, seed, self.shots, self.size)
+
+    def trial(self, lr: float) -> str:
+        return f"select--{self.key}--lr{lr:g}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
     task: str
-    method: str  # the preset's label
+    method: str
     seed: int
     shots: int | None = None
+    size: int | None = None
+
+    @property
+    def unit(self) -> Unit:
+        return Unit(self.task, self.method, self.shots, self.size)
 
     @property
     def key(self) -> str:
-        shots = "" if self.shots is None else f"-{self.shots}shot"
-        return f"{self.task}{shots}--{self.method}--seed{self.seed}"
+        return f"{self.unit.key}--seed{self.seed}"
 
 
-def cells(preset: Preset) -> list[Cell]:
-    """The main table's cells seed by seed (a cut-off grid holds whole seeds), then the
-    few-shot ones."""
-    out = [Cell(t, m, s) for s in preset.seeds for t in preset.tasks for m in preset.methods]
+def units(preset: Preset) -> list[Unit]:
+    if preset.sizes:
+        return [Unit(t, m, size=k) for k in preset.sizes for t in preset.tasks
+                for m in preset.methods]  # fmt: skip
+    out = [Unit(t, m) for t in preset.tasks for m in preset.methods]
     few = [m for m in preset.methods if not preset.fewshot_methods or m in preset.fewshot_methods]
-    for s in preset.seeds:
-        out += [Cell(t, m, s, k) for k in preset.shots for t in preset.fewshot_tasks for m in few]
+    out += [Unit(t, m, k) for k in preset.shots for t in preset.fewshot_tasks for m in few]
     return out
 
 
-def read_records(output: str | Path) -> list[dict]:
-    path = Path(output) / RESULTS
+def cells(preset: Preset) -> list[Cell]:
+    """Every cell, seed by seed (a cut-off grid holds whole seeds)."""
+    return [u.cell(s) for s in preset.seeds for u in units(preset)]
+
+
+def read_records(output: str | Path, name: str = RESULTS) -> list[dict]:
+    path = Path(output) / name
     if not path.is_file():
         return []
     records = []
@@ -70,11 +114,18 @@ def read_records(output: str | Path) -> list[dict]:
     return records
 
 
-def _append(output: Path, record: dict) -> None:
-    with open(output / RESULTS, "a") as f:
+def _append(output: Path, record: dict, name: str = RESULTS) -> None:
+    with open(output / name, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _rewrite(output: Path, name: str, records: list[dict]) -> None:
+    """The file without lines cut by a kill, before new lines are appended."""
+    if records:
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(output / name, lambda tmp: Path(tmp).write_text(lines))
 
 
 class TaskCache:
@@ -83,15 +134,20 @@ class TaskCache:
     def __init__(self, preset: Preset, data_dir: str | None) -> None:
         self.preset, self.data_dir, self._tasks = preset, data_dir, {}
 
-    def get(self, name: str, shots: int | None = None, seed: int = 0) -> Task:
+    def get(self, name: str, shots: int | None = None, seed: int = 0,
+            size: int | None = None) -> Task:  # fmt: skip
         if name.startswith("fewshot-"):  # NOAH's own split file per (shots, seed)
             task = load_task(name, self.data_dir, shots, seed, self.preset.image_size)
             return _limit_eval(task, self.preset)
         if name not in self._tasks:
             task = load_task(name, self.data_dir, resolution=self.preset.image_size)
             task = fit_to_backbone(task, self.preset.backbone)
+            if self.preset.selection == "retrain" and "train800val200" not in task.splits:
+                task = _with_train_and_val(task)  # before val is cut to val_limit
             self._tasks[name] = _limit_eval(task, self.preset)
         task = self._tasks[name]
+        if size is not None:
+            return _low_resource(task, size, self.preset.size_val, seed)
         if shots is None:
             return task
         return dataclasses.replace(
@@ -110,68 +166,229 @@ def _limit_eval(task: Task, preset: Preset) -> Task:
     return dataclasses.replace(task, splits=splits)
 
 
-def run_cell(preset: Preset, cell: Cell, tasks: TaskCache, folder: Path) -> dict:
-    entry = preset.methods[cell.method]
-    train = {**preset.train, "lr": entry.lr, "seed": cell.seed}
-    if cell.shots is not None and preset.fewshot_steps:
-        train["steps"] = preset.fewshot_steps
-    spec = RunSpec(backbone=preset.backbone, method=entry.method, task=cell.task,
-                   method_args=entry.args, train=train, pooling=preset.pooling,
-                   data_dir=tasks.data_dir, image_size=preset.image_size)  # fmt: skip
-    if cell.task == "squad":  # its windows depend on the tokenizer
-        built, task = spec.build_and_load()
+def _low_resource(task: Task, size: int, val_size: int, seed: int) -> Task:
+    """UniPELT's low-resource setting: `size` training examples drawn with `seed`, and
+    validation drawn from the remaining training examples; test unchanged."""
+    train = task.splits["train"]
+    if size + val_size > len(train):
+        raise PetlError(f"task {task.name!r} has {len(train)} training examples, fewer than K = "
+                        f"{size} plus {val_size} for validation; use a smaller K")  # fmt: skip
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    splits = {**task.splits, "train": train.subset(order[:size].sort().values),
+              "val": train.subset(order[size : size + val_size].sort().values)}  # fmt: skip
+    return dataclasses.replace(task, splits=splits)
+
+
+def without_test(task: Task) -> Task:
+    """The task as learning-rate selection sees it: no test split at all."""
+    return dataclasses.replace(task, splits={k: v for k, v in task.splits.items() if k != "test"})
+
+
+def _with_train_and_val(task: Task) -> Task:
+    """The task with one more split, train + val, under VTAB-1k's name for it."""
+    train, val = task.splits["train"], task.splits["val"]
+    if isinstance(train.inputs, torch.Tensor):
+        inputs = torch.cat([train.inputs, val.inputs])
+    elif hasattr(train.inputs, "take"):
+        raise PetlError(f"task {task.name!r}: the retrain rule needs a train800val200 list")
     else:
-        task = tasks.get(cell.task, cell.shots, cell.seed)
+        inputs = [*train.inputs, *val.inputs]
+    both = Split(inputs, torch.cat([train.labels, val.labels]))
+    return dataclasses.replace(task, splits={**task.splits, "train800val200": both})
+
+
+def train_and_val(task: Task) -> Task:
+    """VTAB-1k's retrain rule: train on train + val (its train800val200 split)."""
+    if "train800val200" not in task.splits:
+        task = _with_train_and_val(task)
+    return dataclasses.replace(task, splits={**task.splits, "train": task.splits["train800val200"]})
+
+
+class GridRunner:
+    """One preset's grid in one output folder."""
+
+    def __init__(self, preset: Preset, output: Path, data_dir: str | None, log) -> None:
+        self.preset, self.output, self.log = preset, output, log
+        self.tasks = TaskCache(preset, data_dir)
+        self.data_dir = data_dir
+
+    # -- building ----------------------------------------------------------------------------
+    def _trainer(self, task_name: str, task: Task, method: str, lr: float, seed: int,
+                 folder: Path | None, unit: Unit, **overrides) -> Trainer:  # fmt: skip
+        preset = self.preset
+        entry = preset.methods[method]
+        train = {**preset.train, "lr": lr, "seed": seed, **overrides}
+        if unit.shots is not None and preset.fewshot_steps:
+            train["steps"] = preset.fewshot_steps
+        train["batch_size"] = min(train.get("batch_size", 32), len(task.splits["train"]))
+        spec = RunSpec(backbone=preset.backbone, method=entry.method, task=task_name,
+                       method_args=entry.args, train=train, pooling=preset.pooling,
+                       data_dir=self.data_dir, image_size=preset.image_size)  # fmt: skip
         built = build_for_task(spec, task)
-    train["batch_size"] = min(train.get("batch_size", 32), len(task.splits["train"]))
-    model = attach(built.model, entry.method, **entry.args)
-    config = TrainConfig(**train)
-    trainer = Trainer(model, task, config, folder, built.tokenizer, progress=False)
-    start = time.perf_counter()
-    results = trainer.fit(resume=(folder / "checkpoint.safetensors").is_file())
-    record = {
-        "cell": cell.key, "preset": preset.name, "backbone": preset.backbone,
-        "task": cell.task, "group": preset.tasks.get(cell.task, "few-shot"),
-        "method": cell.method, "seed": cell.seed, "shots": cell.shots,
-        "metric": next(iter(results["test"])), "score": next(iter(results["test"].values())),
-        "val": next(iter(results["val"].values())),
-        "trainable": results["trainable_parameters"], "percent": results["trainable_percent"],
-        "steps": config.steps, "seconds": round(time.perf_counter() - start, 1),
-        "commit": commit(),
-    }  # fmt: skip
-    if cell.shots is None and cell.task in preset.dg:
-        record["dg"] = {
-            target: next(iter(Trainer(model, tasks.get(target), config, None, built.tokenizer,
-                                      progress=False).evaluate("test").values()))
-            for target in preset.dg[cell.task]
+        model = attach(built.model, entry.method, **entry.args)
+        return Trainer(model, task, TrainConfig(**train), folder, built.tokenizer, progress=False)
+
+    def _task(self, unit: Unit, seed: int) -> Task:
+        return self.tasks.get(unit.task, unit.shots, seed, unit.size)
+
+    # -- phase 1: selection ------------------------------------------------------------------
+    def select(self, unit: Unit, trials: dict[str, dict]) -> Choice:
+        entry = self.preset.methods[unit.method]
+        initial = initial_grid(entry)
+        scores = {r["lr"]: r["val"] for r in trials.values() if r["unit"] == unit.key}
+        while (lr := next_rate(scores, initial, self.preset.widen)) is not None:
+            record = self.trial(unit, lr)
+            _append(self.output, record, SELECTION)
+            trials[record["trial"]] = record
+            scores[lr] = record["val"]
+            shown = "diverged" if record["val"] is None else f"val {record['val']:.4f}"
+            self.log(f"  select {unit.key} lr {lr:g}: {shown} ({record['seconds']:.0f} s)")
+        return choose(scores)
+
+    def trial(self, unit: Unit, lr: float) -> dict:
+        folder = self.output / "cells" / unit.trial(lr)
+        task = without_test(self._task(unit, SELECTION_SEED))
+        trainer = self._trainer(unit.task, task, unit.method, lr, SELECTION_SEED, folder, unit)
+        start = time.perf_counter()
+        try:
+            results = trainer.fit(resume=_fresh_or_resume(folder))
+            val, best_step = next(iter(results["val"].values())), results["best_step"]
+        except TrainingDiverged:
+            val, best_step = None, None
+        (folder / "checkpoint.safetensors").unlink(missing_ok=True)  # best.safetensors stays
+        return {"trial": unit.trial(lr), "unit": unit.key, "task": unit.task,
+                "method": unit.method, "shots": unit.shots, "size": unit.size, "lr": lr,
+                "seed": SELECTION_SEED, "val": val, "best_step": best_step,
+                "steps": trainer.config.steps, "curve": _curve(folder),
+                "seconds": round(time.perf_counter() - start, 1), "commit": commit()}  # fmt: skip
+
+    # -- phase 2: cells ----------------------------------------------------------------------
+    def seed0_from_trial(self, cell: Cell, choice: Choice, trial: dict) -> dict | None:
+        """The seed-0 cell from the chosen trial's saved weights (None if they are gone)."""
+        best = self.output / "cells" / cell.unit.trial(choice.lr) / BEST
+        if trial["val"] is None or not best.is_file():
+            return None
+        task = self._task(cell.unit, cell.seed)
+        trainer = self._trainer(cell.task, task, cell.method, choice.lr, cell.seed, None, cell.unit)
+        trainer.load_trained(best)
+        results = {"val": {"val": trial["val"]}, "test": trainer.evaluate("test"),
+                   "best_step": trial["best_step"]}  # fmt: skip
+        return self._record(cell, choice, trainer, results, trial["seconds"], trial["curve"])
+
+    def run_cell(self, cell: Cell, choice: Choice) -> dict:
+        folder = self.output / "cells" / cell.key
+        task = self._task(cell.unit, cell.seed)
+        overrides = {}
+        if self.preset.selection == "retrain":
+            task, overrides = train_and_val(task), {"eval_every": 0}
+        trainer = self._trainer(cell.task, task, cell.method, choice.lr, cell.seed, folder,
+                                cell.unit, **overrides)  # fmt: skip
+        start = time.perf_counter()
+        results = trainer.fit(resume=_fresh_or_resume(folder))
+        record = self._record(cell, choice, trainer, results,
+                              round(time.perf_counter() - start, 1), _curve(folder))  # fmt: skip
+        for name in LARGE_FILES:
+            (folder / name).unlink(missing_ok=True)
+        return record
+
+    def _record(self, cell: Cell, choice: Choice, trainer: Trainer, results: dict,
+                seconds: float, curve: list) -> dict:  # fmt: skip
+        preset = self.preset
+        record = {
+            "cell": cell.key, "preset": preset.name, "backbone": preset.backbone,
+            "task": cell.task, "group": preset.tasks.get(cell.task, "few-shot"),
+            "method": cell.method, "seed": cell.seed, "shots": cell.shots, "size": cell.size,
+            "metric": next(iter(results["test"])), "score": next(iter(results["test"].values())),
+            "val": next(iter(results["val"].values())), "best_step": results["best_step"],
+            **choice.to_record(), "selection": preset.selection,
+            "selection_seed": SELECTION_SEED, "curve": curve,
+            "trainable": trainer.model.trainable_parameters().trainable,
+            "percent": trainer.model.trainable_parameters().percent,
+            "steps": trainer.config.steps, "seconds": seconds, "commit": commit(),
         }  # fmt: skip
-    for name in ("checkpoint.safetensors", "best.safetensors"):  # large; the record is kept
-        (folder / name).unlink(missing_ok=True)
-    return record
+        if cell.shots is None and cell.size is None and cell.task in preset.dg:
+            record["dg"] = {
+                target: next(iter(Trainer(trainer.model, self.tasks.get(target), trainer.config,
+                                          None, trainer.tokenizer, progress=False)
+                                  .evaluate("test").values()))
+                for target in preset.dg[cell.task]
+            }  # fmt: skip
+        return record
+
+    # -- the whole grid ----------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        self.output.mkdir(parents=True, exist_ok=True)
+        records, trial_list = read_records(self.output), read_records(self.output, SELECTION)
+        old = [r["cell"] for r in records if "grid" not in r]
+        if old:
+            raise PetlError(f"{self.output} holds {len(old)} cells from the fixed-rate protocol "
+                            f"(no learning-rate grid, e.g. {old[0]}); write to a new --output "
+                            "folder")  # fmt: skip
+        _rewrite(self.output, RESULTS, records)
+        _rewrite(self.output, SELECTION, trial_list)
+        done = {r["cell"] for r in records}
+        trials = {r["trial"]: r for r in trial_list}
+        grid = cells(self.preset)
+        self.log(f"{self.preset.name}: {sum(c.key in done for c in grid)} of {len(grid)} cells "
+                 f"done; {len(trials)} selection runs recorded")  # fmt: skip
+        choices = {}
+        reuse = self.preset.selection == "val" and SELECTION_SEED in self.preset.seeds
+        for unit in units(self.preset):
+            choice = choices[unit.key] = self.select(unit, trials)
+            cell = unit.cell(SELECTION_SEED)
+            if reuse and cell.key not in done:
+                trial = trials[unit.trial(choice.lr)]
+                record = self.seed0_from_trial(cell, choice, trial) or self.run_cell(cell, choice)
+                self._finish(record, done)
+            self._forget_trials(unit, choice)
+        for cell in grid:
+            if cell.key not in done:
+                self._finish(self.run_cell(cell, choices[cell.unit.key]), done)
+        return read_records(self.output)
+
+    def _finish(self, record: dict, done: set[str]) -> None:
+        _append(self.output, record)
+        done.add(record["cell"])
+        edge = f", best rate at the grid's {record['edge']} edge" if record["edge"] else ""
+        self.log(f"[{len(done)}/{len(cells(self.preset))}] {record['cell']}: lr {record['lr']:g}"
+                 f"{edge}, {record['metric']} {record['score']:.4f}")  # fmt: skip
+
+    def _forget_trials(self, unit: Unit, choice: Choice) -> None:
+        """The selection runs' weights, once the seed-0 cell no longer needs them."""
+        for lr in choice.grid:
+            (self.output / "cells" / unit.trial(lr) / BEST).unlink(missing_ok=True)
+
+
+def _fresh_or_resume(folder: Path) -> bool:
+    """Resume a run cut off after a checkpoint; otherwise start clean (no stale log lines)."""
+    if (folder / "checkpoint.safetensors").is_file():
+        return True
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
+def _curve(folder: Path) -> list[list[float]]:
+    """[step, validation score] at every evaluation of a run (from its metrics log)."""
+    path = folder / METRICS_LOG
+    if not path.is_file():
+        return []
+    curve = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val" in record:
+            curve.append([record["step"], round(next(iter(record["val"].values())), 6)])
+    return curve
 
 
 def run_grid(
     preset: Preset, output: str | Path, data_dir: str | None = None, log=None
 ) -> list[dict]:
-    """Run every cell not yet in `<output>/results.jsonl`; return all records."""
+    """Choose each rate on validation data, then run every cell not yet in
+    `<output>/results.jsonl`; return all records."""
     log = log or functools.partial(print, flush=True)
     if preset.needs_data_dir and data_dir is None:
         raise PetlError(f"preset {preset.name!r} reads the benchmark's files: pass --data-dir")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    records = read_records(output)
-    if records:  # rewritten whole, so a line cut by a kill is gone before new ones are added
-        lines = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(output / RESULTS, lambda tmp: Path(tmp).write_text(lines))
-    done = {r["cell"] for r in records}
-    grid = cells(preset)
-    todo = [c for c in grid if c.key not in done]
-    total = len(grid)
-    log(f"{preset.name}: {total - len(todo)} of {total} cells done; running {len(todo)}")
-    tasks = TaskCache(preset, data_dir)
-    for number, cell in enumerate(todo, total - len(todo) + 1):
-        record = run_cell(preset, cell, tasks, output / "cells" / cell.key)
-        _append(output, record)
-        log(f"[{number}/{total}] {cell.key}: {record['metric']} {record['score']:.4f} "
-            f"({record['seconds']:.0f} s)")  # fmt: skip
-    return read_records(output)
+    return GridRunner(preset, Path(output), data_dir, log).run()

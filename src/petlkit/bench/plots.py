@@ -74,3 +74,32 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
     fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.05)
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_convergence(records: list[dict], path: Path, title: str) -> None:
+    """Validation score against training step at each method's chosen rate (seed 0), one panel
+    per task: the evidence that a schedule is long enough."""
+    runs = [r for r in records if r.get("seed") == 0 and r.get("shots") is None
+            and len(r.get("curve") or []) > 1]  # fmt: skip
+    if not runs:
+        return
+    plt = _figure()
+    panels = list(dict.fromkeys((r["task"], r.get("size")) for r in runs))
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for ax, (task, size) in zip(axes.flat, panels, strict=False):
+        for r in runs:
+            if (r["task"], r.get("size")) == (task, size):
+                steps, values = zip(*r["curve"], strict=True)
+                ax.plot(steps, [100 * v for v in values], label=f"{r['method']} ({r['lr']:g})")
+        ax.set_title(task if size is None else f"{task}, K = {size}", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation score (points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.02)
+    _save(fig, path)
+    plt.close(fig)

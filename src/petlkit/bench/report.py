@@ -13,7 +13,12 @@ from pathlib import Path
 from petlkit.io import atomic_write
 
 ALREADY_PERCENT = ("exact_match", "f1")
-UNIPELT_SUBMODULES = ("lora", "adapter", "prefix", "prompt")
+# each UniPELT variant and the single methods it combines (He/Mao et al., UniPELT, 2022)
+UNIPELT_SUBMODULES = {
+    "unipelt-ap": ("adapter", "prefix"),
+    "unipelt": ("lora", "adapter", "prefix"),
+    "unipelt-prompt": ("lora", "adapter", "prefix", "prompt"),
+}
 
 
 def points(record: dict) -> float:
@@ -36,8 +41,10 @@ class Summary:
         self.groups = {r["task"]: r["group"] for r in main}
         self.scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.params: dict[str, tuple[int, float]] = {}
+        self.by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
         for r in main:
             self.scores[r["method"]][r["task"]].append(points(r))
+            self.by_seed[r["method"]].setdefault(r["task"], {})[r["seed"]] = points(r)
             self.params[r["method"]] = (r["trainable"], r["percent"])
         self.fewshot = [r for r in records if r.get("shots") is not None]
         self.dg = [r for r in main if "dg" in r]
@@ -50,6 +57,20 @@ class Summary:
         """The mean over tasks of the seed means (None if a task is missing)."""
         values = [self.task_mean(method, t) for t in (tasks or self.tasks)]
         return None if any(v is None for v in values) else statistics.fmean(values)
+
+    def seeds(self, method: str) -> set[int]:
+        return {seed for by_seed in self.by_seed[method].values() for seed in by_seed}
+
+    def overall(self, method: str) -> tuple[float, float]:
+        """Mean over tasks, ± the std over seeds of the per-seed means over tasks."""
+        seeds: dict[int, list[float]] = defaultdict(list)
+        for task in self.tasks:
+            for seed, value in self.by_seed[method].get(task, {}).items():
+                seeds[seed].append(value)
+        whole = [statistics.fmean(v) for v in seeds.values() if len(v) == len(self.tasks)]
+        mean = self.mean(method)
+        std = statistics.stdev(whole) if len(whole) > 1 else 0.0
+        return (mean if mean is not None else float("nan")), std
 
     def group_tasks(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = defaultdict(list)
@@ -93,53 +114,157 @@ def fewshot_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 
 def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Per method: each source's own test score, then the same weights on each target."""
+    """Per method: each source's own test score, the same weights on each target, and the
+    mean over targets."""
     pairs = list(dict.fromkeys((r["task"], t) for r in summary.dg for t in r["dg"]))
     sources = list(dict.fromkeys(source for source, _ in pairs))
     header = ["method"]
     for source in sources:
-        header += [f"{source} (source)"] + [f"{s} → {t}" for s, t in pairs if s == source]
+        targets = [t for s, t in pairs if s == source]
+        header += [f"{source} (source)"] + [f"→ {t}" for t in targets]
+        header += [f"{source} → mean of {len(targets)}"] if len(targets) > 1 else []
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in summary.dg:
-        scores[r["method"]][r["task"]].append(points(r))
+        scores[r["method"]][f"{r['task']} (source)"].append(points(r))
         for target, value in r["dg"].items():
-            scores[r["method"]][f"{r['task']} → {target}"].append(100 * value)
+            scores[r["method"]][f"→ {target}"].append(100 * value)
+        if len(r["dg"]) > 1:
+            mean = 100 * statistics.fmean(r["dg"].values())
+            scores[r["method"]][f"{r['task']} → mean of {len(r['dg'])}"].append(mean)
     rows = []
-    for method, by_column in scores.items():
+    for method in summary.methods:
+        if method not in scores:
+            continue
         row = [method]
         for column in header[1:]:
-            values = by_column.get(column.removesuffix(" (source)"))
-            row.append(f"{statistics.fmean(values):.1f}" if values else "–")
+            values = scores[method].get(column)
+            if not values:
+                row.append("–")
+            else:
+                mean, std = _mean_std(values)
+                row.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
         rows.append(row)
     return header, rows
 
 
-def goals(summary: Summary) -> list[str]:
-    """The issue's goals, checked on these results (each line says met or missed, by how much)."""
+def _versus(summary: Summary, a: str, b: str) -> str:
+    """`a` against `b` on the mean over tasks: ahead, behind or a tie (within one std)."""
+    (ma, sa), (mb, sb) = summary.overall(a), summary.overall(b)
+    diff = ma - mb
+    if abs(diff) <= max(sa, sb):
+        verdict = f"tie ({diff:+.1f}, within one std)"
+    else:
+        verdict = f"{'ahead' if diff > 0 else 'behind'} by {abs(diff):.1f}"
+    return f"{a} {ma:.1f} ± {sa:.1f} vs {b} {mb:.1f} ± {sb:.1f}: {verdict}"
+
+
+def claims(summary: Summary) -> list[str]:
+    """The papers' claims, checked on these results (mean over tasks, ties within one std)."""
+    has = {m for m in summary.methods if summary.mean(m) is not None}
     lines = []
-    sas, lora = summary.mean("sas"), summary.mean("lora")
-    if sas is not None and lora is not None:
-        gap = sas - lora
+    if {"sas", "lora"} <= has:
         ratio = summary.params["sas"][0] / max(summary.params["lora"][0], 1)
-        close, small = gap >= -0.5, ratio <= 0.2
-        lines.append(f"SaS within 0.5 points of LoRA with ≤ 1/5 of its parameters: "
-                     f"{'met' if close and small else 'missed'} (SaS − LoRA = {gap:+.2f} points: "
-                     f"{'within' if close else 'outside'} 0.5; parameters {ratio:.3f} × LoRA's: "
-                     f"{'within' if small else 'more than'} 1/5)")  # fmt: skip
-    parts = [summary.mean(m) for m in ("sas-shared", "sas-specific")]
-    if sas is not None and None not in parts:
-        best = max(parts)
-        lines.append(f"SaS shared+specific beats each alone: {'met' if sas > best else 'missed'} "
-                     f"(both {sas:.2f}, shared only {parts[0]:.2f}, specific only "
-                     f"{parts[1]:.2f})")  # fmt: skip
-    uni = summary.mean("unipelt-prompt")
-    singles = {m: summary.mean(m) for m in UNIPELT_SUBMODULES if summary.mean(m) is not None}
-    if uni is not None and singles:
-        name, best = max(singles.items(), key=lambda kv: kv[1])
-        lines.append(f"UniPELT+prompt at or above its best single submodule ({name}, "
-                     f"{best:.2f}): {'met' if uni >= best else 'missed'} "
-                     f"(UniPELT+prompt {uni:.2f}, {uni - best:+.2f} points)")  # fmt: skip
+        lines.append(f"SaS vs LoRA ({ratio:.2f}× LoRA's parameters): "
+                     f"{_versus(summary, 'sas', 'lora')}")  # fmt: skip
+    for part in ("sas-shared", "sas-specific"):
+        if {"sas", part} <= has:
+            lines.append(f"SaS shared+specific vs {part.removeprefix('sas-')} only: "
+                         f"{_versus(summary, 'sas', part)}")  # fmt: skip
+    for combined, parts in UNIPELT_SUBMODULES.items():
+        singles = [m for m in parts if m in has]
+        if combined in has and singles:
+            best = max(singles, key=lambda m: summary.overall(m)[0])
+            lines.append(f"{combined} vs its best single submodule: "
+                         f"{_versus(summary, combined, best)}")  # fmt: skip
+    if {"unipelt-prompt", "unipelt"} <= has:
+        lines.append(f"the prompt layer: {_versus(summary, 'unipelt-prompt', 'unipelt')}")
     return lines
+
+
+def ranking_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Methods by their mean over tasks, each against the best: "best", "tie" or the gap."""
+    scored = [(m, *summary.overall(m)) for m in summary.methods if summary.mean(m) is not None]
+    scored.sort(key=lambda item: -item[1])
+    rows = []
+    for method, mean, std in scored:
+        best, best_mean, best_std = scored[0]
+        gap = mean - best_mean
+        if method == best:
+            verdict = "best"
+        elif -gap <= max(std, best_std):
+            verdict = f"tie ({gap:+.1f})"
+        else:
+            verdict = f"{gap:+.1f}"
+        several = len(summary.seeds(method)) > 1
+        rows.append([method, f"{mean:.1f} ± {std:.1f}" if several else f"{mean:.1f}", verdict])
+    return ["method", "mean over tasks", "vs best (tie: within one std)"], rows
+
+
+def rate_rows(records: list[dict], summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """The learning rate chosen on validation per (method, task); an edge choice is marked."""
+    chosen = {(r["method"], r["task"]): r for r in records if "lr" in r and r.get("shots") is None}
+    rows = []
+    for method in summary.methods:
+        row = [method]
+        for task in summary.tasks:
+            r = chosen.get((method, task))
+            if r is None:
+                row.append("–")
+                continue
+            mark = {"low": " (lowest tried)", "high": " (highest tried)"}.get(r.get("edge"), "")
+            row.append(f"{r['lr']:g}{mark}")
+        grids = {tuple(r["grid"]) for (m, _), r in chosen.items() if m == method and "grid" in r}
+        row.append("; ".join(", ".join(f"{x:g}" for x in g) for g in sorted(grids)) or "–")
+        rows.append(row)
+    return ["method", *summary.tasks, "grid tried"], rows
+
+
+PLATEAU_POINTS = 2.0  # a run whose best val score in its last half beats its first half by more
+
+
+def convergence_line(records: list[dict]) -> str | None:
+    """How many runs had plateaued: the best validation score of the schedule's last half
+    against its first half (in points)."""
+    gains, late = [], []
+    for r in records:
+        curve = r.get("curve") or []
+        if len(curve) < 4 or r.get("seed") != 0:
+            continue
+        half = curve[-1][0] / 2
+        first = max(100 * v for step, v in curve if step <= half)
+        second = max(100 * v for step, v in curve if step > half)
+        gains.append(second - first)
+        if second - first > PLATEAU_POINTS:
+            late.append(f"{r['method']} on {r['task']} (+{second - first:.1f})")
+    if not gains:
+        return None
+    shown = "; ".join(late[:8]) + (f"; and {len(late) - 8} more" if len(late) > 8 else "")
+    return (f"{len(gains) - len(late)} of {len(gains)} seed-0 runs had plateaued (their best "
+            f"validation score in the last half of the schedule is within {PLATEAU_POINTS:g} "
+            f"points of the first half's)" + (f"; still rising: {shown}" if late else "")
+            + ". Curves: convergence.png.")  # fmt: skip
+
+
+# reported in issue #16: a fresh clone's demo against the README's demo table (another machine)
+MACHINE_GAP_SEEN = 1.8
+
+
+def variance_note(records: list[dict]) -> str:
+    """How far these figures move between runs: the seed-to-seed spread measured in this run,
+    the yardstick for a run on another machine (whose float rounding differs)."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        cells[(r["method"], r["task"], r.get("shots"), r.get("size"))].append(points(r))
+    spreads = [statistics.stdev(v) for v in cells.values() if len(v) > 1]
+    if not spreads:
+        return ("These figures come from one seed; another machine rounds floats differently; "
+                f"we have seen differences of up to {MACHINE_GAP_SEEN} points.")  # fmt: skip
+    mean = statistics.fmean(spreads)
+    return (f"How much these figures move: a second seed changes a cell by {mean:.1f} "
+            f"points on average (std over seeds, up to {max(spreads):.1f}). Another machine rounds "
+            "floats differently, which perturbs training like a new seed: expect differences of "
+            f"that size from the README's table (we have seen up to {MACHINE_GAP_SEEN} points "
+            "between two machines).")  # fmt: skip
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -164,33 +289,68 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 def write_report(
-    records: list[dict], output: str | Path, title: str, order: list[str] | None = None
+    records: list[dict],
+    output: str | Path,
+    title: str,
+    order: list[str] | None = None,
+    *,
+    brief: bool = False,
 ) -> str:
-    """report.md, main.csv (+ fewshot.csv, dg.csv) and PNG plots in `output`, methods in
-    `order`; returns the Markdown."""
+    """report.md, CSV tables and PNG plots in `output`, methods in `order`; returns the
+    Markdown (`brief`: only the tables a user reads first, for the demo)."""
     output = Path(output)
-    summary = Summary(records, order)
+    sizes = sorted({r["size"] for r in records if r.get("size") is not None})
     sections = [f"# {title}"]
-    header, rows = main_rows(summary)
-    sections += ["## Test scores (mean ± std over seeds)", markdown(header, rows)]
-    _write_csv(output / "main.csv", header, rows)
-    if summary.fewshot:
+    if sizes:  # low-resource: one table per K
+        for size in sizes:
+            part = [r for r in records if r.get("size") == size]
+            sections += _main_sections(part, output, order, brief, f"K = {size}", f"-K{size}")
+    else:
+        sections += _main_sections(records, output, order, brief, "", "")
+    summary = Summary([r for r in records if r.get("size") is None], order)
+    if summary.fewshot and not brief:
         header, rows = fewshot_rows(summary)
-        sections += ["## Few-shot (mean over tasks and seeds)", markdown(header, rows)]
-        _write_csv(output / "fewshot.csv", header, rows)
-    if summary.dg:
-        header, rows = dg_rows(summary)
-        sections += ["## Domain generalisation (trained on the source, tested on each target)",
+        sections += ["## Few-shot (mean over tasks and seeds; rate chosen per K on validation)",
                      markdown(header, rows)]  # fmt: skip
+        _write_csv(output / "fewshot.csv", header, rows)
+    if summary.dg and not brief:
+        header, rows = dg_rows(summary)
+        sections += ["## Domain generalisation (trained on the source, scored unchanged on each "
+                     "target; mean over seeds)", markdown(header, rows)]  # fmt: skip
         _write_csv(output / "dg.csv", header, rows)
-    checks = goals(summary)
-    if checks:
-        sections += ["## Goals", "\n".join(f"- {line}" for line in checks)]
-    from petlkit.bench.plots import plot_fewshot, plot_score_vs_params
+    from petlkit.bench.plots import plot_convergence, plot_fewshot, plot_score_vs_params
 
-    plot_score_vs_params(summary, output / "score_vs_params.png", title)
+    if summary.tasks:
+        plot_score_vs_params(summary, output / "score_vs_params.png", title)
     if summary.fewshot:
         plot_fewshot(summary, output / "fewshot.png", title)
+    plot_convergence(records, output / "convergence.png", title)
     text = "\n\n".join(sections) + "\n"
-    _write_text(output / "report.md", text)
+    _write_text(output / ("summary.md" if brief else "report.md"), text)
     return text
+
+
+def _main_sections(records: list[dict], output: Path, order: list[str] | None, brief: bool,
+                   label: str, suffix: str) -> list[str]:  # fmt: skip
+    summary = Summary(records, order)
+    if not summary.tasks:
+        return []
+    at = f", {label}" if label else ""
+    header, rows = main_rows(summary)
+    _write_csv(output / f"main{suffix}.csv", header, rows)
+    sections = [f"## Test scores{at} (mean ± std over seeds, each method at the rate chosen on "
+                "validation)", markdown(header, rows)]  # fmt: skip
+    if len(summary.tasks) > 1 or not brief:
+        header, rows = ranking_rows(summary)
+        sections += [f"## Ranking{at}", markdown(header, rows)]
+    header, rows = rate_rows(records, summary)
+    sections += [f"## Learning rates chosen on validation{at} (seed 0)", markdown(header, rows)]
+    if brief:
+        return sections
+    line = convergence_line([r for r in records if r.get("shots") is None])
+    if line:
+        sections += [f"## Convergence{at}", line]
+    lines = claims(summary)
+    if lines:
+        sections += [f"## The papers' claims{at}", "\n".join(f"- {x}" for x in lines)]
+    return sections

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -145,7 +146,8 @@ FILE_TASKS = (
     "image-folder",
     "squad",
 )  # the user's files
-# plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir
+# plus vtab-<task> and fewshot-<dataset>, named by the folders under --data-dir, and
+# <image task>:<shift> (a shifted copy, e.g. mnist-5k:sketch; petlkit.data.shifts)
 
 
 def task_names() -> list[str]:
@@ -195,6 +197,28 @@ def load_task(
                 "holds CoLA/, SST-2/, MRPC/, ..."
             )
         return glue_task(name.removeprefix("glue-"), data_dir, shots=shots, seed=seed)
+    if ":" in name:  # a shifted copy of an in-memory image task, e.g. mnist-5k:rotate
+        return shifted_task(name)
     if name not in TASKS:
         raise PetlError(f"unknown task {name!r}; valid tasks: {task_names()}")
     return TASKS[name]()
+
+
+def shifted_task(name: str, seed: int = 0) -> Task:
+    """`<task>:<shift>`: every split of an in-memory image task under a shift generated from
+    `seed` (petlkit.data.shifts: rotate, invert, noise, blur, sketch)."""
+    from petlkit.data.shifts import SHIFTS, shift_images
+
+    source, _, kind = name.partition(":")
+    if kind not in SHIFTS:
+        raise PetlError(f"unknown shift {kind!r} in task {name!r}; valid shifts: {list(SHIFTS)}")
+    if source not in TASKS:
+        raise PetlError(f"unknown task {source!r} in {name!r}; valid tasks: {sorted(TASKS)}")
+    task = TASKS[source]()
+    if task.modality != "vision":
+        raise PetlError(f"{name!r}: shifts apply to image tasks; {source!r} is {task.modality}")
+    splits = {
+        split_name: Split(shift_images(split.inputs, kind, seed + number), split.labels)
+        for number, (split_name, split) in enumerate(task.splits.items())
+    }
+    return dataclasses.replace(task, name=name, splits=splits)

@@ -48,6 +48,10 @@ class TrainingInterrupted(PetlError):
     """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
 
 
+class TrainingDiverged(PetlError):
+    """The loss became inf or NaN (a learning rate too high for the method, usually)."""
+
+
 class Trainer:
     def __init__(
         self,
@@ -275,7 +279,7 @@ class Trainer:
             acc_optimizer.zero_grad(set_to_none=True)
             loss_value = acc.reduce(total, "mean").item()
             if not math.isfinite(loss_value):
-                raise PetlError(
+                raise TrainingDiverged(
                     f"the loss became {loss_value} at step {step + 1}; the last checkpoint is kept "
                     "(lower the learning rate or turn on gradient clipping)"
                 )
@@ -310,6 +314,19 @@ class Trainer:
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
                 )
+
+    def load_trained(self, path: str | Path) -> None:
+        """The trained parameters saved by a run of the same model (its best.safetensors), on
+        the trainer's device, ready to `evaluate`."""
+        saved = read_safetensors(path)
+        params = self.trained_parameters()
+        missing = sorted(set(params) - set(saved))
+        if missing:
+            raise CheckpointError(f"{path} lacks {missing[:3]}: it was saved from another model")
+        self.model.to(self.accelerator.device)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
 
     def _finish(self, params: dict[str, torch.nn.Parameter], info: dict) -> dict[str, Any]:
         """Load the parameters of the best validation step, then score val and test."""
