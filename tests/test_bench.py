@@ -358,7 +358,7 @@ def test_every_preset_entry_builds_and_attaches(name, bert_case, vit_case):
     a backbone of the preset's modality (a typo in a preset fails here, not hours into a grid);
     few-shot columns and domain-generalisation tasks name things the preset has."""
     preset = PRESETS[name]
-    vision = preset.image_size != 224 or preset.backbone.startswith("vit")
+    vision = preset.image_size != 224 or "vit" in preset.backbone
     case = vit_case if vision else bert_case
     for label, entry in preset.methods.items():
         config = petlkit.make_config(entry.method, **entry.args)

@@ -1,4 +1,5 @@
-"""Benchmark grids: presets, a resumable runner, and reports (tables, plots, goal checks)."""
+"""Benchmark grids: presets, learning-rate selection on validation data, a resumable runner,
+and reports (tables, ties, plots, the papers' claims)."""
 
 from petlkit.bench.grid import Cell, cells, read_records, run_grid
 from petlkit.bench.presets import PRESETS, MethodEntry, Preset, get_presets, narrowed

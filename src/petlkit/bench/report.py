@@ -1,4 +1,4 @@
-"""Tables (Markdown + CSV), plots (PNG) and goal checks from a grid's `results.jsonl`.
+"""Tables (Markdown + CSV), plots (PNG) and claim checks (with ties) from a grid's records.
 
 Scores are shown in points (0–100): accuracy, MCC and correlations × 100; SQuAD EM/F1 as they are.
 """
