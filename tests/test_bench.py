@@ -227,6 +227,15 @@ def test_results_of_the_fixed_rate_protocol_are_not_mixed_in(tiny_vit_file, tmp_
         run_grid(tiny_preset(tiny_vit_file), tmp_path, log=lambda _: None)
 
 
+def test_a_folder_run_with_another_schedule_is_refused(tiny_vit_file, tmp_path):
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(), dg={},
+                                 tasks={"digits": "natural-like"},
+                                 methods={"sas": MethodEntry("sas", lr=1e-2)})  # fmt: skip
+    run_grid(preset, tmp_path, log=lambda _: None)
+    with pytest.raises(PetlError, match="ran 3 steps, this preset runs 5; write to a new"):
+        run_grid(narrowed(preset, steps=5), tmp_path, log=lambda _: None)
+
+
 def test_a_cell_cut_off_mid_write_runs_again(tiny_vit_file, tmp_path):
     preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(), dg={},
                                  tasks={"digits": "natural-like"})  # fmt: skip

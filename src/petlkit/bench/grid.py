@@ -326,6 +326,7 @@ class GridRunner:
                             "folder")  # fmt: skip
         _rewrite(self.output, RESULTS, records)
         _rewrite(self.output, SELECTION, trial_list)
+        self._check_steps([*records, *trial_list])
         done = {r["cell"] for r in records}
         trials = {r["trial"]: r for r in trial_list}
         grid = cells(self.preset)
@@ -345,6 +346,17 @@ class GridRunner:
             if cell.key not in done:
                 self._finish(self.run_cell(cell, choices[cell.unit.key]), done)
         return read_records(self.output)
+
+    def _check_steps(self, recorded: list[dict]) -> None:
+        """Refuse a folder whose runs had another schedule (their choices would not carry)."""
+        preset = self.preset
+        for r in recorded:
+            fewshot = r.get("shots") is not None and preset.fewshot_steps
+            expected = preset.fewshot_steps if fewshot else preset.train.get("steps")
+            if expected is not None and r.get("steps") != expected:
+                name = r.get("cell") or r.get("trial")
+                raise PetlError(f"{self.output}: {name} ran {r.get('steps')} steps, this preset "
+                                f"runs {expected}; write to a new --output folder")  # fmt: skip
 
     def _finish(self, record: dict, done: set[str]) -> None:
         _append(self.output, record)

@@ -103,7 +103,7 @@ VISION_HERE_TRAIN = dict(steps=300, batch_size=32, eval_every=30, checkpoint_eve
                          eval_batch_size=500)  # fmt: skip
 # the demo: the same recipe on a slice, small enough for a few minutes on 2 cores
 QUICK_TEXT_TRAIN = dict(TEXT_HERE_TRAIN, steps=40, eval_every=0)
-QUICK_VISION_TRAIN = dict(VISION_HERE_TRAIN, steps=100, eval_every=0)
+QUICK_VISION_TRAIN = dict(VISION_HERE_TRAIN, steps=150, eval_every=0)
 # the demo's grids are centred where a first run of it chose on validation (40 steps is short:
 # UniPELT+prompt stays at chance there for every rate, so it is left to text-here's 100 steps)
 QUICK_TEXT_METHODS = {k: dataclasses.replace(TEXT_METHODS[k], lr=1e-2) for k in ("lora", "sas")}
@@ -181,7 +181,7 @@ PRESETS: dict[str, Preset] = {
     "quick-vision": Preset(
         "quick-vision", "vit-fmnist", {"mnist-5k": "natural-like"}, QUICK_VISION_METHODS,
         seeds=(0, 1), train=QUICK_VISION_TRAIN, eval_limit=1000, widen=1,
-        description="make demo: a slice of vision-here (MNIST-5k, 100 steps, two seeds)",
+        description="make demo: a slice of vision-here (MNIST-5k, 150 steps, two seeds)",
     ),
     "vtab1k": Preset(
         "vtab1k", "vit-b16.safetensors", VTAB1K_TASKS, VISION_METHODS,
