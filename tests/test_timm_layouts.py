@@ -1,5 +1,5 @@
 """The project ViT covers timm's ViT family: for each of the eight layouts in
-../shared/fixtures/timm-vit-fixtures (tiny timm models' weights under timm's names, inputs and
+tests/fixtures/timm-vit-fixtures (a copy of ../shared/fixtures/) (tiny timm models' weights under timm's names, inputs and
 timm's own outputs), the weights load by name, the layout is read from the state dict, the
 outputs equal timm's (also at twice the image size, position embeddings resampled as timm does),
 and every method attaches and behaves (the generic tests, over the layouts)."""
@@ -21,7 +21,8 @@ from petlkit.backbones.vit_weights import infer_config, load_timm_state_dict, lo
 from petlkit.methods.base import Tuner
 from tests.test_methods_generic import CONFIGS, NOT_IDENTITY_AT_INIT
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "timm-vit-fixtures"
+# the team's reference fixtures (../shared/fixtures), copied into the repo so a clean clone has them
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "timm-vit-fixtures"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 LAYOUTS = sorted(k for k in INDEX if not k.startswith("_"))
 # the ViTConfig field each timm constructor argument sets, and how its value reads there
