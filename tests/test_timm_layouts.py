@@ -1,8 +1,9 @@
-"""The project ViT covers timm's ViT family: for each of the eight layouts in
-tests/fixtures/timm-vit-fixtures (a copy of ../shared/fixtures/) (tiny timm models' weights under timm's names, inputs and
-timm's own outputs), the weights load by name, the layout is read from the state dict, the
-outputs equal timm's (also at twice the image size, position embeddings resampled as timm does),
-and every method attaches and behaves (the generic tests, over the layouts)."""
+"""The project ViT covers timm's ViT family. For each of the eight layouts in
+tests/fixtures/timm-vit-fixtures (a copy of the team's ../shared/fixtures: tiny timm models'
+weights under timm's names, inputs and timm's own outputs) the weights load by name, the layout
+is read from the state dict, the outputs equal timm's (also at twice the image size, position
+embeddings resampled as timm does), and every method attaches and behaves (the generic tests,
+over the layouts)."""
 
 from __future__ import annotations
 
