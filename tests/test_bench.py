@@ -14,10 +14,11 @@ from petlkit.backbones.vit import VisionTransformer, ViTConfig
 from petlkit.backbones.vit_weights import save_vit
 from petlkit.bench import MethodEntry, Preset, cells, read_records, run_grid, write_report
 from petlkit.bench import grid as grid_module
-from petlkit.bench.grid import GridRunner, TaskCache, units
+from petlkit.bench.grid import GridRunner, units
 from petlkit.bench.presets import PRESETS, get_presets, narrowed
 from petlkit.bench.report import Summary, claims, main_rows, ranking_rows
 from petlkit.bench.selection import LADDER, choose, initial_grid, next_rate, rung
+from petlkit.bench.tasks import TaskCache
 from petlkit.cli import main
 from petlkit.errors import ConfigError, PetlError
 from petlkit.tasks import load_task

@@ -23,17 +23,15 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 from petlkit.bench.presets import Preset
 from petlkit.bench.revision import commit
 from petlkit.bench.selection import Choice, choose, initial_grid, next_rate
+from petlkit.bench.tasks import TaskCache, train_and_val, without_test
 from petlkit.errors import PetlError
 from petlkit.io import atomic_write
 from petlkit.model import attach
-from petlkit.run import RunSpec, build_for_task, fit_to_backbone
-from petlkit.tasks import Task, load_task
-from petlkit.tasks.base import Split
+from petlkit.run import RunSpec, build_for_task
+from petlkit.tasks import Task
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import BEST, METRICS_LOG, Trainer, TrainingDiverged
 
@@ -128,82 +126,6 @@ def _rewrite(output: Path, name: str, records: list[dict]) -> None:
         atomic_write(output / name, lambda tmp: Path(tmp).write_text(lines))
 
 
-class TaskCache:
-    """Tasks loaded once per grid (the same splits for every method and seed)."""
-
-    def __init__(self, preset: Preset, data_dir: str | None) -> None:
-        self.preset, self.data_dir, self._tasks = preset, data_dir, {}
-
-    def get(self, name: str, shots: int | None = None, seed: int = 0,
-            size: int | None = None) -> Task:  # fmt: skip
-        if name.startswith("fewshot-"):  # NOAH's own split file per (shots, seed)
-            task = load_task(name, self.data_dir, shots, seed, self.preset.image_size)
-            return _limit_eval(task, self.preset)
-        if name not in self._tasks:
-            task = load_task(name, self.data_dir, resolution=self.preset.image_size)
-            task = fit_to_backbone(task, self.preset.backbone)
-            if self.preset.selection == "retrain" and "train800val200" not in task.splits:
-                task = _with_train_and_val(task)  # before val is cut to val_limit
-            self._tasks[name] = _limit_eval(task, self.preset)
-        task = self._tasks[name]
-        if size is not None:
-            return _low_resource(task, size, self.preset.size_val, seed)
-        if shots is None:
-            return task
-        return dataclasses.replace(
-            task, splits={**task.splits, "train": task.splits["train"].k_shot(shots, seed)}
-        )
-
-
-def _limit_eval(task: Task, preset: Preset) -> Task:
-    """At most the preset's number of val and test examples: a fixed random subset, the same
-    for every cell."""
-    splits = dict(task.splits)
-    for name, limit in (("val", preset.val_limit), ("test", preset.eval_limit)):
-        if name in splits and limit is not None and len(splits[name]) > limit:
-            order = torch.randperm(len(splits[name]), generator=torch.Generator().manual_seed(0))
-            splits[name] = splits[name].subset(order[:limit].sort().values)
-    return dataclasses.replace(task, splits=splits)
-
-
-def _low_resource(task: Task, size: int, val_size: int, seed: int) -> Task:
-    """UniPELT's low-resource setting: `size` training examples drawn with `seed`, and
-    validation drawn from the remaining training examples; test unchanged."""
-    train = task.splits["train"]
-    if size + val_size > len(train):
-        raise PetlError(f"task {task.name!r} has {len(train)} training examples, fewer than K = "
-                        f"{size} plus {val_size} for validation; use a smaller K")  # fmt: skip
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    splits = {**task.splits, "train": train.subset(order[:size].sort().values),
-              "val": train.subset(order[size : size + val_size].sort().values)}  # fmt: skip
-    return dataclasses.replace(task, splits=splits)
-
-
-def without_test(task: Task) -> Task:
-    """The task as learning-rate selection sees it: no test split at all."""
-    return dataclasses.replace(task, splits={k: v for k, v in task.splits.items() if k != "test"})
-
-
-def _with_train_and_val(task: Task) -> Task:
-    """The task with one more split, train + val, under VTAB-1k's name for it."""
-    train, val = task.splits["train"], task.splits["val"]
-    if isinstance(train.inputs, torch.Tensor):
-        inputs = torch.cat([train.inputs, val.inputs])
-    elif hasattr(train.inputs, "take"):
-        raise PetlError(f"task {task.name!r}: the retrain rule needs a train800val200 list")
-    else:
-        inputs = [*train.inputs, *val.inputs]
-    both = Split(inputs, torch.cat([train.labels, val.labels]))
-    return dataclasses.replace(task, splits={**task.splits, "train800val200": both})
-
-
-def train_and_val(task: Task) -> Task:
-    """VTAB-1k's retrain rule: train on train + val (its train800val200 split)."""
-    if "train800val200" not in task.splits:
-        task = _with_train_and_val(task)
-    return dataclasses.replace(task, splits={**task.splits, "train": task.splits["train800val200"]})
-
-
 class GridRunner:
     """One preset's grid in one output folder."""
 
@@ -293,7 +215,7 @@ class GridRunner:
 
     def _record(self, cell: Cell, choice: Choice, trainer: Trainer, results: dict,
                 seconds: float, curve: list) -> dict:  # fmt: skip
-        preset = self.preset
+        preset, count = self.preset, trainer.model.trainable_parameters()
         record = {
             "cell": cell.key, "preset": preset.name, "backbone": preset.backbone,
             "task": cell.task, "group": preset.tasks.get(cell.task, "few-shot"),
@@ -302,8 +224,7 @@ class GridRunner:
             "val": next(iter(results["val"].values())), "best_step": results["best_step"],
             **choice.to_record(), "selection": preset.selection,
             "selection_seed": SELECTION_SEED, "curve": curve,
-            "trainable": trainer.model.trainable_parameters().trainable,
-            "percent": trainer.model.trainable_parameters().percent,
+            "trainable": count.trainable, "percent": count.percent,
             "steps": trainer.config.steps, "seconds": seconds, "commit": commit(),
         }  # fmt: skip
         if cell.shots is None and cell.size is None and cell.task in preset.dg:
