@@ -4,6 +4,8 @@
     python benchmarks/method_costs.py --model vision [--batch 64]
     python benchmarks/method_costs.py --model vision --preset vit_base --img 224 --patch 16 --bf16
         (the GPU check: a ViT-B/16-shaped model, random weights, batch 64, bf16 autocast)
+    --folded adds a row per mergeable method trained folded (methods/folding.py), timed in the
+    same interleaved run as its unfolded row.
 
 A step is forward + backward + AdamW update of the trained parameters. Ratios: ÷ the frozen
 limit (forward + backward to the inputs, all weights frozen; no PETL step can be cheaper), and
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--preset", default="vit_tiny")
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--patch", type=int, default=4)
+    parser.add_argument("--folded", action="store_true", help="also time the folded forms")
     add_device_args(parser)
     args = parser.parse_args()
     device = args.device
@@ -77,6 +80,13 @@ def main() -> None:
     amp = autocast(args)
     frozen, frozen_inputs = frozen_limit(copy.deepcopy(model), inputs)
     models = {m: trained(model, m) for m in methods}
+    if args.folded:
+        for m in list(methods):
+            if models[m].fold_refusal() is None:
+                folded = copy.deepcopy(models[m])
+                folded.set_folded(True)
+                models[f"{m} folded"] = folded
+    rows = list(models)
     optims = {m: trained_optimizer(pm) for m, pm in models.items()}
 
     def step(m):
@@ -97,14 +107,14 @@ def main() -> None:
         sync(device)
 
     fns = {"frozen": frozen_step}
-    fns.update({m: step(m) for m in methods})
+    fns.update({m: step(m) for m in rows})
     t = median_seconds(fns, args.repeats)
     peaks = {name: peak_step_gib(fn, device) for name, fn in fns.items()}
 
     plain = copy.deepcopy(model).eval()
     infer_models = {"plain": plain}
     for m, pm in models.items():
-        if m in ("full", "linear"):
+        if m in ("full", "linear") or m.endswith(" folded"):
             continue
         infer_models[m] = copy.deepcopy(pm).eval()
         if pm.methods["default"].merge_refusal is None:
@@ -134,7 +144,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| frozen limit | 0 | {t['frozen'] * 1e3:.1f} ms | 1.000 | "
           f"{t['frozen'] / t['full']:.3f} | {gib('frozen')}| |")  # fmt: skip
-    for m in methods:
+    for m in rows:
         count = models[m].trainable_parameters().trainable
         unmerged = f"{ti[m] / ti['plain']:.3f}" if m in ti else ""
         merged = f"{ti[m + ' merged'] / ti['plain']:.3f}" if m + " merged" in ti else ""

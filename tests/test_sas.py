@@ -63,6 +63,19 @@ def test_merge_matches_unmerged_with_nontrivial_parameters(kind, request):
     assert torch.equal(model(**case.inputs), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_in_the_merge_dtype_itself(vit_case, dtype):
+    """A float64 model (and float32 on Apple MPS) merges in its own dtype, so the weight the
+    merge reads is the very tensor it overwrites: the bias must be folded from the original."""
+    model = petlkit.attach(vit_case.make().to(dtype), "sas", scale=0.5)
+    _perturb(model)
+    inputs = {k: v.to(dtype) for k, v in vit_case.inputs.items()}
+    with torch.no_grad():
+        expected = model(**inputs)
+        model.merge()
+        torch.testing.assert_close(model(**inputs), expected)
+
+
 @pytest.mark.parametrize("order", [("sas", "lora"), ("lora", "sas")])
 def test_merge_with_lora_on_the_same_linears_folds_lora_first(bert_case, order):
     """LoRA wraps q/k/v, SaS transforms their input: PetlModel.merge folds LoRA into W first,

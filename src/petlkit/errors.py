@@ -19,3 +19,7 @@ class CheckpointError(PetlError):
 
 class NotMergeableError(PetlError):
     """A method whose update is not linear in the weights was asked to merge."""
+
+
+class NotFoldableError(PetlError):
+    """A method was asked to train folded into weights it cannot fold into."""

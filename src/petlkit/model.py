@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from petlkit.config import MethodConfig
-from petlkit.errors import PetlError
+from petlkit.errors import NotFoldableError, PetlError
 from petlkit.methods.base import Method
 from petlkit.methods.placement import backbone_anchor, parse_dtype, place, place_head
 from petlkit.registry import make_config, method_class
@@ -164,6 +164,31 @@ class PetlModel(nn.Module):
         early = [n for n in self.active if not self.methods[n].merge_late]
         late = [n for n in self.active if self.methods[n].merge_late]
         return early + late[::-1]
+
+    # -- folded training (methods/folding.py) -------------------------------------------------
+    def fold_refusal(self) -> str | None:
+        """None when every active method can train folded into the weights it adapts."""
+        reasons = [
+            f"{name!r} ({self.methods[name].config.method}): {reason}"
+            for name in self.active
+            if (reason := self.methods[name].fold_refusal(self.model)) is not None
+        ]
+        return "; ".join(reasons) if reasons else None
+
+    @property
+    def folded(self) -> bool:
+        return any(self.methods[name].folded for name in self.active)
+
+    def set_folded(self, folded: bool) -> None:
+        """Train every active method with its update formed into the weights it adapts (True)
+        or applied to the activations (False): the same function, another cost."""
+        if folded:
+            reason = self.fold_refusal()
+            if reason is not None:
+                raise NotFoldableError(f"cannot train folded: {reason}; train unfolded "
+                                       "(fold: off)")  # fmt: skip
+        for name in self.active:
+            self.methods[name].set_folded(self.model, folded)
 
     # -- counting ----------------------------------------------------------------------------
     def trainable_parameters(self) -> ParameterCount:

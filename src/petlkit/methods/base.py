@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from petlkit.config import MethodConfig
-from petlkit.errors import NotMergeableError
+from petlkit.errors import NotFoldableError, NotMergeableError
+from petlkit.methods.folding import run_folded
 from petlkit.methods.targeting import canonical_name, get_slot
 
 
@@ -24,6 +25,7 @@ class Tuner(nn.Module):
         self.base_layer = base_layer
         self.owner = owner
         self.enabled = True
+        self.folded = False  # train with the update folded into the layer (methods/folding.py)
 
     def own_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
@@ -31,6 +33,14 @@ class Tuner(nn.Module):
     def delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(ΔW, Δb) to add to the base layer's weight and bias when merging."""
         raise NotMergeableError(f"{type(self).__name__} has no weight-space update to merge")
+
+    def fold_refusal(self) -> str | None:
+        """None when the update can train folded into the wrapped layer, else why not."""
+        return f"{type(self).__name__} has no weight-space update to fold"
+
+    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer run once with its weights plus this wrapper's (ΔW, Δb)."""
+        return run_folded(self.base_layer, x, *self.delta())
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -99,6 +109,7 @@ class Method(nn.Module):
         self.config = config
         self.name = name
         self.enabled = True
+        self.folded = False
         self._merged: list[
             tuple[nn.Module, str, Tuner, torch.Tensor | None, torch.Tensor | None]
         ] = []
@@ -163,6 +174,36 @@ class Method(nn.Module):
         self.enabled = enabled
         for _, tuner in self.tuners(model):
             tuner.enabled = enabled
+
+    # -- folded training (methods/folding.py) -------------------------------------------------
+    def fold_refusal(self, model: nn.Module) -> str | None:
+        """None when the method can train folded into the weights it adapts, else why not."""
+        if self.merge_refusal is not None:
+            return self.merge_refusal
+        if self.merged:
+            return "it is merged into the weights already (unmerge first)"
+        tuners = self.tuners(model)
+        if not tuners:
+            return "it wraps no layer to fold into"
+        for name, tuner in tuners:
+            reason = tuner.fold_refusal()
+            if reason is not None:
+                return f"{name}: {reason}"
+        return None
+
+    def set_folded(self, model: nn.Module, folded: bool) -> None:
+        """Train with the update formed into the weights each forward (True) or applied to
+        the activations (False); both compute the same function."""
+        if folded:
+            reason = self.fold_refusal(model)
+            if reason is not None:
+                raise NotFoldableError(
+                    f"{self.name!r} ({self.config.method}) cannot train folded: {reason}; "
+                    "train unfolded (fold: off) or let fold: auto decide"
+                )
+        for _, tuner in self.tuners(model):
+            tuner.folded = folded
+        self.folded = folded
 
     # -- merge -------------------------------------------------------------------------------
     @property

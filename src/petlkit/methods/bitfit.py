@@ -17,6 +17,7 @@ from torch import nn
 from petlkit.config import MethodConfig, check_bool
 from petlkit.errors import TargetError
 from petlkit.methods.base import Method, Tuner, innermost
+from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets, get_module
 from petlkit.registry import register_method
@@ -40,6 +41,8 @@ class BiasTuner(Tuner):
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.folded:
+            return self.forward_folded(x)
         out = self.base_layer(x)
         if not self.enabled:
             return out
@@ -50,6 +53,9 @@ class BiasTuner(Tuner):
 
     def delta(self) -> tuple[None, torch.Tensor]:
         return None, self.bias_delta
+
+    def fold_refusal(self) -> str | None:
+        return fold_refusal(self.base_layer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from petlkit.config import (
 from petlkit.errors import ConfigError, NotMergeableError, TargetError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner, innermost
+from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
@@ -85,6 +86,8 @@ class LoRALinear(Tuner):
         return torch.cat(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.folded:
+            return self.forward_folded(x)
         out = self.base_layer(x)
         if not self.enabled:
             return out
@@ -104,6 +107,13 @@ class LoRALinear(Tuner):
         if self.gate is not None:
             raise NotMergeableError("gated LoRA cannot merge: its gate depends on the input")
         return (self.up_matrix() @ self.lora_A) * self.scaling, None
+
+    def fold_refusal(self) -> str | None:
+        if self.gate is not None:
+            return "gated LoRA's gate G(x) depends on the input"
+        if not isinstance(self.dropout, nn.Identity):
+            return "LoRA dropout acts on the input, not on a weight (set dropout=0)"
+        return fold_refusal(self.base_layer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,10 @@ from petlkit.config import (
     check_probability,
     check_range,
 )
-from petlkit.errors import ConfigError, NotMergeableError
+from petlkit.errors import ConfigError, NotFoldableError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import CastLinear, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
@@ -85,6 +86,29 @@ class SiteModule(nn.Module):
             nn.init.zeros_(self.hyper[2].bias)
 
 
+class SaSFolded(Tuner):
+    """A linear that reads a SaS site, run with the site's transform folded into its weight while
+    SaS trains folded: W' = W·Mᵀ = W + s·(W·upᵀ)·downᵀ + W·diag(a_l), c' = c + W·b_l. It owns no
+    parameters; they stay SaS's."""
+
+    def __init__(self, base_layer: nn.Module, owner: str, sas: SaS, site: str, index: int):
+        super().__init__(base_layer, owner)
+        self.__dict__["_sas"] = sas  # a reference, not a submodule: the parameters stay SaS's
+        self.site, self.index = site, index
+        self.folded = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        return self.forward_folded(x)
+
+    def delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self._sas.consumer_delta(self.site, self.index, self.base_layer.weight)
+
+    def fold_refusal(self) -> str | None:
+        return None
+
+
 @register_method("sas")
 class SaS(Method):
     config_cls = SaSConfig
@@ -119,12 +143,14 @@ class SaS(Method):
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self, model: nn.Module) -> None:
+        if self.folded:
+            self.set_folded(model, False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def _site_hook(self, site: str, index: int, module: nn.Module, args: tuple, kwargs: dict):
-        if not self.enabled:
+        if not self.enabled or self.folded:  # folded: the consumers' weights carry the transform
             return None
         if args:
             return (self.transform(site, index, args[0]), *args[1:]), kwargs
@@ -164,6 +190,66 @@ class SaS(Method):
             y = y + self.config.scale * low
         return y
 
+    # -- folded training (methods/folding.py) -------------------------------------------------
+    def _consumers(self) -> list[tuple[str, int, str]]:
+        """(site, block index, name) of every linear that reads a site."""
+        return [
+            (site, i, name)
+            for i, block in enumerate(self.layout.blocks)
+            for site in self.config.sites
+            for name in block.site(site)[1]
+        ]
+
+    def fold_refusal(self, model: nn.Module) -> str | None:
+        if self.merged:
+            return "it is merged into the weights already (unmerge first)"
+        if self.folded:
+            return None
+        if self.config.dropout > 0:
+            return "SaS dropout acts on the site's input, not on a weight (set dropout=0)"
+        for _, _, name in self._consumers():
+            reason = fold_refusal(model.get_submodule(name))
+            if reason is not None:
+                return f"{name}: {reason}"
+        return None
+
+    def set_folded(self, model: nn.Module, folded: bool) -> None:
+        """Folded: every linear reading a site runs with W·Mᵀ (one F.linear, the transform's
+        cost d·d·r per step instead of per token) and the site hooks pass the input through."""
+        if folded == self.folded:
+            return
+        if folded:
+            reason = self.fold_refusal(model)
+            if reason is not None:
+                raise NotFoldableError(f"{self.name!r} (sas) cannot train folded: {reason}; "
+                                       "train unfolded (fold: off)")  # fmt: skip
+            for site, index, name in self._consumers():
+                self.wrap(model, name, partial(SaSFolded, owner=self.name, sas=self,
+                                               site=site, index=index))  # fmt: skip
+                model.get_submodule(name).enabled = self.enabled
+        else:
+            Method.detach(self, model)  # unwraps the SaSFolded wrappers, keeps the hooks
+        self.folded = folded
+
+    def consumer_delta(
+        self, site: str, index: int, weight: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ΔW, Δc) of a linear with weight W reading the site of block `index`, differentiable
+        in SaS's parameters, in float32 (at least) on W's device."""
+        sm = self.site_modules[site]
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        d_weight = d_bias = None
+        if self.config.shared:
+            d_weight = self.config.scale * (w @ sm.up.to(w).T) @ sm.down.to(w).T
+        if self.config.specific:
+            if self._cache is None:
+                self._cache = self.generate()
+            a, b = self._cache[site]
+            scaled = w * a[index].to(w)  # W·diag(a_l)
+            d_weight = scaled if d_weight is None else d_weight + scaled
+            d_bias = w @ b[index].to(w)
+        return d_weight, d_bias
+
     # -- merge -------------------------------------------------------------------------------
     def site_matrices(
         self, site: str, index: int, generated: dict | None, like: torch.Tensor
@@ -186,12 +272,9 @@ class SaS(Method):
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
         """W' = W·Mᵀ and c' = c + W·b for every linear that reads a site; hooks removed."""
-        consumers = [
-            (site, i, name)
-            for i, block in enumerate(self.layout.blocks)
-            for site in self.config.sites
-            for name in block.site(site)[1]
-        ]
+        if self.folded:
+            self.set_folded(model, False)
+        consumers = self._consumers()
         wrapped = [n for _, _, n in consumers if isinstance(model.get_submodule(n), Tuner)]
         if wrapped:
             raise NotMergeableError(
@@ -210,8 +293,10 @@ class SaS(Method):
                 linear.weight.detach().clone(),
                 None if linear.bias is None else linear.bias.detach().clone(),
             )
-            linear.weight.copy_((weight @ matrix.T).to(linear.weight.dtype))
+            # both from the original weight: `weight` is linear.weight itself when the weight
+            # already has the merge dtype (float64 models; float32 on MPS)
             new_bias = (bias + weight @ shift).to(linear.weight.dtype)
+            linear.weight.copy_((weight @ matrix.T).to(linear.weight.dtype))
             if linear.bias is None:
                 linear.bias = nn.Parameter(new_bias, requires_grad=False)
             else:

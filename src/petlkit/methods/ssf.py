@@ -14,6 +14,7 @@ from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner, innermost
+from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import canonical_name, find_targets, inside_a_method
 from petlkit.registry import register_method
@@ -28,6 +29,8 @@ class SSFTuner(Tuner):
         self.ssf_shift = nn.Parameter(std * torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.folded:
+            return self.forward_folded(x)
         out = self.base_layer(x)
         if not self.enabled:
             return out
@@ -45,6 +48,9 @@ class SSFTuner(Tuner):
         if base.bias is not None:
             d_bias = d_bias + factor * base.bias
         return d_weight, d_bias
+
+    def fold_refusal(self) -> str | None:
+        return fold_refusal(self.base_layer)
 
 
 def _channels(module: nn.Module) -> int:

@@ -14,6 +14,7 @@ from petlkit.config import (
 from petlkit.errors import ConfigError
 
 PRECISIONS = ("no", "bf16", "fp16")
+FOLD_MODES = ("off", "on", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     dist_timeout: int = 300  # seconds a process waits for the others before failing
     activation_checkpointing: bool = False  # recompute block activations: less memory, ~+1 fwd
+    # train mergeable methods with the update folded into the weights: "off", "on", or "auto"
+    # (time both forms on the first steps, keep the faster; train/folding.py)
+    fold: str = "off"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length",
@@ -52,6 +56,7 @@ class TrainConfig:
         check_probability("TrainConfig", "warmup_ratio", self.warmup_ratio)
         check_choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
         check_bool("TrainConfig", "activation_checkpointing", self.activation_checkpointing)
+        check_choice("TrainConfig", "fold", self.fold, FOLD_MODES)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig: batch_size {self.batch_size} is not a multiple of grad_accum "

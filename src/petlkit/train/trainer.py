@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from petlkit.tasks.base import Split, Task
 from petlkit.tasks.span import best_answers
 from petlkit.tasks.squad import squad_scores
 from petlkit.train.config import TrainConfig
+from petlkit.train.folding import FoldChoice
 from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
 
@@ -238,6 +240,9 @@ class Trainer:
                 raise PetlError(f"{type(self.model.model).__name__} has no activation "
                                 "checkpointing; use a petlkit backbone")  # fmt: skip
             switch(True)
+        self.fold = FoldChoice(self.model, cfg.fold, decided=info.get("fold"))
+        if self.fold.decided is not None:
+            info["fold"] = self.fold.decided
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
         interrupted, restore = catch_interrupt()
@@ -248,6 +253,7 @@ class Trainer:
         finally:
             restore()
             bar.close()
+            self.model.set_folded(False)  # the user gets the plain module tree back
         return self._finish(params, info)
 
     def _steps(
@@ -258,6 +264,8 @@ class Trainer:
         share = cfg.batch_size // world
         micro = share // cfg.grad_accum
         for step in range(info["step"], cfg.steps):
+            started = time.perf_counter()
+            self.fold.before_step()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
             mine = self.global_batch(step)[rank * share : (rank + 1) * share]
             ddp_model.train()
@@ -285,6 +293,7 @@ class Trainer:
                 )
             done = step + 1
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            self._choose_fold(time.perf_counter() - started, info, record)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 scores = self.evaluate("val")
                 record["val"] = scores
@@ -314,6 +323,19 @@ class Trainer:
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
                 )
+
+    def _choose_fold(self, seconds: float, info: dict, record: dict) -> None:
+        """fold="auto": a step's time (the loss read above synchronised the device) goes to the
+        choice; every process takes the same decision from the mean over processes."""
+        if self.fold.decided is not None:
+            return
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            seconds = acc.reduce(torch.tensor(seconds, device=acc.device), "mean").item()
+        decided = self.fold.after_step(seconds)
+        if decided is not None:
+            info["fold"] = decided
+            record.update(fold=decided, **self.fold.medians_ms())
 
     def load_trained(self, path: str | Path) -> None:
         """The trained parameters saved by a run of the same model (its best.safetensors), on
@@ -345,6 +367,7 @@ class Trainer:
             "best_step": info["best_step"],
             "val": known or self.evaluate("val"),
             "lr": self.lr,
+            "fold": info.get("fold", self.config.fold),
         }
         if "test" in self.task.splits:
             results["test"] = self.evaluate("test")
