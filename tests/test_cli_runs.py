@@ -109,3 +109,11 @@ def test_eval_one_model_on_several_tasks(tmp_path, capsys):
     assert main(["eval", "--run", str(out), "--task", "shapes-location", "shapes-location"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert list(table) == ["shapes-location"] and "accuracy" in table["shapes-location"]["test"]
+
+
+def test_train_folded_from_the_command_line(tmp_path):
+    """--fold on trains SaS folded; the run folder records it."""
+    out = tmp_path / "folded"
+    assert main(["train", *ARGS, "--method", "sas", "--fold", "on", "--output", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["fold"] == "on"
+    assert json.loads((out / "run.json").read_text())["train"]["fold"] == "on"

@@ -54,7 +54,7 @@ def _run_spec(args: argparse.Namespace):
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
     train = dict(data.get("train", {}))
     for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every",
-                "mixed_precision"):  # fmt: skip
+                "mixed_precision", "fold"):  # fmt: skip
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     data["train"] = train
@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast (default no)"
+    )
+    train.add_argument(
+        "--fold",
+        choices=["off", "on", "auto"],
+        help="train LoRA/BitFit/SSF/SaS with the update folded into the weights; auto: time "
+        "both forms on the first steps, keep the faster (default off)",
     )
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
