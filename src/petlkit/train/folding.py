@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 
+import torch
+
 from petlkit.model import PetlModel
 
 WARMUP = 2  # one step of each form before timing (first-call allocations, kernel choice)
@@ -20,8 +22,10 @@ TIMED = 3  # timed steps of each form
 class FoldChoice:
     """Applies the fold mode to `petl` and, for "auto", decides from step times."""
 
-    def __init__(self, petl: PetlModel, mode: str, decided: str | None = None) -> None:
+    def __init__(self, petl: PetlModel, mode: str, info: dict) -> None:
+        """`info`: the run's progress (a resumed run's holds its choice under "fold")."""
         self.petl = petl
+        decided = info.get("fold")
         self.times: dict[bool, list[float]] = {False: [], True: []}
         self.steps_seen = 0
         self.reason: str | None = None
@@ -32,6 +36,8 @@ class FoldChoice:
             if self.reason is not None:
                 mode = "off"
         self.decided: str | None = None if mode == "auto" else mode
+        if self.decided is not None:
+            info["fold"] = self.decided
         petl.set_folded(self.decided == "on")
 
     def before_step(self) -> None:
@@ -39,19 +45,24 @@ class FoldChoice:
         if self.decided is None:
             self.petl.set_folded(self.steps_seen % 2 == 1)
 
-    def after_step(self, seconds: float) -> str | None:
-        """Record a step's time; returns "on" or "off" at the step that decides, else None."""
+    def after_step(self, seconds: float, info: dict, record: dict, accelerator) -> None:
+        """Record a step's time (the loss read before synchronised the device); at the step that
+        decides, the choice goes into `info` (checkpointed) and the step's log `record`. Every
+        process takes the same decision, from the mean time over processes."""
         if self.decided is not None:
-            return None
+            return
+        if accelerator.num_processes > 1:
+            mean = torch.tensor(seconds, device=accelerator.device)
+            seconds = accelerator.reduce(mean, "mean").item()
         if self.steps_seen >= WARMUP:
             self.times[self.petl.folded].append(seconds)
         self.steps_seen += 1
         if min(len(t) for t in self.times.values()) < TIMED:
-            return None
+            return
         faster = statistics.median(self.times[True]) < statistics.median(self.times[False])
-        self.decided = "on" if faster else "off"
+        self.decided = info["fold"] = "on" if faster else "off"
         self.petl.set_folded(faster)
-        return self.decided
+        record.update(fold=self.decided, **self.medians_ms())
 
     def medians_ms(self) -> dict[str, float]:
         return {

@@ -240,9 +240,7 @@ class Trainer:
                 raise PetlError(f"{type(self.model.model).__name__} has no activation "
                                 "checkpointing; use a petlkit backbone")  # fmt: skip
             switch(True)
-        self.fold = FoldChoice(self.model, cfg.fold, decided=info.get("fold"))
-        if self.fold.decided is not None:
-            info["fold"] = self.fold.decided
+        self.fold = FoldChoice(self.model, cfg.fold, info)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
         interrupted, restore = catch_interrupt()
@@ -293,7 +291,7 @@ class Trainer:
                 )
             done = step + 1
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-            self._choose_fold(time.perf_counter() - started, info, record)
+            self.fold.after_step(time.perf_counter() - started, info, record, acc)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 scores = self.evaluate("val")
                 record["val"] = scores
@@ -323,19 +321,6 @@ class Trainer:
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
                 )
-
-    def _choose_fold(self, seconds: float, info: dict, record: dict) -> None:
-        """fold="auto": a step's time (the loss read above synchronised the device) goes to the
-        choice; every process takes the same decision from the mean over processes."""
-        if self.fold.decided is not None:
-            return
-        acc = self.accelerator
-        if acc.num_processes > 1:
-            seconds = acc.reduce(torch.tensor(seconds, device=acc.device), "mean").item()
-        decided = self.fold.after_step(seconds)
-        if decided is not None:
-            info["fold"] = decided
-            record.update(fold=decided, **self.fold.medians_ms())
 
     def load_trained(self, path: str | Path) -> None:
         """The trained parameters saved by a run of the same model (its best.safetensors), on
