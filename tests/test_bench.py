@@ -326,10 +326,14 @@ def test_report_tables_ranking_ties_and_claims(tmp_path):
 def test_convergence_is_plotted_and_runs_still_rising_are_named(tmp_path):
     flat = [[10, 0.70], [20, 0.80], [30, 0.80], [40, 0.81]]
     rising = [[10, 0.50], [20, 0.60], [30, 0.70], [40, 0.80]]
+    # rose for two thirds of the schedule, then flat: plateaued (a halves test would flag +6)
+    levelled = [[10, 0.50], [20, 0.60], [30, 0.70], [40, 0.75], [50, 0.76], [60, 0.76]]
     records = [_record("a", "lora", 0, 0.8, 10, curve=flat),
-               _record("a", "prompt", 0, 0.7, 10, curve=rising)]  # fmt: skip
+               _record("a", "prompt", 0, 0.7, 10, curve=rising),
+               _record("a", "sas", 0, 0.76, 10, curve=levelled)]  # fmt: skip
     text = write_report(records, tmp_path, "tiny")
-    assert "1 of 2 seed-0 runs had plateaued" in text and "prompt on a (+20.0)" in text
+    assert "2 of 3 seed-0 runs had plateaued" in text and "prompt on a (+20.0)" in text
+    assert "sas on a" not in text.split("still rising")[1]
     assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -350,6 +354,18 @@ def test_fewshot_and_dg_sections_and_plots(tiny_vit_file, tmp_path):
     assert "→ shapes-count" in dg and "→ digits:rotate" in dg and "digits → mean of 2" in dg
     assert (tmp_path / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_fewshot_only_preset_trains_no_full_data_cell(tiny_vit_file, tmp_path):
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), main=False)
+    assert {(u.task, u.method, u.shots) for u in units(preset)} == {
+        ("digits", "sas", 1), ("digits", "sas", 2)}  # fmt: skip
+    records = run_grid(preset, tmp_path, log=lambda _: None)
+    assert sorted(r["shots"] for r in records) == [1, 2]
+    text = write_report(records, tmp_path, "tiny")
+    assert "## Few-shot" in text and "## Test scores" not in text
+    assert not (tmp_path / "main.csv").exists()
+    assert PRESETS["vision-fewshot"].main is False and PRESETS["vision-fewshot"].shots
 
 
 def test_presets_name_their_problems():

@@ -84,7 +84,7 @@ def units(preset: Preset) -> list[Unit]:
     if preset.sizes:
         return [Unit(t, m, size=k) for k in preset.sizes for t in preset.tasks
                 for m in preset.methods]  # fmt: skip
-    out = [Unit(t, m) for t in preset.tasks for m in preset.methods]
+    out = [Unit(t, m) for t in preset.tasks for m in preset.methods] if preset.main else []
     few = [m for m in preset.methods if not preset.fewshot_methods or m in preset.fewshot_methods]
     out += [Unit(t, m, k) for k in preset.shots for t in preset.fewshot_tasks for m in few]
     return out

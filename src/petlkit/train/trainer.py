@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import math
 import time
 import warnings
@@ -31,18 +30,19 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from petlkit.errors import CheckpointError, PetlError
-from petlkit.io import atomic_write, read_safetensors, write_json, write_safetensors
+from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
 from petlkit.tasks.span import best_answers
 from petlkit.tasks.squad import squad_scores
+from petlkit.train import metrics_log
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
+from petlkit.train.metrics_log import METRICS_LOG
 from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
 
 BEST = "best.safetensors"
-METRICS_LOG = "metrics.jsonl"
 RESULTS = "results.json"
 
 
@@ -375,27 +375,10 @@ class Trainer:
     def _forget_log_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old log lines."""
         path = self._path(METRICS_LOG)
-        if path is None or not path.is_file() or not self.accelerator.is_main_process:
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by the kill
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+        if path is not None and self.accelerator.is_main_process:
+            metrics_log.forget_after(path, step)
 
     def _log(self, record: dict) -> None:
         path = self._path(METRICS_LOG)
-        if path is None or not self.accelerator.is_main_process:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            raise CheckpointError(
-                f"could not write {path}: {err.strerror or err}; the last checkpoint is kept: make "
-                "the folder writable and rerun with --resume"
-            ) from err
+        if path is not None and self.accelerator.is_main_process:
+            metrics_log.append(path, record)

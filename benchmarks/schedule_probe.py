@@ -1,0 +1,75 @@
+"""Is a bench schedule long enough? Retrain each seed-0 cell of a finished bench folder at the
+rate it chose, for a longer schedule, and print how far the longer run moves its test score.
+
+    python benchmarks/schedule_probe.py --bench results/vision-dg-600steps --preset vision-dg \
+        --task mnist-5k --steps 1200 --output results/checks/vision-1200steps
+
+The runs are the grid's own cells (same backbone, method arguments, batch, validation cadence,
+val/test subsets), only longer; `--output` gets their results.jsonl, report.md and
+convergence.png, and resumes where it stopped. A schedule has converged when doubling it moves
+the test scores by no more than the spread between seeds. The rate is the one the shorter
+schedule chose: a probe of the schedule, not a fair comparison of methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from petlkit.bench.grid import Cell, GridRunner, read_records
+from petlkit.bench.presets import get_presets, narrowed
+from petlkit.bench.report import write_report
+from petlkit.bench.selection import Choice
+
+
+def seed0_cells(bench: Path, task: str) -> list[dict]:
+    """The seed-0 cells of `task` in a bench folder (few-shot and low-resource cells aside)."""
+    return [r for r in read_records(bench)
+            if r["task"] == task and r["seed"] == 0 and r.get("shots") is None
+            and r.get("size") is None]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, type=Path, help="a finished bench folder")
+    parser.add_argument("--preset", required=True, help="the preset that folder ran")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--steps", required=True, type=int, help="the longer schedule")
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args()
+    shorter = seed0_cells(args.bench, args.task)
+    (preset,) = get_presets(args.preset)
+    preset = narrowed(preset, tasks=[args.task], seeds=[0], steps=args.steps,
+                      methods=[r["method"] for r in shorter])  # fmt: skip
+    runner = GridRunner(preset, args.output, None, print)
+    args.output.mkdir(parents=True, exist_ok=True)
+    done = {r["cell"]: r for r in read_records(args.output)}
+    rows = []
+    for before in shorter:
+        cell = Cell(args.task, before["method"], 0)
+        if cell.key not in done:
+            choice = Choice(before["lr"], before["val_at_choice"], tuple(before["grid"]),
+                            before["edge"])  # fmt: skip
+            done[cell.key] = runner.run_cell(cell, choice)
+            with open(args.output / "results.jsonl", "a") as f:
+                f.write(json.dumps(done[cell.key]) + "\n")
+        after = done[cell.key]
+        gain = 100 * (after["score"] - before["score"])
+        rows.append(f"| {before['method']} | {before['lr']:g} | {100 * before['score']:.1f} | "
+                    f"{100 * after['score']:.1f} | {gain:+.1f} | "
+                    f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
+    write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
+    print(
+        f"\n{args.task}, seed 0, the rate chosen at {shorter[0]['steps']} steps: test "
+        f"{before['metric']} at {shorter[0]['steps']} and at {args.steps} steps"
+    )
+    print("| method | lr | shorter | longer | change | best step (shorter → longer) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
