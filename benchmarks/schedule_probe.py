@@ -38,8 +38,10 @@ def main() -> int:
     parser.add_argument("--task", required=True)
     parser.add_argument("--steps", required=True, type=int, help="the longer schedule")
     parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--methods", nargs="+", help="a subset of the folder's methods")
     args = parser.parse_args()
-    shorter = seed0_cells(args.bench, args.task)
+    shorter = [r for r in seed0_cells(args.bench, args.task)
+               if not args.methods or r["method"] in args.methods]  # fmt: skip
     (preset,) = get_presets(args.preset)
     preset = narrowed(preset, tasks=[args.task], seeds=[0], steps=args.steps,
                       methods=[r["method"] for r in shorter])  # fmt: skip
