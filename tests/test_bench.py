@@ -404,3 +404,11 @@ def test_bench_command_prints_the_table(tiny_vit_file, tmp_path, capsys, monkeyp
     assert "| sas |" in out and len(read_records(tmp_path)) == 1 + 2  # main + few-shot cells
     assert main(["bench", "--preset", "tiny", "--output", str(tmp_path), "--report-only"]) == 0
     assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["method"] == "sas"
+    assert "these cells ran" not in (tmp_path / "report.md").read_text()
+    preset = tiny_preset(tiny_vit_file)
+    longer = dataclasses.replace(preset, train={**preset.train, "steps": 6})
+    monkeypatch.setitem(PRESETS, "tiny", longer)  # the preset changed since the cells ran
+    assert main(["bench", "--preset", "tiny", "--output", str(tmp_path), "--report-only"]) == 0
+    assert (
+        "these cells ran 3 steps; the preset now trains 6" in (tmp_path / "report.md").read_text()
+    )

@@ -37,6 +37,7 @@ def run_bench(
         made = f"cells run by petlkit {', '.join(runs)}; " if runs else ""
         title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} ({made}"
                  f"report by petlkit {commit()}, {date.today().isoformat()})")  # fmt: skip
+        title += _other_schedule(records, preset.train.get("steps"))
         texts.append(write_report(records, folder, title, list(preset.methods), brief=brief))
         everything += records
     if brief and everything:
@@ -45,3 +46,12 @@ def run_bench(
         texts.append(f"wall time: {time.perf_counter() - start:.0f} s; reports and plots in "
                       f"{output}")  # fmt: skip
     return "\n".join(texts)
+
+
+def _other_schedule(records: list[dict], steps: int | None) -> str:
+    """A note for a report rebuilt from cells that ran another schedule than the preset's now."""
+    ran = sorted({r["steps"] for r in records if r.get("shots") is None and "steps" in r})
+    if steps is None or not ran or ran == [steps]:
+        return ""
+    return (f". Note: these cells ran {' and '.join(map(str, ran))} steps; the preset now trains "
+            f"{steps}, so its description above is not theirs")  # fmt: skip
