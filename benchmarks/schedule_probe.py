@@ -14,11 +14,10 @@ schedule chose: a probe of the schedule, not a fair comparison of methods.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from petlkit.bench.grid import Cell, GridRunner, read_records
+from petlkit.bench.grid import Cell, GridRunner, _append, read_records
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
 from petlkit.bench.selection import Choice
@@ -55,8 +54,7 @@ def main() -> int:
             choice = Choice(before["lr"], before["val_at_choice"], tuple(before["grid"]),
                             before["edge"])  # fmt: skip
             done[cell.key] = runner.run_cell(cell, choice)
-            with open(args.output / "results.jsonl", "a") as f:
-                f.write(json.dumps(done[cell.key]) + "\n")
+            _append(args.output, done[cell.key])
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
         rows.append(f"| {before['method']} | {before['lr']:g} | {100 * before['score']:.1f} | "

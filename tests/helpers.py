@@ -18,3 +18,11 @@ def train_steps(model, inputs, labels, steps: int = 3, lr: float = 1e-2) -> None
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def bench_record(task, method, seed, score, trainable, group="g", **extra):
+    """A results.jsonl record of a bench cell, for report tests."""
+    return {"cell": f"{task}-{method}-{seed}", "task": task, "group": group, "method": method,
+            "seed": seed, "shots": None, "metric": "accuracy", "score": score,
+            "trainable": trainable, "percent": trainable / 1e4, "lr": 1e-3,
+            "grid": [3e-4, 1e-3, 3e-3], "edge": None, **extra}  # fmt: skip

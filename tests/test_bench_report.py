@@ -1,0 +1,65 @@
+"""Benchmark reports from hand-made records: tables, ranking with ties, the papers' claims,
+the convergence line, and one table per low-resource size."""
+
+from __future__ import annotations
+
+import pytest
+
+from petlkit.bench import write_report
+from petlkit.bench.report import Summary, claims, main_rows, ranking_rows
+from tests.helpers import bench_record as _record
+
+
+def test_report_tables_ranking_ties_and_claims(tmp_path):
+    records = [
+        _record("a", "lora", 0, 0.80, 1000), _record("a", "lora", 1, 0.82, 1000),
+        _record("b", "lora", 0, 0.60, 1000), _record("b", "lora", 1, 0.60, 1000),
+        _record("a", "sas", 0, 0.81, 150), _record("a", "sas", 1, 0.80, 150),
+        _record("b", "sas", 0, 0.59, 150), _record("b", "sas", 1, 0.61, 150),
+        _record("a", "prompt", 0, 0.60, 10), _record("a", "prompt", 1, 0.62, 10),
+        _record("b", "prompt", 0, 0.50, 10, edge="high", lr=3e-3),
+        _record("b", "prompt", 1, 0.50, 10, edge="high", lr=3e-3),
+        _record("a", "unipelt-prompt", 0, 0.85, 500), _record("a", "unipelt-prompt", 1, 0.87, 500),
+        _record("b", "unipelt-prompt", 0, 0.66, 500), _record("b", "unipelt-prompt", 1, 0.66, 500),
+    ]  # fmt: skip
+    summary = Summary(records)
+    assert summary.mean("lora") == pytest.approx(70.5)
+    assert summary.overall("lora") == pytest.approx((70.5, 0.7071), abs=1e-3)
+    header, rows = main_rows(summary)
+    assert rows[0][:4] == ["lora", "1,000", "0.100", "81.0 ± 1.4"]
+    _, ranked = ranking_rows(summary)
+    assert [row[0] for row in ranked] == ["unipelt-prompt", "lora", "sas", "prompt"]
+    assert ranked[0][2] == "best" and ranked[1][2] == "-5.5" and ranked[3][2] == "-20.5"
+    lines = claims(summary)
+    assert lines[0].startswith("SaS vs LoRA (0.15× LoRA's parameters)") and "tie (-0.2" in lines[0]
+    assert "unipelt-prompt vs its best single submodule" in lines[1] and "ahead by 5.5" in lines[1]
+    text = write_report(records, tmp_path, "tiny")
+    assert "| lora | 1,000 | 0.100 | 81.0 ± 1.4 |" in text
+    assert "| prompt | 0.001 | 0.003 (highest tried) | 0.0003, 0.001, 0.003 |" in text
+    assert "## Goals" not in text and "## The papers' claims" in text
+    assert (tmp_path / "main.csv").read_text().splitlines()[0].startswith("method,trainable")
+    assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    brief = write_report(records, tmp_path, "tiny", brief=True)  # the demo's: tables only
+    assert "## Ranking" in brief and "claims" not in brief and "Convergence" not in brief
+
+
+def test_convergence_is_plotted_and_runs_still_rising_are_named(tmp_path):
+    flat = [[10, 0.70], [20, 0.80], [30, 0.80], [40, 0.81]]
+    rising = [[10, 0.50], [20, 0.60], [30, 0.70], [40, 0.80]]
+    # rose for two thirds of the schedule, then flat: plateaued (a halves test would flag +6)
+    levelled = [[10, 0.50], [20, 0.60], [30, 0.70], [40, 0.75], [50, 0.76], [60, 0.76]]
+    records = [_record("a", "lora", 0, 0.8, 10, curve=flat),
+               _record("a", "prompt", 0, 0.7, 10, curve=rising),
+               _record("a", "sas", 0, 0.76, 10, curve=levelled)]  # fmt: skip
+    text = write_report(records, tmp_path, "tiny")
+    assert "2 of 3 seed-0 runs had plateaued" in text and "prompt on a (+20.0)" in text
+    assert "sas on a" not in text.split("still rising")[1]
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_low_resource_report_has_a_table_per_size(tmp_path):
+    records = [_record("a", m, s, 0.5 + 0.1 * (m == "lora") + k / 1e4, 10, size=k)
+               for k in (100, 500) for m in ("lora", "adapter") for s in (0, 1)]  # fmt: skip
+    text = write_report(records, tmp_path, "lowres")
+    assert "## Test scores, K = 100" in text and "## Test scores, K = 500" in text
+    assert (tmp_path / "main-K100.csv").is_file() and (tmp_path / "main-K500.csv").is_file()
