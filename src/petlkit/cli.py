@@ -48,7 +48,8 @@ def _run_spec(args: argparse.Namespace):
     saved = Path(args.output) / "run.json"
     if args.resume and not args.config and saved.is_file():  # resume needs only --output
         data = read_run_file(saved)
-    for key in ("backbone", "method", "task", "data_dir", "shots", "dtype", "encoding", "target"):
+    for key in ("backbone", "method", "task", "data_dir", "shots", "dtype", "encoding", "target",
+                "resize"):  # fmt: skip
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
@@ -81,7 +82,7 @@ def _eval(args: argparse.Namespace) -> None:
     from petlkit.train.trainer import Trainer
 
     model, spec, built = load_run(args.run, data_dir=args.data_dir)
-    home = fit_to_backbone(spec.load_task(built.tokenizer), spec.backbone)
+    home = fit_to_backbone(spec.load_task(built.tokenizer), spec.backbone, spec.resize)
     _check_labels(args.run, home)
     if not args.task:
         trainer = Trainer(model, home, spec.train_config(), None, built.tokenizer)
@@ -90,7 +91,7 @@ def _eval(args: argparse.Namespace) -> None:
     table = {}
     for name in args.task:
         task = load_task(name, spec.data_dir, spec.shots, spec.data_seed, spec.image_size)
-        task = fit_to_backbone(task, spec.backbone)
+        task = fit_to_backbone(task, spec.backbone, spec.resize)
         if (task.modality, task.num_labels, task.image_size, task.channels) != (
             home.modality,
             home.num_labels,
@@ -166,7 +167,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     print(run_bench(args.preset, args.output, data_dir=args.data_dir,
                     report_only=args.report_only, methods=args.methods, tasks=args.tasks,
-                    seeds=args.seeds, backbone=args.backbone, steps=args.steps))  # fmt: skip
+                    seeds=args.seeds, backbone=args.backbone, steps=args.steps,
+                    resize=args.resize))  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", nargs="+", help="a subset of the preset's tasks")
     bench.add_argument("--seeds", nargs="+", type=int)
     bench.add_argument("--steps", type=int, help="training steps per cell")
+    bench.add_argument("--resize", type=int, help="a pretrained ViT's input side (CPU budgets)")
     bench.add_argument("--report-only", action="store_true", help="tables from saved results")
     bench.set_defaults(handler=_bench)
     pre = sub.add_parser("pretrain", help="pretrain the project ViT on Fashion-MNIST")
@@ -217,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--data-dir", help="where file-based tasks (GLUE) read their files")
     train.add_argument("--shots", type=int, help="K training examples (low-resource setting)")
+    train.add_argument("--resize", type=int, help="a pretrained ViT at this image side instead of "
+                       "its own (position embeddings resampled; cheaper on a CPU)")  # fmt: skip
     train.add_argument("--encoding", help="text-files: the files' encoding (default utf-8)")
     train.add_argument(
         "--target", choices=["label", "score"], help="text-files with both columns: which to learn"

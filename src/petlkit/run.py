@@ -21,6 +21,7 @@ from petlkit.backbones.registry import (
     build_span_model,
     pretrained_vit_file,
     vit_file_input,
+    vit_file_patch,
 )
 from petlkit.checkpoint import load_adapter, save_adapter
 from petlkit.errors import ConfigError, PetlError
@@ -34,7 +35,7 @@ from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
 KEYS = ("backbone", "method", "method_args", "task", "train", "pooling", "patch_size", "data_dir",
-        "shots", "data_seed", "image_size", "dtype", "encoding", "target")  # fmt: skip
+        "shots", "data_seed", "image_size", "resize", "dtype", "encoding", "target")  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,6 +52,7 @@ class RunSpec:
     shots: int | None = None
     data_seed: int = 0
     image_size: int = 224  # resolution for file-based image tasks
+    resize: int | None = None  # a pretrained ViT at this input side (default: its own)
     dtype: str = "float32"  # the backbone's dtype; trained tensors stay float32 (placement.py)
     encoding: str = "utf-8"  # text-files: the files' encoding
     target: str | None = None  # text-files with both columns: "label" or "score"
@@ -58,6 +60,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {list(DTYPES)}")
+        check_resize(self.resize)
 
     def load_task(self, tokenizer=None) -> Task:
         if self.task == "squad":  # windows depend on the backbone's tokenizer
@@ -73,7 +76,7 @@ class RunSpec:
         if self.task == "squad":
             built = build_for_task(self, None)
             return built, self.load_task(built.tokenizer)
-        task = fit_to_backbone(self.load_task(), self.backbone)
+        task = fit_to_backbone(self.load_task(), self.backbone, self.resize)
         return build_for_task(self, task), task
 
     def train_config(self) -> TrainConfig:
@@ -120,14 +123,29 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def fit_to_backbone(task: Task, backbone: str) -> Task:
-    """Images fitted to a pretrained ViT's own input: in-memory ones resized (grey → RGB),
-    image files read at its size and channels."""
+def fit_to_backbone(task: Task, backbone: str, resize: int | None = None) -> Task:
+    """Images fitted to a pretrained ViT's input: in-memory ones resized (grey → RGB), image
+    files read at its size and channels. The size is the ViT's own, or `resize` (its position
+    embeddings are then resampled to that grid when the model is built: a cheaper input for
+    a CPU, at some cost in accuracy)."""
     path = pretrained_vit_file(backbone) if task.modality == "vision" else None
     if path is None:
         return task
     size, channels = vit_file_input(path)
+    if resize is not None:
+        patch = vit_file_patch(path)
+        if resize % patch:
+            near = max(patch, resize // patch * patch)
+            raise ConfigError(f"resize {resize} is not a multiple of {backbone}'s patch size "
+                              f"{patch}; use e.g. {near}")  # fmt: skip
+        size = resize
     return task.with_images(size, channels)
+
+
+def check_resize(resize: int | None) -> None:
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
+                               or resize <= 0):  # fmt: skip
+        raise ConfigError(f"resize must be a positive whole number of pixels, not {resize!r}")
 
 
 BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same in every command

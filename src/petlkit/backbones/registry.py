@@ -94,6 +94,14 @@ def vit_file_input(path: Path) -> tuple[int, int]:
     return grid * proj[2], proj[1]
 
 
+def vit_file_patch(path: Path) -> int:
+    """The patch size of a timm-format ViT file, read from its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice("patch_embed.proj.weight").get_shape()[2]
+
+
 def build_span_model(name: str) -> Built:
     """A text backbone with a per-token (start, end) head, for extractive question answering."""
     built = build_model(name, 2)

@@ -145,7 +145,8 @@ class GridRunner:
         train["batch_size"] = min(train.get("batch_size", 32), len(task.splits["train"]))
         spec = RunSpec(backbone=preset.backbone, method=entry.method, task=task_name,
                        method_args=entry.args, train=train, pooling=preset.pooling,
-                       data_dir=self.data_dir, image_size=preset.image_size)  # fmt: skip
+                       data_dir=self.data_dir, image_size=preset.image_size,
+                       resize=preset.resize)  # fmt: skip
         built = build_for_task(spec, task)
         model = attach(built.model, entry.method, **entry.args)
         return Trainer(model, task, TrainConfig(**train), folder, built.tokenizer, progress=False)

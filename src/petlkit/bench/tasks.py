@@ -28,7 +28,7 @@ class TaskCache:
             return _limit_eval(task, self.preset)
         if name not in self._tasks:
             task = load_task(name, self.data_dir, resolution=self.preset.image_size)
-            task = fit_to_backbone(task, self.preset.backbone)
+            task = fit_to_backbone(task, self.preset.backbone, self.preset.resize)
             if self.preset.selection == "retrain" and "train800val200" not in task.splits:
                 task = _with_train_and_val(task)  # before val is cut to val_limit
             self._tasks[name] = _limit_eval(task, self.preset)
