@@ -38,12 +38,14 @@ bench-here: $(STAMP)
 	$(BIN)/petlkit bench --preset vision-fewshot --output results/vision-fewshot
 
 # GPU-sized text grids: four sentiment domains (about 9 hours on 2 cores) and UniPELT's
-# low-resource setting (840 runs, about 30 hours on 2 cores)
+# low-resource setting (840 runs, about 30 hours on 2 cores). SHARDS=8 runs 8 processes at once
+# (on a GPU; benchmarks/sharded_bench.sh)
+SHARDS ?= 1
 bench-domains: $(STAMP)
-	$(BIN)/petlkit bench --preset text-domains --output results/text-domains
+	PETLKIT=$(BIN)/petlkit benchmarks/sharded_bench.sh text-domains results/text-domains $(SHARDS)
 
 bench-lowres: $(STAMP)
-	$(BIN)/petlkit bench --preset text-lowres --output results/text-lowres
+	PETLKIT=$(BIN)/petlkit benchmarks/sharded_bench.sh text-lowres results/text-lowres $(SHARDS)
 
 # Rebuilds the shipped ViT (needs the optional Debian package dataset-fashion-mnist, as root).
 pretrain: $(STAMP)

@@ -12,6 +12,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from petlkit.backbones import TextClassifier, build_model, vit
+from petlkit.backbones.vit import VisionTransformer, ViTConfig
+from petlkit.backbones.vit_weights import save_vit
 
 NUM_CLASSES = 3
 
@@ -104,3 +106,14 @@ def vit_case() -> Case:
 @pytest.fixture
 def bert_case() -> Case:
     return tiny_bert_case()
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_file(tmp_path_factory):
+    """A small 28-px grey ViT file standing in for the shipped one."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32,
+                    depth=2, num_heads=2)  # fmt: skip
+    path = tmp_path_factory.mktemp("vit") / "tiny.safetensors"
+    save_vit(VisionTransformer(cfg), path)
+    return str(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from petlkit.bench import MethodEntry, Preset
+
 
 def train_steps(model, inputs, labels, steps: int = 3, lr: float = 1e-2) -> None:
     """A few AdamW steps on the trainable parameters (dropout off for exact comparisons)."""
@@ -26,3 +28,15 @@ def bench_record(task, method, seed, score, trainable, group="g", **extra):
             "seed": seed, "shots": None, "metric": "accuracy", "score": score,
             "trainable": trainable, "percent": trainable / 1e4, "lr": 1e-3,
             "grid": [3e-4, 1e-3, 3e-3], "edge": None, **extra}  # fmt: skip
+
+
+def tiny_preset(backbone: str) -> Preset:
+    return Preset(
+        "tiny", backbone, {"digits": "natural-like", "shapes-count": "structured"},
+        {"linear": MethodEntry("linear", lr=1e-2), "sas": MethodEntry("sas", lr=1e-2),
+         "lora": MethodEntry("lora", {"r": 2}, 1e-2)},
+        seeds=(0, 1), train=dict(steps=3, batch_size=8, eval_every=1, checkpoint_every=1),
+        eval_limit=50, val_limit=50, shots=(1, 2), fewshot_tasks=("digits",),
+        fewshot_methods=("sas",),
+        dg={"digits": ("shapes-count",)}, widen=0,
+    )  # fmt: skip

@@ -7,12 +7,9 @@ import json
 import math
 
 import pytest
-import torch
 
 import petlkit
-from petlkit.backbones.vit import VisionTransformer, ViTConfig
-from petlkit.backbones.vit_weights import save_vit
-from petlkit.bench import MethodEntry, Preset, cells, read_records, run_grid, write_report
+from petlkit.bench import MethodEntry, cells, read_records, run_grid, write_report
 from petlkit.bench import grid as grid_module
 from petlkit.bench.grid import GridRunner, units
 from petlkit.bench.presets import PRESETS, get_presets, narrowed
@@ -23,30 +20,7 @@ from petlkit.errors import ConfigError, PetlError
 from petlkit.tasks import load_task
 from petlkit.tasks.base import Split
 from petlkit.train.trainer import Trainer
-from tests.helpers import bench_record
-
-
-@pytest.fixture(scope="module")
-def tiny_vit_file(tmp_path_factory):
-    """A small 28-px grey ViT file standing in for the shipped one."""
-    torch.manual_seed(0)
-    cfg = ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32,
-                    depth=2, num_heads=2)  # fmt: skip
-    path = tmp_path_factory.mktemp("vit") / "tiny.safetensors"
-    save_vit(VisionTransformer(cfg), path)
-    return str(path)
-
-
-def tiny_preset(backbone: str) -> Preset:
-    return Preset(
-        "tiny", backbone, {"digits": "natural-like", "shapes-count": "structured"},
-        {"linear": MethodEntry("linear", lr=1e-2), "sas": MethodEntry("sas", lr=1e-2),
-         "lora": MethodEntry("lora", {"r": 2}, 1e-2)},
-        seeds=(0, 1), train=dict(steps=3, batch_size=8, eval_every=1, checkpoint_every=1),
-        eval_limit=50, val_limit=50, shots=(1, 2), fewshot_tasks=("digits",),
-        fewshot_methods=("sas",),
-        dg={"digits": ("shapes-count",)}, widen=0,
-    )  # fmt: skip
+from tests.helpers import bench_record, tiny_preset
 
 
 def test_grid_runs_every_cell_once_then_skips_them(tiny_vit_file, tmp_path, monkeypatch):

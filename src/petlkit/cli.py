@@ -168,7 +168,14 @@ def _bench(args: argparse.Namespace) -> None:
     print(run_bench(args.preset, args.output, data_dir=args.data_dir,
                     report_only=args.report_only, methods=args.methods, tasks=args.tasks,
                     seeds=args.seeds, backbone=args.backbone, steps=args.steps,
-                    resize=args.resize))  # fmt: skip
+                    resize=args.resize, shard=args.shard))  # fmt: skip
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or int(index) >= int(count):
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", nargs="+", type=int)
     bench.add_argument("--steps", type=int, help="training steps per cell")
     bench.add_argument("--resize", type=int, help="a pretrained ViT's input side (CPU budgets)")
+    bench.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                       help="run the I-th of N shares of the grid; start N processes, I = 0 … "
+                       "N-1, on one --output (e.g. several grids on one GPU)")  # fmt: skip
     bench.add_argument("--report-only", action="store_true", help="tables from saved results")
     bench.set_defaults(handler=_bench)
     pre = sub.add_parser("pretrain", help="pretrain the project ViT on Fashion-MNIST")

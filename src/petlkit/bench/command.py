@@ -19,9 +19,11 @@ def run_bench(
     data_dir: str | None = None,
     report_only: bool = False,
     brief: bool = False,
+    shard: tuple[int, int] = (0, 1),
     **narrow,
 ) -> str:
-    """Run the preset (each part of a composite one in `<output>/<part>`); return the reports."""
+    """Run the preset (each part of a composite one in `<output>/<part>`); return the reports.
+    `shard=(i, n)`: this process runs the i-th of n shares of the grid (n processes at once)."""
     output = Path(output)
     parts = get_presets(name)
     texts, everything = [], []
@@ -29,7 +31,10 @@ def run_bench(
     for preset in parts:
         preset = narrowed(preset, **narrow)
         folder = output / preset.name if len(parts) > 1 else output
-        records = read_records(folder) if report_only else run_grid(preset, folder, data_dir)
+        if report_only:
+            records = read_records(folder)
+        else:
+            records = run_grid(preset, folder, data_dir, shard=shard)
         if not records:
             texts.append(f"# {preset.name}\n\nno results in {folder} yet\n")
             continue

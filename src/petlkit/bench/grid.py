@@ -9,12 +9,16 @@ Two phases, both resumable:
 2. Cells: every other seed (and, with the VTAB-1k "retrain" rule, every seed on train + val) at
    the chosen rate; each finished cell appends a line to `<output>/results.jsonl`.
 A second run skips what is recorded; a run cut off mid-training resumes from its checkpoint in
-`<output>/cells/<name>/`. Only small files stay once a cell is done.
+`<output>/cells/<name>/`. Only small files stay once a cell is done. `shard=(i, n)` runs every
+n-th (task, method) from the i-th: n processes with i = 0 … n − 1 share one output folder (on a
+GPU, several grids at once); the record files are appended under a lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -112,8 +116,19 @@ def read_records(output: str | Path, name: str = RESULTS) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _locked(output: Path):
+    """The folder's record files to this process alone (shards append to the same files)."""
+    with open(output / ".grid.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _append(output: Path, record: dict, name: str = RESULTS) -> None:
-    with open(output / name, "a") as f:
+    with _locked(output), open(output / name, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -129,10 +144,14 @@ def _rewrite(output: Path, name: str, records: list[dict]) -> None:
 class GridRunner:
     """One preset's grid in one output folder."""
 
-    def __init__(self, preset: Preset, output: Path, data_dir: str | None, log) -> None:
+    def __init__(self, preset: Preset, output: Path, data_dir: str | None, log,
+                 shard: tuple[int, int] = (0, 1)) -> None:  # fmt: skip
         self.preset, self.output, self.log = preset, output, log
         self.tasks = TaskCache(preset, data_dir)
         self.data_dir = data_dir
+        index, count = shard
+        self.units = [u for i, u in enumerate(units(preset)) if i % count == index]
+        self.cells = [c for c in cells(preset) if c.unit in self.units]
 
     # -- building ----------------------------------------------------------------------------
     def _trainer(self, task_name: str, task: Task, method: str, lr: float, seed: int,
@@ -240,23 +259,24 @@ class GridRunner:
     # -- the whole grid ----------------------------------------------------------------------
     def run(self) -> list[dict]:
         self.output.mkdir(parents=True, exist_ok=True)
-        records, trial_list = read_records(self.output), read_records(self.output, SELECTION)
-        old = [r["cell"] for r in records if "grid" not in r]
-        if old:
-            raise PetlError(f"{self.output} holds {len(old)} cells from the fixed-rate protocol "
-                            f"(no learning-rate grid, e.g. {old[0]}); write to a new --output "
-                            "folder")  # fmt: skip
-        _rewrite(self.output, RESULTS, records)
-        _rewrite(self.output, SELECTION, trial_list)
+        with _locked(self.output):
+            records, trial_list = read_records(self.output), read_records(self.output, SELECTION)
+            old = [r["cell"] for r in records if "grid" not in r]
+            if old:
+                raise PetlError(f"{self.output} holds {len(old)} cells from the fixed-rate "
+                                f"protocol (no learning-rate grid, e.g. {old[0]}); write to a "
+                                "new --output folder")  # fmt: skip
+            _rewrite(self.output, RESULTS, records)
+            _rewrite(self.output, SELECTION, trial_list)
         self._check_steps([*records, *trial_list])
         done = {r["cell"] for r in records}
         trials = {r["trial"]: r for r in trial_list}
-        grid = cells(self.preset)
+        grid = self.cells
         self.log(f"{self.preset.name}: {sum(c.key in done for c in grid)} of {len(grid)} cells "
                  f"done; {len(trials)} selection runs recorded")  # fmt: skip
         choices = {}
         reuse = self.preset.selection == "val" and SELECTION_SEED in self.preset.seeds
-        for unit in units(self.preset):
+        for unit in self.units:
             choice = choices[unit.key] = self.select(unit, trials)
             cell = unit.cell(SELECTION_SEED)
             if reuse and cell.key not in done:
@@ -284,7 +304,8 @@ class GridRunner:
         _append(self.output, record)
         done.add(record["cell"])
         edge = f", best rate at the grid's {record['edge']} edge" if record["edge"] else ""
-        self.log(f"[{len(done)}/{len(cells(self.preset))}] {record['cell']}: lr {record['lr']:g}"
+        mine = sum(c.key in done for c in self.cells)
+        self.log(f"[{mine}/{len(self.cells)}] {record['cell']}: lr {record['lr']:g}"
                  f"{edge}, {record['metric']} {record['score']:.4f}")  # fmt: skip
 
     def _forget_trials(self, unit: Unit, choice: Choice) -> None:
@@ -318,11 +339,18 @@ def _curve(folder: Path) -> list[list[float]]:
 
 
 def run_grid(
-    preset: Preset, output: str | Path, data_dir: str | None = None, log=None
+    preset: Preset,
+    output: str | Path,
+    data_dir: str | None = None,
+    log=None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict]:
-    """Choose each rate on validation data, then run every cell not yet in
-    `<output>/results.jsonl`; return all records."""
+    """Choose each rate on validation data, then run every cell (of this shard) not yet in
+    `<output>/results.jsonl`; return all records of the folder."""
     log = log or functools.partial(print, flush=True)
     if preset.needs_data_dir and data_dir is None:
         raise PetlError(f"preset {preset.name!r} reads the benchmark's files: pass --data-dir")
-    return GridRunner(preset, Path(output), data_dir, log).run()
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise PetlError(f"shard {index}/{count}: give I/N with 0 <= I < N (e.g. 0/4 … 3/4)")
+    return GridRunner(preset, Path(output), data_dir, log, shard).run()
