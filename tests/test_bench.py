@@ -292,6 +292,19 @@ def test_presets_name_their_problems():
         run_grid(PRESETS["vtab1k"], "unused")
 
 
+def test_sizes_narrow_a_low_resource_grid_to_some_k():
+    """`bench --sizes 100` runs only the K = 100 cells of text-lowres; a K the preset lacks, or
+    --sizes on a preset without sizes, is refused with the valid choices."""
+    lowres = PRESETS["text-lowres"]
+    small = narrowed(lowres, sizes=[100], tasks=["rotten-tomatoes"])
+    assert {c.size for c in cells(small)} == {100}
+    assert len(cells(small)) == len(lowres.methods) * len(lowres.seeds)
+    with pytest.raises(ConfigError, match="sizes \\[50\\].*valid: \\[100, 500, 1000\\]"):
+        narrowed(lowres, sizes=[50])
+    with pytest.raises(ConfigError, match="it has none"):
+        narrowed(PRESETS["text-here"], sizes=[100])
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_entry_builds_and_attaches(name, bert_case, vit_case):
     """Each column of every preset is a registered method with valid arguments that attaches to

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from petlkit.bench import write_report
-from petlkit.bench.report import Summary, claims, main_rows, ranking_rows
+from petlkit.bench.report import (
+    Summary,
+    claims,
+    convergence_line,
+    fewshot_edges,
+    fewshot_rows,
+    main_rows,
+    ranking_rows,
+)
 from tests.helpers import bench_record as _record
 
 
@@ -63,3 +71,24 @@ def test_low_resource_report_has_a_table_per_size(tmp_path):
     text = write_report(records, tmp_path, "lowres")
     assert "## Test scores, K = 100" in text and "## Test scores, K = 500" in text
     assert (tmp_path / "main-K100.csv").is_file() and (tmp_path / "main-K500.csv").is_file()
+
+
+def test_fewshot_table_has_per_task_rows_a_mean_row_and_seed_spread():
+    """Few-shot cells give mean ± std per task and K; the mean row's std is over the per-seed
+    means across tasks; rates chosen at a grid edge are listed."""
+    records = [
+        _record("a", "sas", 0, 0.20, 150, shots=1), _record("a", "sas", 1, 0.40, 150, shots=1),
+        _record("b", "sas", 0, 0.60, 150, shots=1), _record("b", "sas", 1, 0.60, 150, shots=1),
+        _record("a", "sas", 0, 0.50, 150, shots=4, edge="low", lr=1e-3, selection_seed=0),
+        _record("a", "sas", 1, 0.50, 150, shots=4, edge="low", lr=1e-3, selection_seed=0),
+    ]  # fmt: skip
+    header, rows = fewshot_rows(Summary(records))
+    assert header == ["method", "task", "1-shot", "4-shot"]
+    assert rows == [["sas", "a", "30.0 ± 14.1", "50.0 ± 0.0"], ["sas", "b", "60.0 ± 0.0", "–"],
+                    ["sas", "mean", "45.0 ± 7.1", "–"]]  # fmt: skip
+    assert fewshot_edges(records) == ("Rates chosen at the edge of their grid: sas on a, 4-shot: "
+                                      "0.001 (lowest of 3 tried).")  # fmt: skip
+    assert fewshot_edges(records[:4]) is None
+    records[0]["curve"] = [[10, 0.1], [20, 0.1], [30, 0.1], [45, 0.2]]  # rising in its last third
+    line = convergence_line(records)
+    assert line.startswith("0 of 1 seed-0 runs") and "sas on a, 1-shot (+10.0)" in line

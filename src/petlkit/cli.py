@@ -168,7 +168,7 @@ def _bench(args: argparse.Namespace) -> None:
     print(run_bench(args.preset, args.output, data_dir=args.data_dir,
                     report_only=args.report_only, methods=args.methods, tasks=args.tasks,
                     seeds=args.seeds, backbone=args.backbone, steps=args.steps,
-                    resize=args.resize, shard=args.shard))  # fmt: skip
+                    resize=args.resize, sizes=args.sizes, shard=args.shard))  # fmt: skip
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", nargs="+", help="a subset of the preset's tasks")
     bench.add_argument("--seeds", nargs="+", type=int)
     bench.add_argument("--steps", type=int, help="training steps per cell")
+    bench.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        metavar="K",
+        help="a subset of a low-resource preset's training-set sizes",
+    )
     bench.add_argument("--resize", type=int, help="a pretrained ViT's input side (CPU budgets)")
     bench.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                        help="run the I-th of N shares of the grid; start N processes, I = 0 … "

@@ -76,30 +76,39 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _panel(record: dict) -> str:
+    """A convergence panel's title: the task, with its training-set size or shots per class."""
+    if record.get("size") is not None:
+        return f"{record['task']}, K = {record['size']}"
+    if record.get("shots") is not None:
+        return f"{record['task']}, {record['shots']}-shot"
+    return record["task"]
+
+
 def plot_convergence(records: list[dict], path: Path, title: str) -> None:
     """Validation score against training step at each method's chosen rate (seed 0), one panel
     per task: the evidence that a schedule is long enough."""
-    runs = [r for r in records if r.get("seed") == 0 and r.get("shots") is None
-            and len(r.get("curve") or []) > 1]  # fmt: skip
+    runs = [r for r in records if r.get("seed") == 0 and len(r.get("curve") or []) > 1]
     if not runs:
         return
     plt = _figure()
-    panels = list(dict.fromkeys((r["task"], r.get("size")) for r in runs))
+    panels = list(dict.fromkeys(_panel(r) for r in runs))
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
-    for ax, (task, size) in zip(axes.flat, panels, strict=False):
+    for ax, panel in zip(axes.flat, panels, strict=False):
         for r in runs:
-            if (r["task"], r.get("size")) == (task, size):
+            if _panel(r) == panel:
                 steps, values = zip(*r["curve"], strict=True)
                 ax.plot(steps, [100 * v for v in values], label=f"{r['method']} ({r['lr']:g})")
-        ax.set_title(task if size is None else f"{task}, K = {size}", fontsize=9)
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation score (points)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    fig.tight_layout()  # titles and axis labels of stacked panels apart
     fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.02)
     _save(fig, path)
     plt.close(fig)

@@ -273,9 +273,10 @@ def narrowed(
     backbone: str | None = None,
     steps: int | None = None,
     resize: int | None = None,
+    sizes: list[int] | None = None,
 ) -> Preset:
-    """The preset with a subset of its methods/tasks, other seeds, another backbone, steps or
-    input side of a pretrained ViT."""
+    """The preset with a subset of its methods/tasks/training-set sizes, other seeds, another
+    backbone, steps or input side of a pretrained ViT."""
     changes: dict[str, Any] = {}
     for kind, chosen in (("methods", methods), ("tasks", tasks)):
         if not chosen:
@@ -286,6 +287,14 @@ def narrowed(
             raise ConfigError(f"unknown {kind} {unknown} for preset {preset.name!r}; valid: "
                               f"{list(available)}")  # fmt: skip
         changes[kind] = {k: v for k, v in available.items() if k in chosen}
+    if sizes:
+        unknown = sorted(set(sizes) - set(preset.sizes))
+        if unknown:
+            offered = f"valid: {list(preset.sizes)}" if preset.sizes else "it has none"
+            raise ConfigError(f"unknown training-set sizes {unknown} for preset "
+                              f"{preset.name!r} (--sizes picks among a low-resource preset's K; "
+                              f"{offered})")  # fmt: skip
+        changes["sizes"] = tuple(k for k in preset.sizes if k in sizes)
     if seeds:
         changes["seeds"] = tuple(seeds)
     if backbone:

@@ -103,14 +103,48 @@ def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 
 def fewshot_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Per method, one row per few-shot task and one for their mean; per K, mean ± std over
+    seeds (the mean row's std: over the per-seed means across tasks)."""
     shots = sorted({r["shots"] for r in summary.fewshot})
-    table: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in summary.fewshot:  # mean over few-shot tasks and seeds
-        table[r["method"]][r["shots"]].append(points(r))
-    header = ["method", *(f"{k}-shot" for k in shots)]
-    rows = [[m, *(f"{statistics.fmean(table[m][k]):.1f}" if table[m][k] else "–" for k in shots)]
-            for m in table]  # fmt: skip
-    return header, rows
+    tasks = list(dict.fromkeys(r["task"] for r in summary.fewshot))
+    by_seed: dict[tuple[str, int], dict[str, dict[int, float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for r in summary.fewshot:
+        by_seed[(r["method"], r["shots"])][r["task"]][r["seed"]] = points(r)
+    methods = list(dict.fromkeys(r["method"] for r in summary.fewshot))
+    rows = []
+    for method in methods:
+        for task in [*tasks, "mean"] if len(tasks) > 1 else tasks:
+            row = [method, task]
+            for k in shots:
+                cell = by_seed.get((method, k), {})
+                if task == "mean":
+                    common = set.intersection(*(set(cell.get(t, {})) for t in tasks))
+                    values = [statistics.fmean(cell[t][s] for t in tasks) for s in sorted(common)]
+                else:
+                    values = list(cell.get(task, {}).values())
+                row.append(_mean_std_text(values))
+            rows.append(row)
+    return ["method", "task", *(f"{k}-shot" for k in shots)], rows
+
+
+def _mean_std_text(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def fewshot_edges(records: list[dict]) -> str | None:
+    """The few-shot rates chosen at an edge of their grid (after widening), or None."""
+    edges = [f"{r['method']} on {r['task']}, {r['shots']}-shot: {r['lr']:g} "
+             f"({'lowest' if r['edge'] == 'low' else 'highest'} of {len(r['grid'])} tried)"
+             for r in records if r.get("shots") is not None and r.get("edge")
+             and r.get("seed") == r.get("selection_seed", 0)]  # fmt: skip
+    if not edges:
+        return None
+    return "Rates chosen at the edge of their grid: " + "; ".join(edges) + "."
 
 
 def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -237,7 +271,8 @@ def convergence_line(records: list[dict]) -> str | None:
         tail = max(100 * v for step, v in curve if step > cut)
         gains.append(tail - before)
         if tail - before > PLATEAU_POINTS:
-            late.append(f"{r['method']} on {r['task']} (+{tail - before:.1f})")
+            shots = f", {r['shots']}-shot" if r.get("shots") is not None else ""
+            late.append(f"{r['method']} on {r['task']}{shots} (+{tail - before:.1f})")
     if not gains:
         return None
     shown = "; ".join(late[:8]) + (f"; and {len(late) - 8} more" if len(late) > 8 else "")
@@ -312,8 +347,10 @@ def write_report(
     summary = Summary([r for r in records if r.get("size") is None], order)
     if summary.fewshot and not brief:
         header, rows = fewshot_rows(summary)
-        sections += ["## Few-shot (mean over tasks and seeds; rate chosen per K on validation)",
-                     markdown(header, rows)]  # fmt: skip
+        sections += ["## Few-shot (mean ± std over seeds; rate chosen per task and K on "
+                     "validation)", markdown(header, rows)]  # fmt: skip
+        extra = [fewshot_edges(records), convergence_line(summary.fewshot)]
+        sections += [line for line in extra if line]
         _write_csv(output / "fewshot.csv", header, rows)
     if summary.dg and not brief:
         header, rows = dg_rows(summary)
