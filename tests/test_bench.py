@@ -292,6 +292,14 @@ def test_presets_name_their_problems():
         run_grid(PRESETS["vtab1k"], "unused")
 
 
+def test_steps_set_the_schedule_of_few_shot_cells_too():
+    """`bench --preset vision-fewshot --steps 300` trains its few-shot cells 300 steps (the
+    preset's own few-shot schedule would otherwise win silently)."""
+    longer = narrowed(PRESETS["vision-fewshot"], steps=300)
+    assert longer.fewshot_steps == 300 and longer.train["steps"] == 300
+    assert narrowed(PRESETS["vision-here"], steps=50).fewshot_steps is None
+
+
 def test_sizes_narrow_a_low_resource_grid_to_some_k():
     """`bench --sizes 100` runs only the K = 100 cells of text-lowres; a K the preset lacks, or
     --sizes on a preset without sizes, is refused with the valid choices."""

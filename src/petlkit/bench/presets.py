@@ -299,8 +299,9 @@ def narrowed(
         changes["seeds"] = tuple(seeds)
     if backbone:
         changes["backbone"] = backbone
-    if steps:
+    if steps:  # every cell's schedule, few-shot cells' included
         changes["train"] = {**preset.train, "steps": steps}
+        changes["fewshot_steps"] = steps if preset.fewshot_steps else None
     if resize:
         changes["resize"] = resize
     return dataclasses.replace(preset, **changes)
