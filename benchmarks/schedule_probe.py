@@ -4,6 +4,8 @@ rate it chose, for a longer schedule, and print how far the longer run moves its
     python benchmarks/schedule_probe.py --bench results/vision-dg-600steps --preset vision-dg \
         --task mnist-5k --steps 1200 --output results/checks/vision-1200steps
 
+`--fewshot` probes the task's few-shot cells (every K) instead of its full-data cells.
+
 The runs are the grid's own cells (same backbone, method arguments, batch, validation cadence,
 val/test subsets), only longer; `--output` gets their results.jsonl, report.md and
 convergence.png, and resumes where it stopped. A schedule has converged when doubling it moves
@@ -23,14 +25,15 @@ from petlkit.bench.report import write_report
 from petlkit.bench.selection import Choice
 
 
-def seed0_cells(bench: Path, task: str) -> list[dict]:
-    """The seed-0 cells of `task` in a bench folder (few-shot and low-resource cells aside)."""
+def seed0_cells(bench: Path, task: str, fewshot: bool = False) -> list[dict]:
+    """The seed-0 cells of `task` in a bench folder: its full-data cells, or its few-shot cells
+    (low-resource cells aside)."""
     return [r for r in read_records(bench)
-            if r["task"] == task and r["seed"] == 0 and r.get("shots") is None
+            if r["task"] == task and r["seed"] == 0 and (r.get("shots") is not None) == fewshot
             and r.get("size") is None]  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", required=True, type=Path, help="a finished bench folder")
     parser.add_argument("--preset", required=True, help="the preset that folder ran")
@@ -38,9 +41,14 @@ def main() -> int:
     parser.add_argument("--steps", required=True, type=int, help="the longer schedule")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--methods", nargs="+", help="a subset of the folder's methods")
-    args = parser.parse_args()
-    shorter = [r for r in seed0_cells(args.bench, args.task)
+    parser.add_argument("--fewshot", action="store_true", help="probe the few-shot cells")
+    args = parser.parse_args(argv)
+    shorter = [r for r in seed0_cells(args.bench, args.task, args.fewshot)
                if not args.methods or r["method"] in args.methods]  # fmt: skip
+    if not shorter:
+        kind = "few-shot" if args.fewshot else "full-data"
+        print(f"{args.bench} has no seed-0 {kind} cell of {args.task!r}", file=sys.stderr)
+        return 2
     (preset,) = get_presets(args.preset)
     preset = narrowed(preset, tasks=[args.task], seeds=[0], steps=args.steps,
                       methods=[r["method"] for r in shorter])  # fmt: skip
@@ -49,7 +57,7 @@ def main() -> int:
     done = {r["cell"]: r for r in read_records(args.output)}
     rows = []
     for before in shorter:
-        cell = Cell(args.task, before["method"], 0)
+        cell = Cell(args.task, before["method"], 0, before.get("shots"))
         if cell.key not in done:
             choice = Choice(before["lr"], before["val_at_choice"], tuple(before["grid"]),
                             before["edge"])  # fmt: skip
@@ -57,16 +65,18 @@ def main() -> int:
             _append(args.output, done[cell.key])
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
-        rows.append(f"| {before['method']} | {before['lr']:g} | {100 * before['score']:.1f} | "
-                    f"{100 * after['score']:.1f} | {gain:+.1f} | "
+        shots = f" | {before['shots']}" if args.fewshot else ""
+        rows.append(f"| {before['method']}{shots} | {before['lr']:g} | "
+                    f"{100 * before['score']:.1f} | {100 * after['score']:.1f} | {gain:+.1f} | "
                     f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
     write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
     print(
         f"\n{args.task}, seed 0, the rate chosen at {shorter[0]['steps']} steps: test "
         f"{before['metric']} at {shorter[0]['steps']} and at {args.steps} steps"
     )
-    print("| method | lr | shorter | longer | change | best step (shorter → longer) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    shots = (" | K", "|---:") if args.fewshot else ("", "")
+    print(f"| method{shots[0]} | lr | shorter | longer | change | best step (shorter → longer) |")
+    print(f"|---{shots[1]}|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

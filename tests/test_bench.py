@@ -282,6 +282,17 @@ def test_a_fewshot_only_preset_trains_no_full_data_cell(tiny_vit_file, tmp_path)
     assert PRESETS["vision-fewshot"].main is False and PRESETS["vision-fewshot"].shots
 
 
+def test_few_shot_cells_are_scored_at_least_five_times_whatever_the_main_cadence(
+        tiny_vit_file, tmp_path):  # fmt: skip
+    """A preset whose full-data cells validate every 60 steps still gives its 10-step few-shot
+    cells a curve of five points, so the report can tell a plateau from a rise."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), main=False, shots=(1,),
+                                 train=dict(steps=60, batch_size=8, eval_every=60,
+                                            checkpoint_every=0), fewshot_steps=10)  # fmt: skip
+    (record,) = run_grid(preset, tmp_path, log=lambda _: None)
+    assert record["steps"] == 10 and [step for step, _ in record["curve"]] == [2, 4, 6, 8, 10]
+
+
 def test_presets_name_their_problems():
     with pytest.raises(ConfigError, match="valid presets: .*text-here"):
         get_presets("txt-here")

@@ -92,3 +92,21 @@ def test_fewshot_table_has_per_task_rows_a_mean_row_and_seed_spread():
     records[0]["curve"] = [[10, 0.1], [20, 0.1], [30, 0.1], [45, 0.2]]  # rising in its last third
     line = convergence_line(records)
     assert line.startswith("0 of 1 seed-0 runs") and "sas on a, 1-shot (+10.0)" in line
+
+
+def test_a_long_figure_title_sits_above_every_panel_title():
+    """A preset description wraps to three lines; the plots' title must not cover the panels'
+    own titles (it did on vision-b16-cpu's convergence plot)."""
+    from petlkit.bench.plots import _figure, suptitle
+
+    plt = _figure()
+    fig, axes = plt.subplots(1, 3, figsize=(13.8, 3.6))
+    for ax in axes:
+        ax.set_title("mnist-5k, 2-shot", fontsize=9)
+    suptitle(fig, "a preset description that goes on and on, " * 8)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    top_of_panels = max(ax.title.get_window_extent(renderer).y1 for ax in axes)
+    assert fig._suptitle.get_text().count("\n") >= 2
+    assert fig._suptitle.get_window_extent(renderer).y0 >= top_of_panels
+    plt.close(fig)

@@ -161,6 +161,9 @@ class GridRunner:
         train = {**preset.train, "lr": lr, "seed": seed, **overrides}
         if unit.shots is not None and preset.fewshot_steps:
             train["steps"] = preset.fewshot_steps
+        if unit.shots is not None and train.get("eval_every"):
+            # a few-shot cell's curve gets at least five points, whatever the full-data cadence
+            train["eval_every"] = min(train["eval_every"], max(train["steps"] // 5, 1))
         train["batch_size"] = min(train.get("batch_size", 32), len(task.splits["train"]))
         spec = RunSpec(backbone=preset.backbone, method=entry.method, task=task_name,
                        method_args=entry.args, train=train, pooling=preset.pooling,

@@ -23,6 +23,14 @@ def _figure():
     return plt
 
 
+def suptitle(fig, title: str) -> None:
+    """Lay the panels out (titles and axis labels of stacked panels apart), then put the
+    figure's title, however many lines it wraps to, above them: its bottom edge at the figure's
+    top, which the tight bounding box of `_save` then takes in."""
+    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.0, va="bottom")
+
+
 def _save(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
@@ -71,7 +79,7 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.05)
+    suptitle(fig, title)
     _save(fig, path)
     plt.close(fig)
 
@@ -108,7 +116,6 @@ def plot_convergence(records: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.tight_layout()  # titles and axis labels of stacked panels apart
-    fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=1.02)
+    suptitle(fig, title)
     _save(fig, path)
     plt.close(fig)

@@ -236,16 +236,17 @@ PRESETS["vision-b16"] = dataclasses.replace(
 )  # fmt: skip
 
 # vision-b16 at a size two CPU cores afford: 48 px (3 × 3 patches, position embeddings
-# resampled), MNIST-5k with its shifts, 400 steps, three methods (about 11 minutes a run)
+# resampled), vision-here's two tasks and MNIST-5k's shifts, 400 steps, three methods (about 6
+# minutes a run), and few-shot cells at 2 and 8 shots (100 steps, about 2 minutes a run)
 PRESETS["vision-b16-cpu"] = dataclasses.replace(
     PRESETS["vision-b16"], name="vision-b16-cpu", resize=48,
-    tasks={"mnist-5k": "natural-like"},
     methods={k: VISION_METHODS[k] for k in ("linear", "lora", "sas")},
     train=dict(VISION_HERE_TRAIN, steps=400, eval_every=40),
-    shots=(), fewshot_tasks=(), fewshot_steps=None, fewshot_methods=(),
+    shots=(2, 8), fewshot_methods=(),
     description="the real CLIP ViT-B/16 at 48 px (3 × 3 patches; position embeddings "
-    "resampled) on MNIST-5k and its shifted copies: 400 steps of batch 32, linear, LoRA and "
-    "SaS, the scale two CPU cores afford",
+    "resampled) on MNIST-5k (and its shifted copies) and shapes-count: 400 steps of batch 32, "
+    "linear, LoRA and SaS; few-shot MNIST-5k at 2 and 8 shots (100 steps); the scale two CPU "
+    "cores afford",
 )  # fmt: skip
 
 COMPOSITE = {"quick": ("quick-text", "quick-vision")}  # make demo: a slice of both here presets
