@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             _append(args.output, done[cell.key])
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
-        shots = f" | {before['shots']}" if args.fewshot else ""
-        rows.append(f"| {before['method']}{shots} | {before['lr']:g} | "
+        k_cell = f" | {before['shots']}" if args.fewshot else ""
+        rows.append(f"| {before['method']}{k_cell} | {before['lr']:g} | "
                     f"{100 * before['score']:.1f} | {100 * after['score']:.1f} | {gain:+.1f} | "
                     f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
     write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.task}, seed 0, the rate chosen at {shorter[0]['steps']} steps: test "
         f"{before['metric']} at {shorter[0]['steps']} and at {args.steps} steps"
     )
-    shots = (" | K", "|---:") if args.fewshot else ("", "")
-    print(f"| method{shots[0]} | lr | shorter | longer | change | best step (shorter → longer) |")
-    print(f"|---{shots[1]}|---:|---:|---:|---:|---:|")
+    k_head, k_rule = (" | K", "|---:") if args.fewshot else ("", "")
+    print(f"| method{k_head} | lr | shorter | longer | change | best step (shorter → longer) |")
+    print(f"|---{k_rule}|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 
