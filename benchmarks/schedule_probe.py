@@ -34,7 +34,7 @@ def seed0_cells(bench: Path, task: str, fewshot: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--bench", required=True, type=Path, help="a finished bench folder")
     parser.add_argument("--preset", required=True, help="the preset that folder ran")
     parser.add_argument("--task", required=True)

@@ -14,6 +14,7 @@ from petlkit.bench.report import (
     fewshot_rows,
     main_rows,
     ranking_rows,
+    rate_rows,
 )
 from tests.helpers import bench_record as _record
 
@@ -49,6 +50,15 @@ def test_report_tables_ranking_ties_and_claims(tmp_path):
     assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     brief = write_report(records, tmp_path, "tiny", brief=True)  # the demo's: tables only
     assert "## Ranking" in brief and "claims" not in brief and "Convergence" not in brief
+
+
+def test_rate_table_names_each_tasks_grid_where_a_methods_grids_differ():
+    records = [_record("a", "lora", 0, 0.8, 10), _record("b", "lora", 0, 0.6, 10, grid=[1e-3]),
+               _record("a", "sas", 0, 0.8, 10), _record("b", "sas", 0, 0.6, 10)]  # fmt: skip
+    header, rows = rate_rows(records, Summary(records))
+    assert header == ["method", "a", "b", "grid tried"]
+    assert rows[0][-1] == "a: 0.0003, 0.001, 0.003; b: 0.001"
+    assert rows[1][-1] == "0.0003, 0.001, 0.003"
 
 
 def test_convergence_is_plotted_and_runs_still_rising_are_named(tmp_path):

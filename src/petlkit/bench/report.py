@@ -247,10 +247,22 @@ def rate_rows(records: list[dict], summary: Summary) -> tuple[list[str], list[li
                 continue
             mark = {"low": " (lowest tried)", "high": " (highest tried)"}.get(r.get("edge"), "")
             row.append(f"{r['lr']:g}{mark}")
-        grids = {tuple(r["grid"]) for (m, _), r in chosen.items() if m == method and "grid" in r}
-        row.append("; ".join(", ".join(f"{x:g}" for x in g) for g in sorted(grids)) or "–")
+        row.append(_grids_tried(chosen, method, summary.tasks))
         rows.append(row)
     return ["method", *summary.tasks, "grid tried"], rows
+
+
+def _grids_tried(chosen: dict, method: str, tasks: list[str]) -> str:
+    """The rates a method tried: one grid, or, where its grid differs between tasks, each
+    task's grid named in the tasks' order."""
+    grids = {t: tuple(chosen[(method, t)]["grid"]) for t in tasks
+             if "grid" in chosen.get((method, t), {})}  # fmt: skip
+    if not grids:
+        return "–"
+    spell = {t: ", ".join(f"{x:g}" for x in g) for t, g in grids.items()}
+    if len(set(grids.values())) == 1:
+        return next(iter(spell.values()))
+    return "; ".join(f"{t}: {text}" for t, text in spell.items())
 
 
 PLATEAU_POINTS = 2.0  # a run whose best val score in its last third beats the rest by more
