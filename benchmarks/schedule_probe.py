@@ -70,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{100 * before['score']:.1f} | {100 * after['score']:.1f} | {gain:+.1f} | "
                     f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
     write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
-    print(
-        f"\n{args.task}, seed 0, the rate chosen at {shorter[0]['steps']} steps: test "
-        f"{before['metric']} at {shorter[0]['steps']} and at {args.steps} steps"
-    )
+    ran = "/".join(str(n) for n in sorted({r["steps"] for r in shorter}))
+    print(f"\n{args.task}, seed 0, the rate chosen at {ran} steps: test {before['metric']} at "
+          f"{ran} and at {args.steps} steps")  # fmt: skip
     k_head, k_rule = (" | K", "|---:") if args.fewshot else ("", "")
     print(f"| method{k_head} | lr | shorter | longer | change | best step (shorter → longer) |")
     print(f"|---{k_rule}|---:|---:|---:|---:|---:|")

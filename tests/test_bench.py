@@ -293,6 +293,22 @@ def test_few_shot_cells_are_scored_at_least_five_times_whatever_the_main_cadence
     assert record["steps"] == 10 and [step for step, _ in record["curve"]] == [2, 4, 6, 8, 10]
 
 
+def test_few_shot_schedules_can_differ_per_k_and_a_folder_keeps_its_own(tiny_vit_file, tmp_path):
+    """vision-fewshot trains 16-shot cells longer than 1-8-shot ones; each record says its own
+    schedule, and a folder run with another schedule for a K is refused, not mixed."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), main=False, shots=(1, 2),
+                                 fewshot_steps={1: 4, 2: 6})  # fmt: skip
+    records = run_grid(preset, tmp_path, log=lambda _: None)
+    assert {r["shots"]: r["steps"] for r in records} == {1: 4, 2: 6}
+    longer = dataclasses.replace(preset, fewshot_steps={1: 4, 2: 8})
+    with pytest.raises(PetlError, match="2shot--sas--seed0 ran 6 steps, this preset runs 8"):
+        run_grid(longer, tmp_path, log=lambda _: None)
+    with pytest.raises(ConfigError, match="no schedule for \\[2\\] shots"):
+        dataclasses.replace(preset, fewshot_steps={1: 4})
+    assert PRESETS["vision-fewshot"].steps_for(16) == 300
+    assert PRESETS["vision-fewshot"].steps_for(8) == 100
+
+
 def test_presets_name_their_problems():
     with pytest.raises(ConfigError, match="valid presets: .*text-here"):
         get_presets("txt-here")

@@ -69,5 +69,5 @@ def test_the_cpu_vit_b16_preset_is_resized_and_small():
     assert preset.backbone == "clip-vit-b16" and preset.resize == 48 and 48 % 16 == 0
     assert set(preset.methods) == {"linear", "lora", "sas"}
     assert set(preset.tasks) == set(PRESETS["vision-here"].tasks)  # both mini-VTAB tasks
-    assert preset.shots == (2, 8) and preset.fewshot_steps == 100  # a few-shot slice, short
+    assert preset.shots == (2, 8) and preset.steps_for(2) == preset.steps_for(8) == 100
     assert PRESETS["vision-b16"].resize is None  # on a GPU: CLIP's own 224 px

@@ -160,7 +160,7 @@ class GridRunner:
         entry = preset.methods[method]
         train = {**preset.train, "lr": lr, "seed": seed, **overrides}
         if unit.shots is not None and preset.fewshot_steps:
-            train["steps"] = preset.fewshot_steps
+            train["steps"] = preset.steps_for(unit.shots)
         if unit.shots is not None and train.get("eval_every"):
             # a few-shot cell's curve gets at least five points, whatever the full-data cadence
             train["eval_every"] = min(train["eval_every"], max(train["steps"] // 5, 1))
@@ -296,8 +296,7 @@ class GridRunner:
         """Refuse a folder whose runs had another schedule (their choices would not carry)."""
         preset = self.preset
         for r in recorded:
-            fewshot = r.get("shots") is not None and preset.fewshot_steps
-            expected = preset.fewshot_steps if fewshot else preset.train.get("steps")
+            expected = preset.steps_for(r.get("shots"))
             if expected is not None and r.get("steps") != expected:
                 name = r.get("cell") or r.get("trial")
                 raise PetlError(f"{self.output}: {name} ran {r.get('steps')} steps, this preset "
