@@ -52,6 +52,16 @@ def test_report_tables_ranking_ties_and_claims(tmp_path):
     assert "## Ranking" in brief and "claims" not in brief and "Convergence" not in brief
 
 
+def test_a_table_says_which_seeds_it_averages_and_which_methods_have_fewer(tmp_path):
+    """A grid cut off part-way (seeds run one after another) must not pass for a finished one."""
+    records = [_record("a", "lora", s, 0.8, 10) for s in (0, 1, 2)]
+    records += [_record("a", "sas", s, 0.8, 10) for s in (0, 1)]
+    text = write_report(records, tmp_path, "tiny")
+    assert "mean ± std over seeds 0, 1, 2; so far only: sas 0, 1, each method" in text
+    text = write_report(records[:3], tmp_path, "tiny")
+    assert "mean ± std over seeds 0, 1, 2, each method" in text
+
+
 def test_rate_table_names_each_tasks_grid_where_a_methods_grids_differ():
     records = [_record("a", "lora", 0, 0.8, 10), _record("b", "lora", 0, 0.6, 10, grid=[1e-3]),
                _record("a", "sas", 0, 0.8, 10), _record("b", "sas", 0, 0.6, 10)]  # fmt: skip

@@ -329,6 +329,19 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def seeds_phrase(summary: Summary) -> str:
+    """The seeds a table averages, and the methods with fewer (a grid cut off part-way)."""
+
+    def spell(seeds: set[int]) -> str:
+        return ", ".join(str(seed) for seed in sorted(seeds))
+
+    per_method = {m: summary.seeds(m) for m in summary.methods}
+    every = set().union(*per_method.values())
+    short = [f"{m} {spell(seeds)}" for m, seeds in per_method.items() if seeds != every]
+    phrase = f"seed{'s' if len(every) > 1 else ''} {spell(every)}"
+    return phrase + (f"; so far only: {'; '.join(short)}" if short else "")
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -389,8 +402,8 @@ def _main_sections(records: list[dict], output: Path, order: list[str] | None, b
     at = f", {label}" if label else ""
     header, rows = main_rows(summary)
     _write_csv(output / f"main{suffix}.csv", header, rows)
-    sections = [f"## Test scores{at} (mean ± std over seeds, each method at the rate chosen on "
-                "validation)", markdown(header, rows)]  # fmt: skip
+    sections = [f"## Test scores{at} (mean ± std over {seeds_phrase(summary)}, each method at the "
+                "rate chosen on validation)", markdown(header, rows)]  # fmt: skip
     if len(summary.tasks) > 1 or not brief:
         header, rows = ranking_rows(summary)
         sections += [f"## Ranking{at}", markdown(header, rows)]
