@@ -7,7 +7,6 @@ import pytest
 
 from petlkit.bench import write_report
 from petlkit.bench.report import (
-    Summary,
     claims,
     convergence_line,
     fewshot_edges,
@@ -16,6 +15,7 @@ from petlkit.bench.report import (
     ranking_rows,
     rate_rows,
 )
+from petlkit.bench.summary import Summary
 from tests.helpers import bench_record as _record
 
 

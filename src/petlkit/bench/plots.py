@@ -6,12 +6,9 @@ import statistics
 import textwrap
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from petlkit.bench.summary import Summary, points
 from petlkit.io import atomic_write
-
-if TYPE_CHECKING:
-    from petlkit.bench.report import Summary
 
 
 def _figure():
@@ -60,8 +57,6 @@ def plot_fewshot(summary: Summary, path: Path, title: str) -> None:
     plt = _figure()
     tasks = list(dict.fromkeys(r["task"] for r in summary.fewshot))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
-    from petlkit.bench.report import points
-
     for ax, task in zip(axes[0], tasks, strict=True):
         curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in summary.fewshot:

@@ -58,8 +58,10 @@ class Preset:
     size_val: int = 200
 
     def __post_init__(self) -> None:
-        if isinstance(self.fewshot_steps, dict) and set(self.shots) - set(self.fewshot_steps):
-            missing = sorted(set(self.shots) - set(self.fewshot_steps))
+        if not isinstance(self.fewshot_steps, dict):
+            return
+        missing = sorted(set(self.shots) - set(self.fewshot_steps))
+        if missing:
             raise ConfigError(f"preset {self.name!r}: fewshot_steps gives no schedule for "
                               f"{missing} shots; give every K in shots a step count")  # fmt: skip
 

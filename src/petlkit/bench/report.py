@@ -10,73 +10,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from petlkit.bench.summary import Summary, mean_std, points
 from petlkit.io import atomic_write
 
-ALREADY_PERCENT = ("exact_match", "f1")
 # each UniPELT variant and the single methods it combines (He/Mao et al., UniPELT, 2022)
 UNIPELT_SUBMODULES = {
     "unipelt-ap": ("adapter", "prefix"),
     "unipelt": ("lora", "adapter", "prefix"),
     "unipelt-prompt": ("lora", "adapter", "prefix", "prompt"),
 }
-
-
-def points(record: dict) -> float:
-    return record["score"] if record["metric"] in ALREADY_PERCENT else 100.0 * record["score"]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-class Summary:
-    """Seed means of the main cells: scores[method][task] = [points per seed]."""
-
-    def __init__(self, records: list[dict], order: list[str] | None = None) -> None:
-        main = [r for r in records if r.get("shots") is None]
-        self.tasks = list(dict.fromkeys(r["task"] for r in main))
-        found = list(dict.fromkeys(r["method"] for r in main))
-        rank = {m: i for i, m in enumerate(order or found)}  # the preset's order, if given
-        self.methods = sorted(found, key=lambda m: rank.get(m, len(rank)))
-        self.groups = {r["task"]: r["group"] for r in main}
-        self.scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.params: dict[str, tuple[int, float]] = {}
-        self.by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
-        for r in main:
-            self.scores[r["method"]][r["task"]].append(points(r))
-            self.by_seed[r["method"]].setdefault(r["task"], {})[r["seed"]] = points(r)
-            self.params[r["method"]] = (r["trainable"], r["percent"])
-        self.fewshot = [r for r in records if r.get("shots") is not None]
-        self.dg = [r for r in main if "dg" in r]
-
-    def task_mean(self, method: str, task: str) -> float | None:
-        values = self.scores[method].get(task)
-        return statistics.fmean(values) if values else None
-
-    def mean(self, method: str, tasks: list[str] | None = None) -> float | None:
-        """The mean over tasks of the seed means (None if a task is missing)."""
-        values = [self.task_mean(method, t) for t in (tasks or self.tasks)]
-        return None if any(v is None for v in values) else statistics.fmean(values)
-
-    def seeds(self, method: str) -> set[int]:
-        return {seed for by_seed in self.by_seed[method].values() for seed in by_seed}
-
-    def overall(self, method: str) -> tuple[float, float]:
-        """Mean over tasks, ± the std over seeds of the per-seed means over tasks."""
-        seeds: dict[int, list[float]] = defaultdict(list)
-        for task in self.tasks:
-            for seed, value in self.by_seed[method].get(task, {}).items():
-                seeds[seed].append(value)
-        whole = [statistics.fmean(v) for v in seeds.values() if len(v) == len(self.tasks)]
-        mean = self.mean(method)
-        std = statistics.stdev(whole) if len(whole) > 1 else 0.0
-        return (mean if mean is not None else float("nan")), std
-
-    def group_tasks(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = defaultdict(list)
-        for task in self.tasks:
-            out[self.groups[task]].append(task)
-        return dict(out)
 
 
 def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -91,7 +33,7 @@ def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
         for task in summary.tasks:
             values = summary.scores[method].get(task)
             if values:
-                mean, std = _mean_std(values)
+                mean, std = mean_std(values)
                 row.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
             else:
                 row.append("–")
@@ -132,7 +74,7 @@ def fewshot_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 def _mean_std_text(values: list[float]) -> str:
     if not values:
         return "–"
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
@@ -175,7 +117,7 @@ def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
             if not values:
                 row.append("–")
             else:
-                mean, std = _mean_std(values)
+                mean, std = mean_std(values)
                 row.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
         rows.append(row)
     return header, rows
