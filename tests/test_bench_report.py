@@ -3,6 +3,8 @@ the convergence line, and one table per low-resource size."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from petlkit.bench import write_report
@@ -130,3 +132,17 @@ def test_a_long_figure_title_sits_above_every_panel_title():
     assert fig._suptitle.get_text().count("\n") >= 2
     assert fig._suptitle.get_window_extent(renderer).y0 >= top_of_panels
     plt.close(fig)
+
+
+def test_a_report_after_a_narrowed_run_keeps_the_presets_method_order(tmp_path):
+    """`bench --methods` on a folder holding other methods' cells must not reorder the tables."""
+    from petlkit.bench.command import run_bench
+    from petlkit.bench.presets import PRESETS
+
+    order = list(PRESETS["text-here"].methods)
+    assert order.index("full") < order.index("lora")
+    records = [_record("rotten-tomatoes", m, s, 0.7, 10) for m in ("lora", "full") for s in (0, 1)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = run_bench("text-here", tmp_path, report_only=True, methods=["lora"])
+    table = text.split("## Test scores")[1].split("## Ranking")[0]
+    assert table.index("| full |") < table.index("| lora |")

@@ -29,6 +29,7 @@ def run_bench(
     texts, everything = [], []
     start = time.perf_counter()
     for preset in parts:
+        order = list(preset.methods)  # the whole preset's: a folder holds other runs' methods too
         preset = narrowed(preset, **narrow)
         folder = output / preset.name if len(parts) > 1 else output
         if report_only:
@@ -43,7 +44,7 @@ def run_bench(
         title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} ({made}"
                  f"report by petlkit {commit()}, {date.today().isoformat()})")  # fmt: skip
         title += _other_schedule(records, preset.train.get("steps"))
-        texts.append(write_report(records, folder, title, list(preset.methods), brief=brief))
+        texts.append(write_report(records, folder, title, order, brief=brief))
         everything += records
     if brief and everything:
         texts.append(variance_note(everything))
