@@ -38,7 +38,7 @@ bench-here: $(STAMP)
 	$(BIN)/petlkit bench --preset vision-fewshot --output results/vision-fewshot
 
 # GPU-sized text grids: four sentiment domains (about 9 hours on 2 cores) and UniPELT's
-# low-resource setting (840 runs, about 30 hours on 2 cores). SHARDS=8 runs 8 processes at once
+# low-resource setting (about 910 runs, about 25 hours on 2 cores). SHARDS=8 runs 8 processes at once
 # (on a GPU; benchmarks/sharded_bench.sh)
 SHARDS ?= 1
 bench-domains: $(STAMP)
