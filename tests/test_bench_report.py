@@ -64,6 +64,16 @@ def test_a_table_says_which_seeds_it_averages_and_which_methods_have_fewer(tmp_p
     assert "mean ± std over seeds 0, 1, 2, each method" in text
 
 
+def test_a_task_begun_after_the_others_is_named_with_its_seeds(tmp_path):
+    """A method complete on one task and part-way on the next (the grid runs task by task) must
+    not pass for complete on both: the short task is named with the seeds it has."""
+    records = [_record("a", m, s, 0.8, 10) for m in ("lora", "sas") for s in (0, 1, 2)]
+    records += [_record("b", "lora", s, 0.6, 10) for s in (0, 1)]
+    records += [_record("b", "sas", 0, 0.6, 10)]
+    text = write_report(records, tmp_path, "tiny")
+    assert "seeds 0, 1, 2; so far only: lora on b 0, 1; sas on b 0, each method" in text
+
+
 def test_rate_table_names_each_tasks_grid_where_a_methods_grids_differ():
     records = [_record("a", "lora", 0, 0.8, 10), _record("b", "lora", 0, 0.6, 10, grid=[1e-3]),
                _record("a", "sas", 0, 0.8, 10), _record("b", "sas", 0, 0.6, 10)]  # fmt: skip

@@ -272,14 +272,22 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def seeds_phrase(summary: Summary) -> str:
-    """The seeds a table averages, and the methods with fewer (a grid cut off part-way)."""
+    """The seeds a table averages, and the cells with fewer (a grid cut off part-way): a method
+    short by the same seeds on every task is named once, else each short task is named."""
 
     def spell(seeds: set[int]) -> str:
         return ", ".join(str(seed) for seed in sorted(seeds))
 
-    per_method = {m: summary.seeds(m) for m in summary.methods}
-    every = set().union(*per_method.values())
-    short = [f"{m} {spell(seeds)}" for m, seeds in per_method.items() if seeds != every]
+    cells = {(m, t): summary.seeds(m, t) for m in summary.methods for t in summary.tasks}
+    every = set().union(*cells.values())
+    short = []
+    for method in summary.methods:
+        own = [cells[method, task] for task in summary.tasks]
+        if all(seeds == own[0] for seeds in own) and own[0] != every:
+            short.append(f"{method} {spell(own[0])}")
+            continue
+        short += [f"{method} on {task} {spell(cells[method, task]) or 'none'}"
+                  for task in summary.tasks if cells[method, task] != every]  # fmt: skip
     phrase = f"seed{'s' if len(every) > 1 else ''} {spell(every)}"
     return phrase + (f"; so far only: {'; '.join(short)}" if short else "")
 

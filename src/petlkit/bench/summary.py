@@ -49,8 +49,12 @@ class Summary:
         values = [self.task_mean(method, t) for t in (tasks or self.tasks)]
         return None if any(v is None for v in values) else statistics.fmean(values)
 
-    def seeds(self, method: str) -> set[int]:
-        return {seed for by_seed in self.by_seed[method].values() for seed in by_seed}
+    def seeds(self, method: str, task: str | None = None) -> set[int]:
+        """The seeds a method has run: on `task`, or on any task."""
+        tasks = self.by_seed[method]
+        if task:
+            return set(tasks.get(task, {}))
+        return {seed for by_seed in tasks.values() for seed in by_seed}
 
     def overall(self, method: str) -> tuple[float, float]:
         """Mean over tasks, ± the std over seeds of the per-seed means over tasks."""
