@@ -4,18 +4,25 @@ rate it chose, for a longer schedule, and print how far the longer run moves its
     python benchmarks/schedule_probe.py --bench results/vision-dg-600steps --preset vision-dg \
         --task mnist-5k --steps 1200 --output results/checks/vision-1200steps
 
-`--fewshot` probes the task's few-shot cells (every K) instead of its full-data cells.
+`--fewshot` probes the task's few-shot cells (every K) instead of its full-data cells; `--size K`
+its low-resource cells at K training examples (`text-lowres`):
+
+    python benchmarks/schedule_probe.py --bench results/text-lowres --preset text-lowres \
+        --task sentiment-movies-binary --size 1000 --steps 600 \
+        --output results/checks/lowres-movies-K1000-600steps
 
 The runs are the grid's own cells (same backbone, method arguments, batch, validation cadence,
-val/test subsets), only longer; `--output` gets their results.jsonl, report.md and
-convergence.png, and resumes where it stopped. A schedule has converged when doubling it moves
-the test scores by no more than the spread between seeds. The rate is the one the shorter
-schedule chose: a probe of the schedule, not a fair comparison of methods.
+val/test subsets, the same K examples drawn), only longer; `--output` gets their results.jsonl,
+report.md and convergence.png, and resumes where it stopped. The table gives each run's best
+validation score at both lengths (what a schedule may be chosen on: test data never is), its
+test score at both, and the spread of the folder's seeds at the shorter one. The rate is the one
+the shorter schedule chose: a probe of the schedule, not a fair comparison of methods.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,12 +32,25 @@ from petlkit.bench.report import write_report
 from petlkit.bench.selection import Choice
 
 
-def seed0_cells(bench: Path, task: str, fewshot: bool = False) -> list[dict]:
-    """The seed-0 cells of `task` in a bench folder: its full-data cells, or its few-shot cells
-    (low-resource cells aside)."""
+def seed0_cells(bench: Path, task: str, fewshot: bool = False,
+                size: int | None = None) -> list[dict]:  # fmt: skip
+    """The seed-0 cells of `task` in a bench folder: its full-data cells, its few-shot cells, or
+    its low-resource cells at `size` training examples."""
     return [r for r in read_records(bench)
             if r["task"] == task and r["seed"] == 0 and (r.get("shots") is not None) == fewshot
-            and r.get("size") is None]  # fmt: skip
+            and r.get("size") == size]  # fmt: skip
+
+
+def seed_spread(bench: Path, cell: dict) -> str:
+    """The std over seeds (in points) of the folder's cells like `cell`, or "–" for one seed."""
+    same = ("task", "method", "shots", "size")
+    scores = [r["score"] for r in read_records(bench)
+              if all(r.get(k) == cell.get(k) for k in same)]  # fmt: skip
+    return f"{100 * statistics.stdev(scores):.1f}" if len(scores) > 1 else "–"
+
+
+def best_val(record: dict) -> str:
+    return f"{100 * max(v for _, v in record['curve']):.1f}" if record.get("curve") else "–"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,22 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--methods", nargs="+", help="a subset of the folder's methods")
     parser.add_argument("--fewshot", action="store_true", help="probe the few-shot cells")
+    parser.add_argument("--size", type=int, help="probe the low-resource cells at this K")
     args = parser.parse_args(argv)
-    shorter = [r for r in seed0_cells(args.bench, args.task, args.fewshot)
+    shorter = [r for r in seed0_cells(args.bench, args.task, args.fewshot, args.size)
                if not args.methods or r["method"] in args.methods]  # fmt: skip
     if not shorter:
-        kind = "few-shot" if args.fewshot else "full-data"
+        kind = ("few-shot" if args.fewshot else "full-data" if args.size is None
+                else f"K = {args.size}")  # fmt: skip
         print(f"{args.bench} has no seed-0 {kind} cell of {args.task!r}", file=sys.stderr)
         return 2
     (preset,) = get_presets(args.preset)
     preset = narrowed(preset, tasks=[args.task], seeds=[0], steps=args.steps,
-                      methods=[r["method"] for r in shorter])  # fmt: skip
+                      methods=[r["method"] for r in shorter],
+                      sizes=None if args.size is None else [args.size])  # fmt: skip
     runner = GridRunner(preset, args.output, None, print)
     args.output.mkdir(parents=True, exist_ok=True)
     done = {r["cell"]: r for r in read_records(args.output)}
     rows = []
     for before in shorter:
-        cell = Cell(args.task, before["method"], 0, before.get("shots"))
+        cell = Cell(args.task, before["method"], 0, before.get("shots"), args.size)
         if cell.key not in done:
             choice = Choice(before["lr"], before["val_at_choice"], tuple(before["grid"]),
                             before["edge"])  # fmt: skip
@@ -66,16 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
         k_cell = f" | {before['shots']}" if args.fewshot else ""
-        rows.append(f"| {before['method']}{k_cell} | {before['lr']:g} | "
-                    f"{100 * before['score']:.1f} | {100 * after['score']:.1f} | {gain:+.1f} | "
+        spread = seed_spread(args.bench, before)
+        rows.append(f"| {before['method']}{k_cell} | {before['lr']:g} | {best_val(before)} → "
+                    f"{best_val(after)} | {100 * before['score']:.1f} | "
+                    f"{100 * after['score']:.1f} | {gain:+.1f} | {spread} | "
                     f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
     write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
     ran = "/".join(str(n) for n in sorted({r["steps"] for r in shorter}))
-    print(f"\n{args.task}, seed 0, the rate chosen at {ran} steps: test {before['metric']} at "
-          f"{ran} and at {args.steps} steps")  # fmt: skip
+    at_k = "" if args.size is None else f", K = {args.size}"
+    print(f"\n{args.task}{at_k}, seed 0, the rate chosen at {ran} steps: best validation score "
+          f"and test {before['metric']} at {ran} and at {args.steps} steps; the seeds' std at "
+          f"{ran}")  # fmt: skip
     k_head, k_rule = (" | K", "|---:") if args.fewshot else ("", "")
-    print(f"| method{k_head} | lr | shorter | longer | change | best step (shorter → longer) |")
-    print(f"|---{k_rule}|---:|---:|---:|---:|---:|")
+    print(f"| method{k_head} | lr | best val (shorter → longer) | test, shorter | test, longer | "
+          "change | seeds' std | best step (shorter → longer) |")  # fmt: skip
+    print(f"|---{k_rule}|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import statistics
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,32 @@ def test_the_few_shot_probe_retrains_each_k_at_its_chosen_rate_for_the_longer_sc
     assert "| method | K | lr |" in table and "| sas | 2 |" in table
     assert probe.main([*argv, "--fewshot"]) == 0  # a rerun trains nothing again
     assert len(read_records(out)) == 2
+
+
+def test_the_low_resource_probe_retrains_k_cells_on_the_same_draw_and_reports_val_and_spread(
+        probe, tiny_vit_file, tmp_path, monkeypatch, capsys):  # fmt: skip
+    """`--size K` probes a text-lowres-like folder's K cells: the same K training examples (so
+    the same validation draw), the rate the shorter run chose, and a table that gives the best
+    validation score at both lengths and the seeds' std (a schedule is judged on those)."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), tasks={"digits": "natural-like"},
+                                 shots=(), sizes=(20,), size_val=20)  # fmt: skip
+    monkeypatch.setitem(presets.PRESETS, "tiny", preset)
+    bench, out = tmp_path / "bench", tmp_path / "probe"
+    shorter = {r["method"]: r for r in run_grid(preset, bench, log=lambda _: None)
+               if r["seed"] == 0}  # fmt: skip
+    argv = ["--bench", str(bench), "--preset", "tiny", "--task", "digits", "--steps", "6",
+            "--output", str(out), "--methods", "sas", "lora"]  # fmt: skip
+    assert probe.main([*argv, "--size", "50"]) == 2  # no K = 50 cells: said, nothing trained
+    assert "no seed-0 K = 50 cell" in capsys.readouterr().err and not out.exists()
+    assert probe.main([*argv, "--size", "20"]) == 0
+    longer = {r["method"]: r for r in read_records(out)}
+    assert sorted(longer) == ["lora", "sas"]
+    for method, record in longer.items():
+        assert record["size"] == 20 and record["steps"] == 6 and len(record["curve"]) == 6
+        assert record["lr"] == shorter[method]["lr"]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sas"))
+    scores = [r["score"] for r in read_records(bench) if r["method"] == "sas"]
+    std = 100 * statistics.stdev(scores)
+    before_val = 100 * max(v for _, v in shorter["sas"]["curve"])
+    after_val = 100 * max(v for _, v in longer["sas"]["curve"])
+    assert f"| {before_val:.1f} → {after_val:.1f} |" in row and f"| {std:.1f} |" in row
