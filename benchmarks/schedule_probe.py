@@ -22,7 +22,6 @@ the shorter schedule chose: a probe of the schedule, not a fair comparison of me
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,23 +29,23 @@ from petlkit.bench.grid import Cell, GridRunner, _append, read_records
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
 from petlkit.bench.selection import Choice
+from petlkit.bench.summary import mean_std
 
 
-def seed0_cells(bench: Path, task: str, fewshot: bool = False,
+def seed0_cells(records: list[dict], task: str, fewshot: bool = False,
                 size: int | None = None) -> list[dict]:  # fmt: skip
-    """The seed-0 cells of `task` in a bench folder: its full-data cells, its few-shot cells, or
-    its low-resource cells at `size` training examples."""
-    return [r for r in read_records(bench)
+    """The seed-0 cells of `task` among a bench folder's records: its full-data cells, its
+    few-shot cells, or its low-resource cells at `size` training examples."""
+    return [r for r in records
             if r["task"] == task and r["seed"] == 0 and (r.get("shots") is not None) == fewshot
             and r.get("size") == size]  # fmt: skip
 
 
-def seed_spread(bench: Path, cell: dict) -> str:
-    """The std over seeds (in points) of the folder's cells like `cell`, or "–" for one seed."""
+def seed_spread(records: list[dict], cell: dict) -> str:
+    """The std over seeds (in points) of the records like `cell`, or "–" for one seed."""
     same = ("task", "method", "shots", "size")
-    scores = [r["score"] for r in read_records(bench)
-              if all(r.get(k) == cell.get(k) for k in same)]  # fmt: skip
-    return f"{100 * statistics.stdev(scores):.1f}" if len(scores) > 1 else "–"
+    scores = [r["score"] for r in records if all(r.get(k) == cell.get(k) for k in same)]
+    return f"{100 * mean_std(scores)[1]:.1f}" if len(scores) > 1 else "–"
 
 
 def best_val(record: dict) -> str:
@@ -64,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fewshot", action="store_true", help="probe the few-shot cells")
     parser.add_argument("--size", type=int, help="probe the low-resource cells at this K")
     args = parser.parse_args(argv)
-    shorter = [r for r in seed0_cells(args.bench, args.task, args.fewshot, args.size)
+    bench_records = read_records(args.bench)
+    shorter = [r for r in seed0_cells(bench_records, args.task, args.fewshot, args.size)
                if not args.methods or r["method"] in args.methods]  # fmt: skip
     if not shorter:
         kind = ("few-shot" if args.fewshot else "full-data" if args.size is None
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
         k_cell = f" | {before['shots']}" if args.fewshot else ""
-        spread = seed_spread(args.bench, before)
+        spread = seed_spread(bench_records, before)
         rows.append(f"| {before['method']}{k_cell} | {before['lr']:g} | {best_val(before)} → "
                     f"{best_val(after)} | {100 * before['score']:.1f} | "
                     f"{100 * after['score']:.1f} | {gain:+.1f} | {spread} | "
