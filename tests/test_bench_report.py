@@ -8,8 +8,8 @@ import json
 import pytest
 
 from petlkit.bench import write_report
+from petlkit.bench.claims import claims, task_best_rows
 from petlkit.bench.report import (
-    claims,
     convergence_line,
     fewshot_edges,
     fewshot_rows,
@@ -52,6 +52,43 @@ def test_report_tables_ranking_ties_and_claims(tmp_path):
     assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     brief = write_report(records, tmp_path, "tiny", brief=True)  # the demo's: tables only
     assert "## Ranking" in brief and "claims" not in brief and "Convergence" not in brief
+
+
+def test_claims_are_also_checked_task_by_task_against_the_best_rival_there(tmp_path):
+    """A claim that holds on the mean over tasks can hide a task where it fails: each task's
+    verdict uses that task's best submodule and the one-std tie rule."""
+    scores = {
+        "lora": {"a": (0.80, 0.80), "b": (0.70, 0.70), "c": (0.60, 0.62)},
+        "adapter": {"a": (0.78, 0.78), "b": (0.74, 0.74), "c": (0.60, 0.60)},
+        "unipelt": {"a": (0.81, 0.81), "b": (0.74, 0.76), "c": (0.55, 0.55)},
+        "unipelt-prompt": {"a": (0.81, 0.81), "b": (0.75, 0.75), "c": (0.56, 0.56)},
+    }
+    records = [_record(task, method, seed, score, 100)
+               for method, tasks in scores.items() for task, pair in tasks.items()
+               for seed, score in enumerate(pair)]  # fmt: skip
+    summary = Summary(records)
+    unipelt = next(line for line in claims(summary) if line.startswith("unipelt vs"))
+    # a: +1.0 over LoRA (both stds 0, ahead); b: +1.0 over the adapter (unipelt's std 1.4,
+    # tie); c: -6.0 under LoRA (behind)
+    assert ("per task: ahead 1, tie 1, behind 1 of 3, higher mean on 2, mean difference -1.3 "
+            "(a +1.0 (lora); b +1.0 (adapter); c -6.0 (lora))") in unipelt  # fmt: skip
+    prompt = next(line for line in claims(summary) if line.startswith("the prompt layer"))
+    assert "per task: ahead 1, tie 2, behind 0 of 3, higher mean on 1" in prompt
+    assert "(a +0.0; b +0.0; c +1.0)" in prompt  # one rival: no name per task
+    header, rows = task_best_rows(summary)
+    assert header[1:] == ["best mean on", "best or tied (within one std) on"]
+    # best: a unipelt (81; unipelt-prompt's equal 81 ties), b unipelt (75 ± 1.4, so the
+    # adapter's 74 ties), c lora (61 ± 1.4, so the adapter's 60 ties)
+    assert rows == [
+        ["unipelt", "2 of 3", "2 of 3"],
+        ["adapter", "0 of 3", "2 of 3"],
+        ["unipelt-prompt", "0 of 3", "2 of 3"],
+        ["lora", "1 of 3", "1 of 3"],
+    ]
+    text = write_report(records, tmp_path, "tiny")
+    assert "## Best per task" in text and "| unipelt | 2 of 3 | 2 of 3 |" in text
+    one_task = Summary([r for r in records if r["task"] == "a"])
+    assert all("per task" not in line for line in claims(one_task))
 
 
 def test_a_table_says_which_seeds_it_averages_and_which_methods_have_fewer(tmp_path):

@@ -10,15 +10,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from petlkit.bench.claims import claims, task_best_rows
 from petlkit.bench.summary import Summary, mean_std, points
 from petlkit.io import atomic_write
-
-# each UniPELT variant and the single methods it combines (He/Mao et al., UniPELT, 2022)
-UNIPELT_SUBMODULES = {
-    "unipelt-ap": ("adapter", "prefix"),
-    "unipelt": ("lora", "adapter", "prefix"),
-    "unipelt-prompt": ("lora", "adapter", "prefix", "prompt"),
-}
 
 
 def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -121,40 +115,6 @@ def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
                 row.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
         rows.append(row)
     return header, rows
-
-
-def _versus(summary: Summary, a: str, b: str) -> str:
-    """`a` against `b` on the mean over tasks: ahead, behind or a tie (within one std)."""
-    (ma, sa), (mb, sb) = summary.overall(a), summary.overall(b)
-    diff = ma - mb
-    if abs(diff) <= max(sa, sb):
-        verdict = f"tie ({diff:+.1f}, within one std)"
-    else:
-        verdict = f"{'ahead' if diff > 0 else 'behind'} by {abs(diff):.1f}"
-    return f"{a} {ma:.1f} ± {sa:.1f} vs {b} {mb:.1f} ± {sb:.1f}: {verdict}"
-
-
-def claims(summary: Summary) -> list[str]:
-    """The papers' claims, checked on these results (mean over tasks, ties within one std)."""
-    has = {m for m in summary.methods if summary.mean(m) is not None}
-    lines = []
-    if {"sas", "lora"} <= has:
-        ratio = summary.params["sas"][0] / max(summary.params["lora"][0], 1)
-        lines.append(f"SaS vs LoRA ({ratio:.2f}× LoRA's parameters): "
-                     f"{_versus(summary, 'sas', 'lora')}")  # fmt: skip
-    for part in ("sas-shared", "sas-specific"):
-        if {"sas", part} <= has:
-            lines.append(f"SaS shared+specific vs {part.removeprefix('sas-')} only: "
-                         f"{_versus(summary, 'sas', part)}")  # fmt: skip
-    for combined, parts in UNIPELT_SUBMODULES.items():
-        singles = [m for m in parts if m in has]
-        if combined in has and singles:
-            best = max(singles, key=lambda m: summary.overall(m)[0])
-            lines.append(f"{combined} vs its best single submodule: "
-                         f"{_versus(summary, combined, best)}")  # fmt: skip
-    if {"unipelt-prompt", "unipelt"} <= has:
-        lines.append(f"the prompt layer: {_versus(summary, 'unipelt-prompt', 'unipelt')}")
-    return lines
 
 
 def ranking_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -357,6 +317,9 @@ def _main_sections(records: list[dict], output: Path, order: list[str] | None, b
     if len(summary.tasks) > 1 or not brief:
         header, rows = ranking_rows(summary)
         sections += [f"## Ranking{at}", markdown(header, rows)]
+    if len(summary.tasks) > 1 and not brief:
+        header, rows = task_best_rows(summary)
+        sections += [f"## Best per task{at}", markdown(header, rows)]
     header, rows = rate_rows(records, summary)
     sections += [f"## Learning rates chosen on validation{at} (seed 0)", markdown(header, rows)]
     if brief:
