@@ -5,7 +5,9 @@ import subprocess
 
 import pytest
 
+from petlkit.bench import grid, revision
 from petlkit.bench.revision import describe
+from tests.helpers import tiny_preset
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -39,3 +41,21 @@ def test_a_record_says_when_the_package_differs_from_its_commit(tmp_path):
 
 def test_outside_git_the_commit_is_unknown(tmp_path):
     assert describe(tmp_path) == "unknown"
+
+
+def test_a_grid_stamps_the_code_as_it_was_when_it_started(monkeypatch, tmp_path):
+    """A file edited while a grid runs is not the code that runs: records keep the start's stamp."""
+    tree = {"state": "abc1234"}
+    monkeypatch.setattr(revision, "describe", lambda folder: tree["state"])
+    revision.commit.cache_clear()
+
+    def run(self):
+        tree["state"] = "abc1234+changes"  # someone edits the package mid-grid
+        return [{"commit": revision.commit()}]
+
+    monkeypatch.setattr(grid.GridRunner, "run", run)
+    try:
+        records = grid.run_grid(tiny_preset("vit-tiny"), tmp_path)
+    finally:
+        revision.commit.cache_clear()
+    assert records == [{"commit": "abc1234"}]

@@ -355,4 +355,5 @@ def run_grid(
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise PetlError(f"shard {index}/{count}: give I/N with 0 <= I < N (e.g. 0/4 … 3/4)")
+    commit()  # stamp the code as it is now: an edit made while the grid runs did not run
     return GridRunner(preset, Path(output), data_dir, log, shard).run()

@@ -29,6 +29,6 @@ def describe(folder: Path) -> str:
 
 @functools.cache
 def commit() -> str:
-    """`describe` of the petlkit package, read once per process: the code that runs is the code
-    loaded at start."""
+    """`describe` of the petlkit package, read once per process, first when a grid starts: the
+    code that runs is the code loaded then, whatever is edited while it runs."""
     return describe(Path(__file__).parents[1])
