@@ -37,8 +37,8 @@ bench-here: $(STAMP)
 	$(BIN)/petlkit bench --preset vision-here --output results/vision-here
 	$(BIN)/petlkit bench --preset vision-fewshot --output results/vision-fewshot
 
-# GPU-sized text grids: four sentiment domains (about 9 hours on 2 cores) and UniPELT's
-# low-resource setting (about 910 runs, about 25 hours on 2 cores). SHARDS=8 runs 8 processes at once
+# GPU-sized text grids: four sentiment domains (600 steps a run, about 13 hours on 2 cores) and
+# UniPELT's low-resource setting (918 runs, 22 hours on 2 cores). SHARDS=8 runs 8 processes at once
 # (on a GPU; benchmarks/sharded_bench.sh)
 SHARDS ?= 1
 bench-domains: $(STAMP)
