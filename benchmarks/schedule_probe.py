@@ -28,6 +28,7 @@ from pathlib import Path
 from petlkit.bench.grid import Cell, GridRunner, _append, read_records
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
+from petlkit.bench.revision import commit
 from petlkit.bench.selection import Choice
 from petlkit.bench.summary import mean_std
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fewshot", action="store_true", help="probe the few-shot cells")
     parser.add_argument("--size", type=int, help="probe the low-resource cells at this K")
     args = parser.parse_args(argv)
+    commit()  # the records name the code as it is at the start (petlkit.bench.revision)
     bench_records = read_records(args.bench)
     shorter = [r for r in seed0_cells(bench_records, args.task, args.fewshot, args.size)
                if not args.methods or r["method"] in args.methods]  # fmt: skip
