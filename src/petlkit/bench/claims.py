@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from petlkit.bench.summary import Summary, mean_std
+from petlkit.bench.summary import Summary, mean_std, verdict
 
 # each UniPELT variant and the single methods it combines (He/Mao et al., UniPELT, 2022)
 UNIPELT_SUBMODULES = {
@@ -22,17 +22,9 @@ def _versus(summary: Summary, a: str, b: str) -> str:
     """`a` against `b` on the mean over tasks: ahead, behind or a tie (within one std)."""
     (ma, sa), (mb, sb) = summary.overall(a), summary.overall(b)
     diff = ma - mb
-    if abs(diff) <= max(sa, sb):
-        verdict = f"tie ({diff:+.1f}, within one std)"
-    else:
-        verdict = f"{'ahead' if diff > 0 else 'behind'} by {abs(diff):.1f}"
-    return f"{a} {ma:.1f} ± {sa:.1f} vs {b} {mb:.1f} ± {sb:.1f}: {verdict}"
-
-
-def _task_verdict(diff: float, spread: float) -> str:
-    if abs(diff) <= spread:
-        return "tie"
-    return "ahead" if diff > 0 else "behind"
+    said = verdict(diff, sa, sb)
+    said = f"tie ({diff:+.1f}, within one std)" if said == "tie" else f"{said} by {abs(diff):.1f}"
+    return f"{a} {ma:.1f} ± {sa:.1f} vs {b} {mb:.1f} ± {sb:.1f}: {said}"
 
 
 def _per_task(summary: Summary, a: str, rivals: list[str]) -> str:
@@ -46,7 +38,7 @@ def _per_task(summary: Summary, a: str, rivals: list[str]) -> str:
         best = max(present, key=lambda m: summary.task_mean(m, task))
         (ma, sa), (mb, sb) = mean_std(summary.scores[a][task]), mean_std(summary.scores[best][task])
         diffs.append((task, best, ma - mb))
-        verdicts.append(_task_verdict(ma - mb, max(sa, sb)))
+        verdicts.append(verdict(ma - mb, sa, sb))
     if len(diffs) < 2:
         return ""
     tally = ", ".join(f"{v} {verdicts.count(v)}" for v in ("ahead", "tie", "behind"))
@@ -100,7 +92,7 @@ def task_best_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
         counts[best][0] += 1
         for method in scored:
             mean, std = mean_std(summary.scores[method][task])
-            counts[method][1] += best_mean - mean <= max(std, best_std)
+            counts[method][1] += verdict(mean - best_mean, std, best_std) == "tie"
     n = len(summary.tasks)
     ordered = sorted(counts.items(), key=lambda item: (-item[1][1], -item[1][0]))
     rows = [[m, f"{best} of {n}", f"{near} of {n}"] for m, (best, near) in ordered]

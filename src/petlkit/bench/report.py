@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from petlkit.bench.claims import claims, task_best_rows
-from petlkit.bench.summary import Summary, mean_std, points
+from petlkit.bench.summary import Summary, mean_std, points, verdict
 from petlkit.io import atomic_write
 
 
@@ -126,13 +126,13 @@ def ranking_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
         best, best_mean, best_std = scored[0]
         gap = mean - best_mean
         if method == best:
-            verdict = "best"
-        elif -gap <= max(std, best_std):
-            verdict = f"tie ({gap:+.1f})"
+            said = "best"
+        elif verdict(gap, std, best_std) == "tie":
+            said = f"tie ({gap:+.1f})"
         else:
-            verdict = f"{gap:+.1f}"
+            said = f"{gap:+.1f}"
         several = len(summary.seeds(method)) > 1
-        rows.append([method, f"{mean:.1f} ± {std:.1f}" if several else f"{mean:.1f}", verdict])
+        rows.append([method, f"{mean:.1f} ± {std:.1f}" if several else f"{mean:.1f}", said])
     return ["method", "mean over tasks", "vs best (tie: within one std)"], rows
 
 

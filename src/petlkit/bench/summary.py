@@ -20,6 +20,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def verdict(diff: float, std_a: float, std_b: float) -> str:
+    """The one tie rule of every table and claim: "tie" when two means differ by no more than
+    the larger of their stds over seeds, else "ahead" or "behind" (the sign of `diff`)."""
+    if abs(diff) <= max(std_a, std_b):
+        return "tie"
+    return "ahead" if diff > 0 else "behind"
+
+
 class Summary:
     """Seed means of the main cells: scores[method][task] = [points per seed]."""
 
