@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             _append(args.output, done[seed])
     write_report(list(done.values()), args.output, f"{preset.name}, lr {args.lr:g} (probe)")
     chosen = next(iter(grid.values()))["lr"]
-    print(f"\n{args.task}, {args.method}, {steps} steps: each seed at the grid's rate "
-          f"({chosen:g}, chosen at seed 0 on validation) and at the probe's ({args.lr:g})")  # fmt: skip
+    rates = f"({chosen:g}, chosen at seed 0 on validation) and at the probe's ({args.lr:g})"
+    print(f"\n{args.task}, {args.method}, {steps} steps: each seed at the grid's rate {rates}")
     print("| seed | grid: best val @ step | last val | test | probe: best val @ step | "
           "last val | test |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")

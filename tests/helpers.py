@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +44,12 @@ def tiny_preset(backbone: str) -> Preset:
         fewshot_methods=("sas",),
         dg={"digits": ("shapes-count",)}, widen=0,
     )  # fmt: skip
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) imported as a module, to call its functions."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,18 @@
 """benchmarks/schedule_probe.py: retrain a bench folder's seed-0 cells longer at their rates."""
 
 import dataclasses
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 
 from petlkit.bench import presets
 from petlkit.bench.grid import read_records, run_grid
-from tests.helpers import tiny_preset
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "schedule_probe.py"
+from tests.helpers import benchmark_script, tiny_preset
 
 
 @pytest.fixture
 def probe():
-    spec = importlib.util.spec_from_file_location("schedule_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("schedule_probe")
 
 
 def test_the_few_shot_probe_retrains_each_k_at_its_chosen_rate_for_the_longer_schedule(

@@ -1,24 +1,17 @@
 """benchmarks/seed_probe.py: retrain one (task, method) of a bench folder at another rate."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from petlkit.bench import presets
 from petlkit.bench.grid import SELECTION, read_records, run_grid
-from tests.helpers import tiny_preset
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "seed_probe.py"
+from tests.helpers import benchmark_script, tiny_preset
 
 
 @pytest.fixture
 def probe():
-    spec = importlib.util.spec_from_file_location("seed_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("seed_probe")
 
 
 def test_the_probe_retrains_each_seed_at_the_given_rate_on_the_grids_schedule(
