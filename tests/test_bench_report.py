@@ -10,6 +10,7 @@ import pytest
 from petlkit.bench import write_report
 from petlkit.bench.claims import claims, task_best_rows
 from petlkit.bench.report import (
+    collapse_line,
     convergence_line,
     fewshot_edges,
     fewshot_rows,
@@ -193,3 +194,24 @@ def test_a_report_after_a_narrowed_run_keeps_the_presets_method_order(tmp_path):
     text = run_bench("text-here", tmp_path, report_only=True, methods=["lora"])
     table = text.split("## Test scores")[1].split("## Ranking")[0]
     assert table.index("| full |") < table.index("| lora |")
+
+
+def test_a_run_whose_validation_falls_far_below_its_best_is_named_with_its_seed():
+    """A seed that collapses (here to one class, 52.5 %) hides inside a mean ± std; the report
+    names it, any seed, with its best and its last validation score; a run that only wobbles
+    by less than COLLAPSE_POINTS is not named."""
+    steady = _record("a", "lora", 1, 0.80, 10, curve=[[30, 0.70], [60, 0.78], [90, 0.72]])
+    fell = _record("a", "unipelt-prompt", 1, 0.678, 10, size=100,
+                   curve=[[30, 0.665], [60, 0.57], [90, 0.525]])  # fmt: skip
+    assert collapse_line([steady]) is None
+    line = collapse_line([steady, fell])
+    assert line.startswith("1 of 2 runs fell away")
+    assert "unipelt-prompt on a, K = 100, seed 1 (66.5 at step 30, 52.5 at 90)" in line
+
+
+def test_the_report_names_a_fallen_run_under_convergence(tmp_path):
+    records = [_record("a", "lora", s, 0.80, 10, curve=[[30, 0.7], [60, 0.8]]) for s in (0, 1)]
+    records[1]["curve"] = [[30, 0.8], [60, 0.5]]
+    text = write_report(records, tmp_path, "t")
+    section = text.split("## Convergence")[1].split("##")[0]
+    assert "1 of 2 runs fell away" in section and "lora on a, seed 1 (80.0 at step 30" in section

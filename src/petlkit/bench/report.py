@@ -196,6 +196,32 @@ def convergence_line(records: list[dict]) -> str | None:
             + ". Curves: convergence.png.")  # fmt: skip
 
 
+COLLAPSE_POINTS = 10.0  # a run whose last val score is this far below its best fell away
+
+
+def collapse_line(records: list[dict]) -> str | None:
+    """The runs (any seed) whose validation score ended more than COLLAPSE_POINTS below their
+    best, e.g. to one class for every example. A run keeps its best step, so such a run's test
+    score is an early checkpoint's, and its seed's spread measures instability, not level."""
+    fell = []
+    for r in records:
+        curve = r.get("curve") or []
+        if len(curve) < 2:
+            continue
+        best_step, best = max(curve, key=lambda point: (point[1], -point[0]))
+        last_step, last = curve[-1]
+        if 100 * (best - last) > COLLAPSE_POINTS:
+            at = (f", {r['shots']}-shot" if r.get("shots") is not None else
+                  f", K = {r['size']}" if r.get("size") is not None else "")  # fmt: skip
+            fell.append(f"{r['method']} on {r['task']}{at}, seed {r['seed']} ({100 * best:.1f} "
+                        f"at step {best_step}, {100 * last:.1f} at {last_step})")  # fmt: skip
+    if not fell:
+        return None
+    return (f"{len(fell)} of {len(records)} runs fell away: their validation score ended more "
+            f"than {COLLAPSE_POINTS:g} points below its best, and their test score is the best "
+            f"step's: " + "; ".join(fell) + ".")  # fmt: skip
+
+
 # reported in issue #16: a fresh clone's demo against the README's demo table (another machine)
 MACHINE_GAP_SEEN = 1.8
 
@@ -324,9 +350,10 @@ def _main_sections(records: list[dict], output: Path, order: list[str] | None, b
     sections += [f"## Learning rates chosen on validation{at} (seed 0)", markdown(header, rows)]
     if brief:
         return sections
-    line = convergence_line([r for r in records if r.get("shots") is None])
-    if line:
-        sections += [f"## Convergence{at}", line]
+    main = [r for r in records if r.get("shots") is None]
+    lines = [line for line in (convergence_line(main), collapse_line(main)) if line]
+    if lines:
+        sections += [f"## Convergence{at}", "\n\n".join(lines)]
     lines = claims(summary)
     if lines:
         sections += [f"## The papers' claims{at}", "\n".join(f"- {x}" for x in lines)]
