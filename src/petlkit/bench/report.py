@@ -217,9 +217,9 @@ def collapse_line(records: list[dict]) -> str | None:
                         f"at step {best_step}, {100 * last:.1f} at {last_step})")  # fmt: skip
     if not fell:
         return None
-    return (f"{len(fell)} of {len(records)} runs fell away: their validation score ended more "
-            f"than {COLLAPSE_POINTS:g} points below its best, and their test score is the best "
-            f"step's: " + "; ".join(fell) + ".")  # fmt: skip
+    return (f"{len(fell)} of {len(records)} runs fell away (the validation score ended more "
+            f"than {COLLAPSE_POINTS:g} points below the run's best; its test score is the best "
+            f"step's): " + "; ".join(fell) + ".")  # fmt: skip
 
 
 # reported in issue #16: a fresh clone's demo against the README's demo table (another machine)
