@@ -20,25 +20,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from petlkit.bench.grid import SELECTION, Cell, GridRunner, _append, read_records
+from petlkit.bench.grid import SELECTION, Cell, GridRunner, Unit, _append, read_records
 from petlkit.bench.presets import get_presets, narrowed
-from petlkit.bench.report import write_report
+from petlkit.bench.report import best_point, write_report
 from petlkit.bench.revision import commit
 from petlkit.bench.selection import Choice
 
 
 def main_cells(records: list[dict], task: str, method: str) -> dict[int, dict]:
     """The full-data cells of (task, method) in a bench folder's records, by seed."""
-    return {r["seed"]: r for r in records
-            if r["task"] == task and r["method"] == method and r.get("shots") is None
-            and r.get("size") is None}  # fmt: skip
+    return {r["seed"]: r for r in records if r["cell"] == Cell(task, method, r["seed"]).key}
 
 
 def trial_val(trials: list[dict], task: str, method: str, lr: float) -> float | None:
     """The validation score the grid's rate selection saw at `lr`, if it tried that rate."""
-    seen = [t["val"] for t in trials
-            if t["task"] == task and t["method"] == method and t.get("shots") is None
-            and t.get("size") is None and t["lr"] == lr]  # fmt: skip
+    unit = Unit(task, method).key
+    seen = [t["val"] for t in trials if t["unit"] == unit and t["lr"] == lr]
     return seen[0] if seen else None
 
 
@@ -47,7 +44,7 @@ def describe(record: dict | None) -> str:
     if record is None:
         return "– | – | –"
     curve = record.get("curve") or [[record["best_step"], record["val"]]]
-    best_step, best = max(curve, key=lambda point: (point[1], -point[0]))
+    best_step, best = best_point(curve)
     return (f"{100 * best:.1f} @ {best_step} | {100 * curve[-1][1]:.1f} | "
             f"{100 * record['score']:.1f}")  # fmt: skip
 
@@ -76,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     done = {r["seed"]: r for r in read_records(args.output)}
     seen = trial_val(read_records(args.bench, SELECTION), args.task, args.method, args.lr)
+    choice = Choice(args.lr, seen, (args.lr,), None)
     for seed in args.seeds:
         if seed not in done:
-            choice = Choice(args.lr, seen, (args.lr,), None)
             done[seed] = runner.run_cell(Cell(args.task, args.method, seed), choice)
             _append(args.output, done[seed])
     write_report(list(done.values()), args.output, f"{preset.name}, lr {args.lr:g} (probe)")

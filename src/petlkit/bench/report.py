@@ -199,6 +199,12 @@ def convergence_line(records: list[dict]) -> str | None:
 COLLAPSE_POINTS = 10.0  # a run whose last val score is this far below its best fell away
 
 
+def best_point(curve: list) -> tuple[int, float]:
+    """The (step, validation score) a run keeps: the highest score, the earliest step on a tie."""
+    step, score = max(curve, key=lambda point: (point[1], -point[0]))
+    return step, score
+
+
 def collapse_line(records: list[dict]) -> str | None:
     """The runs (any seed) whose validation score ended more than COLLAPSE_POINTS below their
     best, e.g. to one class for every example. A run keeps its best step, so such a run's test
@@ -208,7 +214,7 @@ def collapse_line(records: list[dict]) -> str | None:
         curve = r.get("curve") or []
         if len(curve) < 2:
             continue
-        best_step, best = max(curve, key=lambda point: (point[1], -point[0]))
+        best_step, best = best_point(curve)
         last_step, last = curve[-1]
         if 100 * (best - last) > COLLAPSE_POINTS:
             at = (f", {r['shots']}-shot" if r.get("shots") is not None else
