@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from petlkit.bench.grid import Cell, GridRunner, _append, read_records
+from petlkit.bench.grid import Cell, GridRunner, append_record, read_records
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
 from petlkit.bench.revision import commit
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             choice = Choice(before["lr"], before["val_at_choice"], tuple(before["grid"]),
                             before["edge"])  # fmt: skip
             done[cell.key] = runner.run_cell(cell, choice)
-            _append(args.output, done[cell.key])
+            append_record(args.output, done[cell.key])
         after = done[cell.key]
         gain = 100 * (after["score"] - before["score"])
         k_cell = f" | {before['shots']}" if args.fewshot else ""

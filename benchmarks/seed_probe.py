@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from petlkit.bench.grid import SELECTION, Cell, GridRunner, Unit, _append, read_records
+from petlkit.bench.grid import SELECTION, Cell, GridRunner, Unit, append_record, read_records
 from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import best_point, write_report
 from petlkit.bench.revision import commit
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         if seed not in done:
             done[seed] = runner.run_cell(Cell(args.task, args.method, seed), choice)
-            _append(args.output, done[seed])
+            append_record(args.output, done[seed])
     write_report(list(done.values()), args.output, f"{preset.name}, lr {args.lr:g} (probe)")
     chosen = next(iter(grid.values()))["lr"]
     rates = f"({chosen:g}, chosen at seed 0 on validation) and at the probe's ({args.lr:g})"

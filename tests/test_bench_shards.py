@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from petlkit.bench import cells, read_records, run_grid
-from petlkit.bench.grid import GridRunner, _append, _locked, units
+from petlkit.bench.grid import GridRunner, _locked, append_record, units
 from petlkit.cli import main
 from petlkit.errors import PetlError
 from tests.helpers import tiny_preset
@@ -52,7 +52,7 @@ def test_an_append_waits_for_the_folders_lock(tmp_path):
 
     def other_process_appends():
         started.set()
-        _append(tmp_path, {"cell": "b"})
+        append_record(tmp_path, {"cell": "b"})
 
     with _locked(tmp_path):
         worker = threading.Thread(target=other_process_appends)
@@ -70,7 +70,7 @@ def test_concurrent_appends_keep_every_line_whole(tmp_path):
 
     def write(worker: int):
         for n in range(25):
-            _append(tmp_path, {**record, "cell": f"{worker}-{n}"})
+            append_record(tmp_path, {**record, "cell": f"{worker}-{n}"})
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
     for t in threads:

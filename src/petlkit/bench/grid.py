@@ -127,7 +127,9 @@ def _locked(output: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _append(output: Path, record: dict, name: str = RESULTS) -> None:
+def append_record(output: Path, record: dict, name: str = RESULTS) -> None:
+    """Add one record line to a bench folder's file under its lock, synced to disk, so that
+    shards and probes writing to one folder never cut each other's lines."""
     with _locked(output), open(output / name, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -183,7 +185,7 @@ class GridRunner:
         scores = {r["lr"]: r["val"] for r in trials.values() if r["unit"] == unit.key}
         while (lr := next_rate(scores, initial, self.preset.widen)) is not None:
             record = self.trial(unit, lr)
-            _append(self.output, record, SELECTION)
+            append_record(self.output, record, SELECTION)
             trials[record["trial"]] = record
             scores[lr] = record["val"]
             shown = "diverged" if record["val"] is None else f"val {record['val']:.4f}"
@@ -303,7 +305,7 @@ class GridRunner:
                                 f"runs {expected}; write to a new --output folder")  # fmt: skip
 
     def _finish(self, record: dict, done: set[str]) -> None:
-        _append(self.output, record)
+        append_record(self.output, record)
         done.add(record["cell"])
         edge = f", best rate at the grid's {record['edge']} edge" if record["edge"] else ""
         mine = sum(c.key in done for c in self.cells)
