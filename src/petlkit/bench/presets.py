@@ -181,7 +181,7 @@ PRESETS: dict[str, Preset] = {
         "text-domains", "minilm-l6", TEXT_HERE_TASKS, TEXT_METHODS, train=TEXT_HERE_TRAIN,
         eval_limit=500, val_limit=200,
         description="text-here's recipe on Rotten Tomatoes and three human-rated sentiment "
-        "domains (movies, tweets, products; binary): about 13 hours on 2 CPU cores",
+        "domains (movies, tweets, products; binary): about 10 hours on 2 CPU cores",
     ),
     "text-lowres": Preset(
         "text-lowres", "minilm-l6", TEXT_HERE_TASKS, {k: TEXT_METHODS[k] for k in LOWRES_METHODS},
