@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 
@@ -223,6 +224,26 @@ def test_a_cell_cut_off_mid_write_runs_again(tiny_vit_file, tmp_path):
         again = run_grid(preset, tmp_path, log=lambda _: None)
     assert sorted(r["cell"] for r in again) == sorted(r["cell"] for r in records)
     assert again[-1]["score"] == records[-1]["score"]  # same seed, same result
+
+
+def test_a_first_record_cut_off_mid_write_is_dropped_before_anything_is_appended(
+    tiny_vit_file, tmp_path
+):
+    """The file's only line is the cut one: the next line must not be glued onto it (and lost)."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(), dg={},
+                                 tasks={"digits": "natural-like"},
+                                 methods={"sas": MethodEntry("sas", lr=1e-2)})  # fmt: skip
+    records = run_grid(preset, tmp_path, log=lambda _: None)
+    for name in ("results.jsonl", "selection.jsonl"):
+        first = (tmp_path / name).read_text().splitlines()[0]
+        (tmp_path / name).write_text(first[:20])  # killed while writing the first line
+    with pytest.warns(UserWarning, match="not a whole JSON line"):
+        again = run_grid(preset, tmp_path, log=lambda _: None)
+    assert [r["score"] for r in again] == [r["score"] for r in records]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every line on disk is whole again
+        assert read_records(tmp_path) == again
+        assert len(read_records(tmp_path, "selection.jsonl")) == 3
 
 
 def test_the_retrain_rule_trains_every_seed_on_train_and_val(tiny_vit_file, tmp_path, monkeypatch):

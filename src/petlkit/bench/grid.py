@@ -137,10 +137,12 @@ def append_record(output: Path, record: dict, name: str = RESULTS) -> None:
 
 
 def _rewrite(output: Path, name: str, records: list[dict]) -> None:
-    """The file without lines cut by a kill, before new lines are appended."""
-    if records:
-        lines = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(output / name, lambda tmp: Path(tmp).write_text(lines))
+    """The file without lines cut by a kill, before new lines are appended (even when the cut
+    line is the only one, so that the next line is not glued onto it)."""
+    path = output / name
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if path.is_file() and path.read_text() != lines:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
 
 
 class GridRunner:
