@@ -115,17 +115,41 @@ def test_model_selection_never_reads_test_labels(tmp_path):
     runs = []
     for name, t in (("clean", task), ("poisoned", poisoned)):
         model = build("lora")
-        results = Trainer(model, t, cfg, tmp_path / name, progress=False).fit()
+        trainer = Trainer(model, t, cfg, tmp_path / name, progress=False)
+        results = trainer.fit()
         kept = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         runs.append((results, kept, _lines(tmp_path / name)))
     (clean, clean_params, log), (poison, poison_params, _) = runs
+    assert trainer.evaluate("val") == poison["val"]  # the model holds the best step's weights
     assert poison["best_step"] == clean["best_step"] and poison["val"] == clean["val"]
     assert all(torch.equal(poison_params[n], v) for n, v in clean_params.items())
     assert poison["test"]["accuracy"] != clean["test"]["accuracy"]
     vals = {line["step"]: line["val"]["accuracy"] for line in log if "val" in line}
     assert clean["best_step"] == max(vals, key=vals.get)  # the best validation step is kept
+    assert clean["val"]["accuracy"] == vals[clean["best_step"]]
     assert clean["best_step"] < cfg.steps  # a real choice: not simply the last step
     assert all("test" not in line for line in log)  # no test score while training
+
+
+def test_batches_shuffle_each_epoch_anew_and_cover_it_once():
+    """Step k's batch depends only on (seed, k); each epoch is a fresh permutation of the
+    training set, so every example is seen once per epoch, in a new order each time."""
+    task = load_task("digits")
+    n = len(task.splits["train"])  # 800; batch 48 makes steps straddle epoch boundaries
+
+    def order(seed: int, steps: int) -> torch.Tensor:
+        trainer = Trainer(build("lora"), task, TrainConfig(batch_size=48, seed=seed))
+        return torch.cat([trainer.global_batch(k) for k in range(steps)])
+
+    seen = order(seed=1, steps=2 * n // 48 + 1)
+    first, second = seen[:n], seen[n : 2 * n]
+    assert torch.equal(first.sort().values, torch.arange(n))  # each epoch covers the set once
+    assert torch.equal(second.sort().values, torch.arange(n))
+    assert not torch.equal(first, torch.arange(n))  # shuffled, not the file's order
+    assert (first != second).float().mean() > 0.9  # a new order in the next epoch
+    fresh = Trainer(build("lora"), task, TrainConfig(batch_size=48, seed=1))
+    assert torch.equal(fresh.global_batch(30), seen[30 * 48 : 31 * 48])  # no state needed
+    assert not torch.equal(order(seed=2, steps=1), seen[:48])  # the seed sets the order
 
 
 def test_gradient_accumulation_equals_the_full_batch():
