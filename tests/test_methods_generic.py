@@ -153,3 +153,28 @@ def test_disable_gives_the_backbone(case_method):
     with model.disable():
         torch.testing.assert_close(model(**case.inputs), reference(**case.inputs), rtol=0, atol=0)
     torch.testing.assert_close(model(**case.inputs), trained, rtol=0, atol=0)
+
+
+DROPOUT_METHODS = {"lora": {"r": 4}, "adapter": {}, "sas": {"rank": 2}, "vpt": {"length": 3}}
+
+
+@pytest.mark.parametrize("method", sorted(DROPOUT_METHODS))
+def test_a_methods_dropout_acts_in_training_only(vit_case, method):
+    """`dropout` changes training forwards (a new mask each time) and leaves evaluation exactly
+    as without it. The tiny ViT has no dropout of its own, so any randomness is the method's."""
+    models = {}
+    for p in (0.0, 0.5):
+        torch.manual_seed(3)
+        models[p] = petlkit.attach(vit_case.make(), method, dropout=p, **DROPOUT_METHODS[method])
+        torch.manual_seed(4)
+        with torch.no_grad():  # non-zero updates everywhere, the same in both models
+            for param in models[p].parameters():
+                if param.requires_grad:
+                    param.copy_(0.3 * torch.randn_like(param))
+    plain, dropped = models[0.0], models[0.5]
+    plain.train(), dropped.train()
+    assert torch.equal(plain(**vit_case.inputs), plain(**vit_case.inputs))
+    first, second = dropped(**vit_case.inputs), dropped(**vit_case.inputs)
+    assert not torch.allclose(first, second)
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(**vit_case.inputs), plain(**vit_case.inputs))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,16 @@ def test_step_zero_equals_the_backbone_exactly(kind, request):
     case = request.getfixturevalue(kind)
     model = petlkit.attach(case.make(), "sas")
     assert torch.equal(model(**case.inputs), case.make()(**case.inputs))
+
+
+def test_layer_embeddings_start_distinct_at_the_documented_scale(vit_case):
+    """e_l ~ N(0, 1/k): each layer starts with its own embedding, so the hypernetwork can tell
+    the layers apart from the first step (docs/methods/sas.md, "Initialisation")."""
+    torch.manual_seed(0)
+    k = 64
+    e = petlkit.attach(vit_case.make(), "sas", embed_dim=k).methods["default"].layer_embeddings
+    assert e.shape == (2, k) and not torch.allclose(e[0], e[1])
+    assert 0.8 < e.std().item() * math.sqrt(k) < 1.2 and abs(e.mean().item()) < 0.5 / math.sqrt(k)
 
 
 def test_all_parts_train_and_layers_differ(bert_case):

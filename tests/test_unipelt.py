@@ -29,6 +29,22 @@ def _gate(gate, h: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(h @ gate.linear.weight.T + gate.linear.bias).mean(dim=1)
 
 
+def test_every_gate_starts_near_one_half(bert_case):
+    """UniPELT's init, W_G ~ N(0, 0.02) and b_G = 0: each gate starts near σ(0) = 0.5 on the
+    backbone's own activations, so no part starts switched off or at full strength."""
+    petl = petlkit.attach(bert_case.make(), "unipelt", prompt=True, prompt_gated=True,
+                          **SMALL).eval()  # fmt: skip
+    seen = []
+    for module in petl.modules():
+        if type(module).__name__ == "Gate":
+            assert module.linear.weight.std() < 0.03 and not module.linear.bias.any()
+            module.register_forward_hook(lambda m, args, out: seen.append(out))
+    petl(**bert_case.inputs)
+    assert len(seen) == 1 + 2 * 4  # the prompt; per layer: prefix, adapter, LoRA on q and on v
+    values = torch.cat([g.flatten() for g in seen])
+    assert (values - 0.5).abs().max() < 0.05
+
+
 # -- each gate: its input, its value, where it applies -----------------------------------------
 def test_gated_lora_has_one_gate_per_projection_fed_by_that_projection_input(bert_case):
     petl = petlkit.attach(bert_case.make(), "lora", r=2, gated=True).eval()
