@@ -342,8 +342,8 @@ def test_bfloat16_backbone_with_autocast_trains_and_resumes_exactly(tmp_path):
 
 
 def _dropout_text_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
-    """Full fine-tuning of a tiny BERT whose dropout is on (0.1, as in BERT and MiniLM): the run
-    the bench grids make most, and one where resuming must restore the dropout masks too."""
+    """Full fine-tuning of a tiny BERT whose dropout is on (0.1, as in BERT and MiniLM), as the
+    text grids run it: resuming must give the repeated steps the same dropout masks."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from petlkit.backbones import TextClassifier
