@@ -9,7 +9,7 @@ import torch
 
 from petlkit.errors import PetlError
 from petlkit.tasks import load_task
-from petlkit.tasks.metrics import accuracy, correlation, f1_accuracy, mcc
+from petlkit.tasks.metrics import accuracy, correlation, f1_accuracy, macro_f1, mcc
 
 T = torch.tensor
 
@@ -24,6 +24,14 @@ def test_f1_by_hand():
     scores = f1_accuracy(T([1, 1, 1, 0, 0]), T([1, 1, 0, 1, 0]))
     assert list(scores) == ["f1", "accuracy"]
     assert scores["f1"] == pytest.approx(2 / 3) and scores["accuracy"] == pytest.approx(0.6)
+
+
+def test_macro_f1_by_hand():
+    # a model that always says 0 on 3 zeros and 1 one: F1 of class 0 is 2·0.75·1/1.75 = 6/7,
+    # of class 1 is 0; macro-F1 is their mean, 3/7, far below the 0.75 accuracy
+    scores = macro_f1(T([0, 0, 0, 0]), T([0, 0, 0, 1]))
+    assert list(scores) == ["macro_f1", "accuracy"]
+    assert scores["macro_f1"] == pytest.approx(3 / 7) and scores["accuracy"] == pytest.approx(0.75)
 
 
 def test_spearman_and_pearson_by_hand():

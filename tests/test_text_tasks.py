@@ -23,6 +23,15 @@ def test_human_rated_domains_as_binary_and_regression(domain):
     n = sum(len(s) for s in score.splits.values())
     assert len(score.splits["test"]) == int(0.2 * n)
     assert set(binary.splits["train"].labels.tolist()) == {0, 1}
+    for name, rated in score.splits.items():  # binary: the sign of ratings with |r| >= 0.5
+        kept = [
+            (t, int(r > 0))
+            for t, r in zip(rated.inputs, rated.labels.tolist(), strict=True)
+            if abs(r) >= 0.5
+        ]
+        assert list(binary.splits[name].inputs) == [t for t, _ in kept]
+        assert binary.splits[name].labels.tolist() == [y for _, y in kept]
+        assert len(kept) < len(rated)  # near-neutral sentences exist and are dropped
 
 
 def test_missing_vader_sdist_says_how_to_get_it(monkeypatch, tmp_path):
