@@ -3,6 +3,8 @@ the images show."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,42 @@ def test_shift_names_are_checked():
         load_task("digits:tilt")
     with pytest.raises(PetlError, match="shifts apply to image tasks"):
         load_task("rotten-tomatoes:blur")
+
+
+def _blank(n: int = 1, side: int = 28) -> torch.Tensor:
+    return -torch.ones(n, 1, side, side)  # MNIST's background, in [-1, 1]
+
+
+def _axis_angle(image: torch.Tensor) -> float:
+    """The principal axis of the ink (values above the background), in degrees."""
+    ink = (image[0] + 1.0).clamp_min(0)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    total = ink.sum()
+    mx, my = (ink * xs).sum() / total, (ink * ys).sum() / total
+    cxx = (ink * (xs - mx) ** 2).sum() / total
+    cyy = (ink * (ys - my) ** 2).sum() / total
+    cxy = (ink * (xs - mx) * (ys - my)).sum() / total
+    return math.degrees(0.5 * math.atan2(2 * cxy, cxx - cyy))
+
+
+def test_the_shifts_have_the_documented_magnitudes():
+    """The README's targets: rotation by 25–50° either way, Gaussian noise of σ = 0.5, blur of
+    σ = 1.2 px at 28 px."""
+    from petlkit.data.shifts import shift_images
+
+    bars = _blank(64)
+    bars[:, :, 13:15, 4:24] = 1.0  # a horizontal bar
+    signed = [_axis_angle(img) for img in shift_images(bars, "rotate", seed=3)]
+    angles = [abs(a) for a in signed]
+    assert min(angles) > 24.0 and max(angles) < 51.0 and max(angles) - min(angles) > 15.0
+    assert min(signed) < 0 < max(signed)  # both ways
+    grey = torch.zeros(1, 1, 28, 28)  # mid-range: the ±1 clamp cuts only beyond 2σ
+    noise = shift_images(grey, "noise", seed=0)
+    assert 0.43 < noise.std().item() < 0.5
+    dot = _blank()
+    dot[0, 0, 14, 14] = 1.0
+    spread = shift_images(dot, "blur")[0, 0] + 1.0  # the kernel, scaled by the dot's height 2
+    xs = torch.arange(28.0)
+    weights = spread.sum(0) / spread.sum()
+    variance = (weights * (xs - 14.0) ** 2).sum().item()
+    assert variance == pytest.approx(1.2**2, rel=0.05)
