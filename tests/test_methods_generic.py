@@ -178,3 +178,32 @@ def test_a_methods_dropout_acts_in_training_only(vit_case, method):
     assert not torch.allclose(first, second)
     plain.eval(), dropped.eval()
     assert torch.equal(dropped(**vit_case.inputs), plain(**vit_case.inputs))
+
+
+MERGEABLE = ("bitfit", "full", "linear", "lora", "sas", "ssf")
+MERGE_PAIRS = [(case, method) for case in CASES for method in MERGEABLE]
+
+
+@pytest.mark.parametrize(("case_name", "method"), MERGE_PAIRS)
+def test_disable_and_remove_on_a_merged_model(case_name, method):
+    """disable() on a merged model gives the backbone and leaves it merged afterwards;
+    remove_method() on a merged model restores the backbone's own weights."""
+    case = CASES[case_name]()
+    model = _attach(case, method)
+    train_steps(model, case.inputs, case.labels)
+    model.eval()
+    reference = case.make().eval()
+    reference.head.load_state_dict(model.model.head.state_dict())
+    with torch.no_grad():
+        trained = model(**case.inputs)
+        model.merge()
+        with model.disable():
+            torch.testing.assert_close(model(**case.inputs), reference(**case.inputs),
+                                       rtol=0, atol=0)  # fmt: skip
+        assert not any(isinstance(m, Tuner) for m in model.model.modules())  # merged again
+        torch.testing.assert_close(model(**case.inputs), trained, rtol=0, atol=1e-5)
+        model.remove_method("default")
+        backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head")}
+        for key, value in model.model.state_dict().items():
+            if key in backbone:
+                assert torch.equal(value, backbone[key]), key
