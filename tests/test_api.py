@@ -107,6 +107,39 @@ def test_checkpoint_for_another_backbone_is_refused(vit_case, bert_case, tmp_pat
         petlkit.load_adapter(bert_case.make(), tmp_path)
 
 
+def _tamper(folder, change) -> None:
+    from petlkit.io import read_safetensors, write_safetensors
+
+    tensors = read_safetensors(folder / "adapter_model.safetensors")
+    change(tensors)
+    write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+
+
+def test_a_weights_file_with_a_tensor_its_config_does_not_make_is_refused(vit_case, tmp_path):
+    """An extra tensor means the file belongs to another adapter: refused, and nothing stays
+    attached, rather than silently loading the part that fits."""
+    petlkit.save_adapter(petlkit.attach(vit_case.make(), "lora", r=2), tmp_path)
+    _tamper(tmp_path, lambda t: t.update({"extra.weight": torch.zeros(2)}))
+    model = vit_case.make()
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra.weight'\].*another adapter"):
+        petlkit.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_a_tensor_of_another_shape_is_refused_even_when_it_would_broadcast(vit_case, tmp_path):
+    petlkit.save_adapter(petlkit.attach(vit_case.make(), "lora", r=2), tmp_path)
+    name = next(k for k in petlkit.io.read_safetensors(tmp_path / "adapter_model.safetensors")
+                if k.endswith("lora_A"))  # fmt: skip
+    _tamper(tmp_path, lambda t: t.update({name: t[name][:1]}))  # (1, d) would fill (4, d)
+    model = vit_case.make()
+    with pytest.raises(
+        CheckpointError,
+        match=r"lora_A: saved shape \(1, 32\) != model \(4, 32\); the weights file belongs",
+    ):
+        petlkit.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
 def test_checkpoint_from_a_newer_format_is_refused(vit_case, tmp_path):
     petlkit.save_adapter(petlkit.attach(vit_case.make(), "bitfit"), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

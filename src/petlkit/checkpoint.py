@@ -165,9 +165,12 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
         for key, param in expected.items():
             if param.shape != tensors[key].shape:
                 petl.remove_method(name)
+                hint = ("was the head built for another number of classes?"
+                        if key.startswith("head.") else
+                        "the weights file belongs to another adapter or was edited")  # fmt: skip
                 raise CheckpointError(
                     f"{key}: saved shape {tuple(tensors[key].shape)} != model "
-                    f"{tuple(param.shape)}; was the head built for another number of classes?"
+                    f"{tuple(param.shape)}; {hint}"
                 )
             param.copy_(tensors[key])
     return petl
