@@ -140,6 +140,22 @@ def test_a_tensor_of_another_shape_is_refused_even_when_it_would_broadcast(vit_c
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def test_a_refused_weights_file_leaves_the_model_as_it_was(vit_case, tmp_path):
+    """The head's bias is the wrong shape: the head's weight, checked before it, fits, but is
+    not copied either."""
+    trained = petlkit.attach(vit_case.make(), "bitfit")
+    train_steps(trained, vit_case.inputs, vit_case.labels)
+    petlkit.save_adapter(trained, tmp_path)
+    _tamper(tmp_path, lambda t: t.update({"head.bias": t["head.bias"][:1]}))
+    model = vit_case.make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="head.bias: saved shape"):
+        petlkit.load_adapter(model, tmp_path)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_checkpoint_from_a_newer_format_is_refused(vit_case, tmp_path):
     petlkit.save_adapter(petlkit.attach(vit_case.make(), "bitfit"), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -161,16 +161,17 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
             f"{folder} does not match its own config: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}; the weights file belongs to another adapter"
         )
+    for key, param in expected.items():  # every check before the first copy: a refused file
+        if param.shape != tensors[key].shape:  # leaves the model as it was
+            petl.remove_method(name)
+            hint = ("was the head built for another number of classes?"
+                    if key.startswith("head.") else
+                    "the weights file belongs to another adapter or was edited")  # fmt: skip
+            raise CheckpointError(
+                f"{key}: saved shape {tuple(tensors[key].shape)} != model "
+                f"{tuple(param.shape)}; {hint}"
+            )
     with torch.no_grad():
         for key, param in expected.items():
-            if param.shape != tensors[key].shape:
-                petl.remove_method(name)
-                hint = ("was the head built for another number of classes?"
-                        if key.startswith("head.") else
-                        "the weights file belongs to another adapter or was edited")  # fmt: skip
-                raise CheckpointError(
-                    f"{key}: saved shape {tuple(tensors[key].shape)} != model "
-                    f"{tuple(param.shape)}; {hint}"
-                )
             param.copy_(tensors[key])
     return petl
