@@ -17,6 +17,7 @@ from petlkit.bench.report import (
     main_rows,
     ranking_rows,
     rate_rows,
+    variance_note,
 )
 from petlkit.bench.summary import Summary
 from tests.helpers import bench_record as _record
@@ -215,3 +216,18 @@ def test_the_report_names_a_fallen_run_under_convergence(tmp_path):
     text = write_report(records, tmp_path, "t")
     section = text.split("## Convergence")[1].split("##")[0]
     assert "1 of 2 runs fell away" in section and "lora on a, seed 1 (80.0 at step 30" in section
+
+
+def test_the_demo_says_how_much_its_figures_move_from_its_own_seeds():
+    """The demo's closing line: the std over seeds of each cell, averaged (and its largest), as
+    the yardstick for a run on another machine; with one seed it cannot measure and says so."""
+    records = [
+        _record("a", "lora", 0, 0.80, 1000), _record("a", "lora", 1, 0.82, 1000),  # std 1.41
+        _record("a", "sas", 0, 0.70, 150), _record("a", "sas", 1, 0.70, 150),  # std 0
+        _record("b", "sas", 0, 0.50, 150),  # one seed: no spread to measure
+    ]  # fmt: skip
+    note = variance_note(records)
+    assert "a second seed changes a cell by 0.7 points on average" in note
+    assert "up to 1.4)" in note and "we have seen up to 1.8 points" in note
+    single = variance_note([_record("a", "lora", 0, 0.80, 1000)])
+    assert single.startswith("These figures come from one seed") and "1.8 points" in single
