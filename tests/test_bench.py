@@ -134,6 +134,24 @@ def test_a_flat_grid_is_not_widened_and_its_edge_choice_is_reported():
     assert choose(scores).edge == "low"
 
 
+def test_when_every_rate_diverges_the_grid_steps_down():
+    """Divergence says the rates are too high: lower rungs are tried (up to `widen`) until one
+    trains; if none does, the lowest is kept and flagged."""
+    initial = (1e-3, 3e-3, 1e-2)
+    scores = {1e-3: None, 3e-3: None, 1e-2: float("nan")}
+    assert next_rate(scores, initial, widen=2) == 3e-4
+    scores[3e-4] = 0.6  # it trains, and beats its diverged neighbour: the edge rule goes on
+    assert next_rate(scores, initial, widen=2) == 1e-4
+    scores[1e-4] = 0.5
+    assert next_rate(scores, initial, widen=2) is None
+    choice = choose(scores)
+    assert (choice.lr, choice.val, choice.edge) == (3e-4, 0.6, None)  # inside the grid
+    hopeless = {1e-3: None, 3e-3: None, 1e-2: None, 3e-4: None, 1e-4: None}
+    assert next_rate(hopeless, initial, widen=2) is None  # two rungs down, still diverging
+    choice = choose(hopeless)
+    assert choice.lr == 1e-4 and math.isnan(choice.val) and choice.edge == "low"
+
+
 def test_a_diverged_rate_is_recorded_and_never_chosen():
     scores = {1e-3: 0.7, 3e-3: 0.8, 1e-2: None}  # None: the loss became NaN
     assert next_rate(scores, (1e-3, 3e-3, 1e-2), widen=2) is None

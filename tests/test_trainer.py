@@ -16,7 +16,7 @@ import torch
 
 import petlkit
 from petlkit.backbones import vit
-from petlkit.errors import PetlError
+from petlkit.errors import CheckpointError, PetlError
 from petlkit.io import read_safetensors
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
@@ -223,6 +223,24 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     trainer = Trainer(build("lora"), load_task("digits"), TrainConfig(steps=2), tmp_path)
     with pytest.raises(PetlError, match="no checkpoint"):
         trainer.fit(resume=True)
+
+
+def test_resuming_from_a_checkpoint_of_another_run_is_refused(tmp_path):
+    """A folder's checkpoint written by another method holds other parameters; a safetensors
+    file without the training state is not a checkpoint at all. Both say so; nothing loads."""
+    cfg = TrainConfig(steps=2, batch_size=16, eval_every=0, checkpoint_every=1, lr=1e-3)
+    Trainer(build("lora"), load_task("digits"), cfg, tmp_path, progress=False).fit()
+    other = build("sas")
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(CheckpointError, match="holds other parameters than this run trains"):
+        Trainer(other, load_task("digits"), cfg, tmp_path, progress=False).fit(resume=True)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    petlkit.save_adapter(build("lora"), tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").replace(
+        tmp_path / "checkpoint.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="is not a petlkit training checkpoint"):
+        Trainer(build("lora"), load_task("digits"), cfg, tmp_path, progress=False).fit(resume=True)
 
 
 def _checkpoint_step(out: Path) -> int:

@@ -4,7 +4,8 @@ Each (task, method) gets a grid of rates on a half-decade ladder. Every rate tra
 selection seed; the highest validation score wins (the lower rate on a tie). A winner at an edge
 of the grid tried so far, strictly better than its neighbour, grows the grid by one rung on that
 side, at most `widen` times; a winner still at an edge after that is reported as an edge choice,
-never hidden.
+never hidden. A grid where every rate diverged steps down the same way (divergence says the
+rates were too high).
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ def next_rate(
         return missing[0]
     best, _ = best_rate(scores)
     tried = sorted(scores)
-    if len(tried) < 2 or scores[best] is None or not math.isfinite(scores[best]):
+    if not any(s is not None and math.isfinite(s) for s in scores.values()):
+        # every rate diverged: too high, so step down the ladder (at most `widen` rungs)
+        below = [r for r in tried if r < initial[0]]
+        lower = _beyond(tried[0], -1)
+        return lower if len(below) < widen and lower is not None else None
+    if len(tried) < 2:
         return None
     for side, end, inner, extra in (
         (-1, tried[0], tried[1], [r for r in tried if r < initial[0]]),
