@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -49,6 +50,27 @@ def test_digits_is_a_vtab_1k_style_task():
     assert sizes == {"train": 800, "val": 200, "test": 797}
     assert task.splits["train"].inputs.shape[1:] == (1, 8, 8)
     assert task.num_labels == 10 and task.image_size == 8 and task.channels == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("image-folder", "reads <dir>/{train,val,test}/<class>/: pass --data-dir"),
+        ("text-files", "reads your train/val/test JSONL or CSV files: pass --data-dir"),
+        ("vtab-cifar", "reads image files: pass --data-dir"),
+        ("fewshot-food101", "reads image files: pass --data-dir"),
+        ("glue-sst2", "reads the official GLUE TSV files: pass --data-dir"),
+        ("squad", "windows depend on the tokenizer: use `petlkit train --task squad`"),
+    ],
+)
+def test_file_tasks_without_their_folder_say_what_to_pass(name, needle):
+    with pytest.raises(PetlError, match=re.escape(needle)):
+        load_task(name)
+
+
+def test_few_shot_files_need_the_shot_count(tmp_path):
+    with pytest.raises(PetlError, match=re.escape("fewshot-food101 needs --shots")):
+        load_task("fewshot-food101", str(tmp_path))
 
 
 def test_unknown_task_lists_the_valid_ones():
