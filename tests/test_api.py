@@ -100,6 +100,28 @@ def test_parameter_count_excludes_head(vit_case):
     assert count.backbone == sum(p.numel() for p in vit_case.make().parameters()) - count.head
 
 
+def test_removing_a_method_another_one_wraps_keeps_the_outer_one(vit_case):
+    """LoRA "b" wraps the same linears as LoRA "a": removing "a" splices its wrappers out from
+    under "b", and the model computes exactly what "b" alone computes."""
+    model = petlkit.attach(vit_case.make(), "lora", name="a", r=2)
+    petlkit.attach(model, "lora", name="b", r=2)
+    model.set_active("a", "b")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    both = model(**vit_case.inputs)
+    model.set_active("b")  # "a" bypassed in place
+    expected = model(**vit_case.inputs)
+    assert not torch.allclose(both, expected)  # "a" did contribute
+    model.remove_method("a")
+    assert list(model.methods) == ["b"] and model.active == ["b"]
+    owners = [m.owner for m in model.modules() if isinstance(m, LoRALinear)]
+    assert owners and set(owners) == {"b"}
+    torch.testing.assert_close(model(**vit_case.inputs), expected, rtol=0, atol=0)
+
+
 def test_checkpoint_for_another_backbone_is_refused(vit_case, bert_case, tmp_path):
     model = petlkit.attach(vit_case.make(), "lora", r=2)
     petlkit.save_adapter(model, tmp_path)
