@@ -122,6 +122,17 @@ def test_removing_a_method_another_one_wraps_keeps_the_outer_one(vit_case):
     torch.testing.assert_close(model(**vit_case.inputs), expected, rtol=0, atol=0)
 
 
+def test_saving_a_merged_model_asks_to_unmerge_first(vit_case, tmp_path):
+    model = petlkit.attach(vit_case.make(), "lora", r=2)
+    model.merge()
+    with pytest.raises(PetlError, match=r"merged: call unmerge\(\) before saving"):
+        petlkit.save_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    model.unmerge()
+    petlkit.save_adapter(model, tmp_path)  # and after unmerge() it saves
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_checkpoint_for_another_backbone_is_refused(vit_case, bert_case, tmp_path):
     model = petlkit.attach(vit_case.make(), "lora", r=2)
     petlkit.save_adapter(model, tmp_path)

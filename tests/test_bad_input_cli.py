@@ -363,3 +363,41 @@ def test_no_space_for_the_checkpoints_is_refused_before_training(tmp_path, capsy
     argv = [*TRAIN, *TINY, "--method", "lora", "--output", str(tmp_path / "out")]
     one_line_error(capsys, argv, "0.0 MiB free", "checkpoints need about", "free space")
     assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("{not json", ["run.json is not valid JSON"]),
+        ("[1, 2]", ["must hold a mapping of run keys"]),
+    ],
+)
+def test_run_config_that_is_not_a_mapping(tmp_path, capsys, content, needles):
+    config = tmp_path / "run.json"
+    config.write_text(content)
+    one_line_error(capsys, ["train", "--config", str(config), "--output", str(tmp_path / "o")],
+                   *needles)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("damage", "needles"),
+    [
+        ("missing", ["no adapter_config.json in", "is it a petlkit adapter folder?"]),
+        ("garbled", ["adapter_config.json is not valid JSON"]),
+    ],
+)
+def test_adapter_config_missing_or_garbled(trained_run, tmp_path, capsys, damage, needles):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = run / "adapter" / "adapter_config.json"
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_text('{"format_version": 1, "meth')
+    one_line_error(capsys, ["eval", "--run", str(run)], *needles)
+
+
+def test_squad_without_its_files(tmp_path, capsys):
+    one_line_error(capsys, train_with(tmp_path, "--backbone", "bert-base-shape", "--method",
+                                      "lora", "--task", "squad"),
+                   "squad reads train-v1.1.json and dev-v1.1.json: pass --data-dir")  # fmt: skip
