@@ -232,6 +232,35 @@ def test_a_score_that_is_not_a_number_is_refused(tmp_path, capsys):
     one_line_error(capsys, _text_train(tmp_path, data), "record 3 has score 'good', not a number")
 
 
+def test_score_files_train_a_regression(tmp_path):
+    """A `score` column (no `label`) is learnt as regression and scored by correlation."""
+    data = tmp_path / "d"
+    for split in ("train", "val", "test"):
+        _jsonl(data / f"{split}.jsonl", _rows([0.5, -1.0, 2.0, 0.0], "score"))
+    assert main(_text_train(tmp_path, data)) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["test"]) == {"pearson", "spearman"}
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "needles"),
+    [
+        ("a line that is not JSON", [], ["train.jsonl:2: not a JSON object"]),
+        ("a JSON line that is not an object", [], ["train.jsonl:2: not a JSON object"]),
+        ("", ["--encoding", "klingon"], ["unknown encoding 'klingon'", "Python codec name"]),
+    ],
+)
+def test_malformed_text_files_and_options_are_named(tmp_path, capsys, damage, extra, needles):
+    data = _text_folder(tmp_path / "d")
+    lines = (data / "train.jsonl").read_text().splitlines()
+    if damage == "a line that is not JSON":
+        lines[1] = '{"text": "cut off'
+    elif damage:
+        lines[1] = '["good film", 1]'
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    one_line_error(capsys, _text_train(tmp_path, data, *extra), *needles)
+
+
 def test_both_label_and_score_need_a_target(tmp_path, capsys):
     data = tmp_path / "d"
     for split in ("train", "val", "test"):

@@ -110,3 +110,49 @@ def test_image_folder_layout(tmp_path):
     _image(tmp_path / "pets" / "val" / "bird" / "0.png", COLOURS[2])
     with pytest.raises(PetlError, match="bird is a class the train folder does not have"):
         load_task("image-folder", tmp_path / "pets")
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("a line without a label", r"train800.txt:2: expected 'path label', got 'images/x.png'"),
+        ("a label that is not a number", r"train800.txt:2: expected 'path label'"),
+        ("an empty list", r"train800.txt lists no images"),
+        ("no task folder", r"no VTAB-1k task folder"),
+    ],
+)
+def test_malformed_vtab_files_are_named(tmp_path, damage, needle):
+    folder = make_vtab(tmp_path)
+    listing = folder / "train800.txt"
+    rows = listing.read_text().splitlines()
+    if damage == "a line without a label":
+        listing.write_text("\n".join([rows[0], "images/x.png", *rows[2:]]) + "\n")
+    elif damage == "a label that is not a number":
+        listing.write_text("\n".join([rows[0], "images/train800_1.png cat", *rows[2:]]) + "\n")
+    elif damage == "an empty list":
+        listing.write_text("\n\n")
+    else:
+        folder.rename(tmp_path / "elsewhere")
+    with pytest.raises(PetlError, match=needle):
+        load_task("vtab-caltech101", tmp_path)
+
+
+def test_image_folder_layout_errors_name_the_fix(tmp_path):
+    root = tmp_path / "pets"
+    root.mkdir()
+    with pytest.raises(PetlError, match=r"pets has no train/ folder; expected .*/train/<class>/"):
+        load_task("image-folder", root)
+    (root / "train").mkdir()
+    with pytest.raises(PetlError, match=r"train has no class folders"):
+        load_task("image-folder", root)
+    _image(root / "train" / "cat" / "0.png", COLOURS[0])
+    _image(root / "train" / "dog" / "0.png", COLOURS[1])
+    with pytest.raises(PetlError, match=r"pets has no val/ folder"):
+        load_task("image-folder", root)
+    (root / "val" / "cat").mkdir(parents=True)
+    (root / "val" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(PetlError, match=r"val holds no images \(.*\.png"):
+        load_task("image-folder", root)
+    _image(root / "val" / "cat" / "0.png", COLOURS[0])
+    task = load_task("image-folder", root, resolution=4)  # no test/ folder: allowed
+    assert sorted(task.splits) == ["train", "val"]

@@ -75,3 +75,11 @@ def test_domain_file_problems_are_named(tmp_path):
         load_task("text-files", folder)
     with pytest.raises(PetlError, match="nowhere has no train file; expected train.jsonl"):
         load_task("text-files", tmp_path / "nowhere")
+
+
+def test_an_unknown_target_is_refused_by_the_api(tmp_path):
+    folder = tmp_path / "d"
+    _write(folder, "train", [{"text": "good", "label": "pos"}])
+    _write(folder, "val", [{"text": "fine", "label": "pos"}])
+    with pytest.raises(PetlError, match=r"unknown target 'stars'; use one of \['label', 'score'\]"):
+        load_task("text-files", folder, target="stars")
