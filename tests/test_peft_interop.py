@@ -75,3 +75,39 @@ def test_prompt_tuning_moves_both_ways(minilm, tmp_path):
     theirs.save_pretrained(tmp_path / "back")
     again = import_peft_prompt(minilm.make(), tmp_path / "back").eval()
     torch.testing.assert_close(again(**minilm.inputs), ours(**minilm.inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", ["use_rslora", "use_dora"])
+def test_peft_lora_variants_petlkit_lacks_are_refused_not_misread(minilm, tmp_path, option):
+    """rsLoRA scales by alpha/sqrt(r) and DoRA adds a magnitude vector: read as plain LoRA they
+    would load without error and compute something else."""
+    peft = get_peft_model(minilm.make().encoder,
+                          LoraConfig(r=2, target_modules=["query"], **{option: True}))  # fmt: skip
+    peft.save_pretrained(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=f"uses PEFT options petlkit's LoRA lacks: .*{option}"
+    ):
+        import_peft_lora(minilm.make(), tmp_path)
+
+
+def test_a_peft_folder_of_another_kind_is_refused(minilm, tmp_path):
+    from petlkit.interop.peft import export_peft_prompt, import_peft_prompt
+
+    ours = petlkit.attach(minilm.make(), "prompt", length=2, placement="before_embeddings")
+    export_peft_prompt(ours, tmp_path)
+    with pytest.raises(CheckpointError, match="holds a PROMPT_TUNING adapter, not LORA"):
+        import_peft_lora(minilm.make(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="adapter_config.json is not valid JSON"):
+        import_peft_prompt(minilm.make(), tmp_path)
+
+
+def test_prompts_peft_cannot_place_are_refused(minilm, tmp_path):
+    from petlkit.interop.peft import export_peft_prompt
+
+    after = petlkit.attach(minilm.make(), "prompt", length=2, placement="after_embeddings")
+    with pytest.raises(CheckpointError, match="after the embedding layer; PEFT's PROMPT_TUNING"):
+        export_peft_prompt(after, tmp_path)
+    lora = petlkit.attach(minilm.make(), "lora", r=2)
+    with pytest.raises(PetlError, match="is not ungated prompt tuning"):
+        export_peft_prompt(lora, tmp_path)
