@@ -1,4 +1,5 @@
-"""BERT-family variants beyond BERT itself: RoBERTa and MPNet layouts work with every method."""
+"""BERT-family variants beyond BERT itself (RoBERTa and MPNet layouts work with every method), and
+the random-weight BERT-base shape."""
 
 from __future__ import annotations
 
@@ -56,3 +57,20 @@ def test_roberta_takes_unipelt_with_prompt():
     train_steps(model, inputs, torch.tensor([0, 1]))
     assert not torch.allclose(model(**inputs), before)
     assert model.model.encoder.config._attn_implementation == "petlkit_sdpa"
+
+
+def test_bert_base_shape_is_bert_base_with_a_matching_tokenizer():
+    """The random-weight `bert-base-shape` (for counts and GPU timing): BERT-base's layout, and
+    the uncased 30,522-token tokenizer it shares with MiniLM-L6."""
+    from petlkit import build_model
+
+    built = build_model("bert-base-shape", 2)
+    config = built.model.encoder.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.intermediate_size, config.vocab_size) == (12, 768, 12, 3072, 30522)  # fmt: skip
+    # BERT-base's 109,482,240 parameters less the pooler (768·768 + 768), which we do not build
+    assert sum(p.numel() for p in built.model.encoder.parameters()) == 108_891_648
+    assert len(built.tokenizer) == config.vocab_size
+    ids = built.tokenizer(["a short sentence"], return_tensors="pt")
+    with torch.no_grad():
+        assert built.model(**ids).shape == (1, 2)
