@@ -430,3 +430,44 @@ def test_squad_without_its_files(tmp_path, capsys):
     one_line_error(capsys, train_with(tmp_path, "--backbone", "bert-base-shape", "--method",
                                       "lora", "--task", "squad"),
                    "squad reads train-v1.1.json and dev-v1.1.json: pass --data-dir")  # fmt: skip
+
+
+def test_a_text_backbone_on_an_image_task(tmp_path, capsys):
+    one_line_error(capsys, train_with(tmp_path, "--backbone", "minilm-l6", "--method", "lora",
+                                      "--task", "digits"),
+                   "backbone 'minilm-l6' is text; task 'digits' is vision")  # fmt: skip
+    assert _nothing_written(tmp_path)
+
+
+def test_run_folders_that_are_not_runs(tmp_path, capsys):
+    one_line_error(capsys, ["train", "--config", str(tmp_path / "absent.yaml"), "--output",
+                            str(tmp_path / "o")], "no run config at")  # fmt: skip
+    one_line_error(capsys, [*train_with(tmp_path, *TINY, "--method", "lora"), "--resume"],
+                   "holds no run (run.json); start without --resume")  # fmt: skip
+    one_line_error(capsys, ["eval", "--run", str(tmp_path)], "is not a petlkit run folder",
+                   "give `train`'s --output folder")  # fmt: skip
+
+
+@pytest.mark.parametrize("shard", ["3/3", "one/two", "2"])
+def test_a_bad_shard_is_refused_by_the_parser(tmp_path, capsys, shard):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--preset", "quick", "--shard", shard, "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "give I/N with 0 <= I < N, e.g. 0/4" in capsys.readouterr().err
+
+
+def test_evaluating_on_files_with_other_labels_is_refused(tmp_path, capsys):
+    """Class 0 and 1 would mean other labels: scoring would be silently wrong."""
+    data = tmp_path / "d"
+    for split in ("train", "val", "test"):
+        _jsonl(data / f"{split}.jsonl", [{"text": f"w{i}", "label": ("neg", "pos")[i % 2]}
+                                         for i in range(4)])  # fmt: skip
+    assert main(_text_train(tmp_path, data)) == 0
+    other = tmp_path / "other"
+    for split in ("train", "val", "test"):
+        _jsonl(other / f"{split}.jsonl", [{"text": f"w{i}", "label": ("bad", "good")[i % 2]}
+                                          for i in range(4)])  # fmt: skip
+    one_line_error(capsys, ["eval", "--run", str(tmp_path / "out"), "--data-dir", str(other)],
+                   "labels ['bad', 'good'] are not the ones", "['neg', 'pos']",
+                   "evaluate on the same label set")  # fmt: skip
+    assert main(["eval", "--run", str(tmp_path / "out")]) == 0  # its own files still score
