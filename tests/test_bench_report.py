@@ -93,6 +93,23 @@ def test_claims_are_also_checked_task_by_task_against_the_best_rival_there(tmp_p
     assert all("per task" not in line for line in claims(one_task))
 
 
+def test_each_unipelt_variant_is_held_against_its_own_submodules():
+    """UniPELT-AP against adapter and prefix; UniPELT adds LoRA; UniPELT+prompt adds the prompt
+    layer too: here prompt tuning is the best single method, so only UniPELT+prompt meets it."""
+    means = {"adapter": 0.70, "prefix": 0.72, "lora": 0.74, "prompt": 0.80,
+             "unipelt-ap": 0.75, "unipelt": 0.76, "unipelt-prompt": 0.77}  # fmt: skip
+    records = [_record(task, method, seed, mean, 100) for method, mean in means.items()
+               for task in ("a", "b") for seed in (0, 1)]  # fmt: skip
+    lines = claims(Summary(records))
+
+    def line(variant: str) -> str:
+        return next(x for x in lines if x.startswith(f"{variant} vs its best single submodule"))
+
+    assert "vs prefix 72.0" in line("unipelt-ap")
+    assert "vs lora 74.0" in line("unipelt")
+    assert "vs prompt 80.0" in line("unipelt-prompt") and "behind by 3.0" in line("unipelt-prompt")
+
+
 def test_a_table_says_which_seeds_it_averages_and_which_methods_have_fewer(tmp_path):
     """A grid cut off part-way (seeds run one after another) must not pass for a finished one."""
     records = [_record("a", "lora", s, 0.8, 10) for s in (0, 1, 2)]
