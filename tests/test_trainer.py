@@ -317,15 +317,11 @@ def test_a_dying_rank_makes_the_run_fail_instead_of_hanging(tmp_path):
     assert time.time() - start < 200  # failed, not hung until the test's own timeout
 
 
-def _bf16_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
-    """A bfloat16 backbone, float32 trained tensors and bf16 autocast, through the trainer;
-    `interrupt_at`: SIGINT to this process at that training forward (the trainer checkpoints
-    the finished steps and stops)."""
-    torch.manual_seed(0)
-    model = vit("vit_tiny", img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32,
-                num_heads=2, num_classes=10).to(torch.bfloat16)  # fmt: skip
-    petl = petlkit.attach(model, "sas")
-    assert {p.dtype for p in petl.parameters() if p.requires_grad} == {torch.float32}
+def _cut_or_finish(trainer: Trainer, interrupt_at: int) -> dict[str, torch.Tensor]:
+    """`interrupt_at` > 0: Ctrl-C (SIGINT to this process) at that training forward; the trainer
+    checkpoints the finished steps and stops. Else train to the end, resuming the folder's
+    checkpoint if it has one, and return the trained tensors."""
+    model = trainer.model
     if interrupt_at:
         calls = [0]
 
@@ -334,16 +330,26 @@ def _bf16_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
             if calls[0] == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
 
-        petl.register_forward_pre_hook(interrupt)
-    cfg = TrainConfig(steps=12, batch_size=16, eval_every=4, checkpoint_every=4, lr=3e-3,
-                      mixed_precision="bf16", seed=1)  # fmt: skip
-    trainer = Trainer(petl, load_task("digits"), cfg, out, progress=False)
-    if interrupt_at:
+        model.register_forward_pre_hook(interrupt)
         with pytest.raises(TrainingInterrupted, match="interrupted at step"):
             trainer.fit()
         return {}
-    trainer.fit(resume=(out / "checkpoint.safetensors").exists())
-    return {n: p.detach().clone() for n, p in petl.named_parameters() if p.requires_grad}
+    trainer.fit(resume=(trainer.output_dir / "checkpoint.safetensors").exists())
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _bf16_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
+    """A bfloat16 backbone, float32 trained tensors and bf16 autocast, through the trainer;
+    `interrupt_at` as in `_cut_or_finish`."""
+    torch.manual_seed(0)
+    model = vit("vit_tiny", img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32,
+                num_heads=2, num_classes=10).to(torch.bfloat16)  # fmt: skip
+    petl = petlkit.attach(model, "sas")
+    assert {p.dtype for p in petl.parameters() if p.requires_grad} == {torch.float32}
+    cfg = TrainConfig(steps=12, batch_size=16, eval_every=4, checkpoint_every=4, lr=3e-3,
+                      mixed_precision="bf16", seed=1)  # fmt: skip
+    return _cut_or_finish(Trainer(petl, load_task("digits"), cfg, out, progress=False),
+                          interrupt_at)  # fmt: skip
 
 
 def test_bfloat16_backbone_with_autocast_trains_and_resumes_exactly(tmp_path):
@@ -380,25 +386,10 @@ def _dropout_text_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tenso
                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)  # fmt: skip
     torch.manual_seed(0)
     model = petlkit.attach(TextClassifier(BertModel(config, add_pooling_layer=False), 2), "full")
-    if interrupt_at:
-        calls = [0]
-
-        def interrupt(module, args):
-            calls[0] += module.training
-            if calls[0] == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        model.register_forward_pre_hook(interrupt)
     cfg = TrainConfig(steps=10, batch_size=8, max_length=16, eval_every=5, checkpoint_every=5,
                       lr=1e-3, seed=2)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    trainer = Trainer(model, task, cfg, out, tokenizer, progress=False)
-    if interrupt_at:
-        with pytest.raises(TrainingInterrupted, match="interrupted at step"):
-            trainer.fit()
-        return {}
-    trainer.fit(resume=(out / "checkpoint.safetensors").exists())
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return _cut_or_finish(Trainer(model, task, cfg, out, tokenizer, progress=False), interrupt_at)
 
 
 def test_full_fine_tuning_with_dropout_resumes_exactly(tmp_path):
