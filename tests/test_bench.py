@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,45 @@ def test_every_record_says_how_its_rate_was_chosen(tiny_vit_file, tmp_path):
     seed0 = {r["method"]: r for r in records if r["seed"] == 0}
     for method, r in seed0.items():  # the seed-0 cell is the chosen selection run itself
         assert r["val"] == trials[(method, r["lr"])]["val"]
+
+
+def test_cells_train_at_the_chosen_rate_on_their_own_sample(tiny_vit_file, tmp_path, monkeypatch):
+    """What each cell's trainer really got: the rate chosen on validation (the method's default
+    `lr` is outside the grid here, so a fallback to it shows), and for a few-shot cell the K
+    examples drawn with its own seed (seed 0's are the ones its rate was chosen on)."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), tasks={"digits": "natural-like"},
+                                 methods={"sas": MethodEntry("sas", lr=1e-2, lrs=(1e-3, 3e-2))},
+                                 dg={})  # fmt: skip
+    seen = {}
+    original_init = Trainer.__init__
+
+    def spy(self, model, task, config, output_dir=None, *args, **kwargs):
+        if output_dir is not None:
+            sample = task.splits["train"].inputs.sum().item()
+            seen[Path(output_dir).name] = (config.lr, config.seed, sample)
+        original_init(self, model, task, config, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    records = run_grid(preset, tmp_path, log=lambda _: None)
+    trained = [r for r in records if r["cell"] in seen]  # seeds 1: seed 0 is the chosen trial
+    assert trained and all(seen[r["cell"]][:2] == (r["lr"], r["seed"]) for r in trained)
+    assert {r["lr"] for r in records} <= {1e-3, 3e-2}
+    for shots in (1, 2):
+        seed1 = seen[f"digits-{shots}shot--sas--seed1"][2]
+        select = {v[2] for k, v in seen.items() if k.startswith(f"select--digits-{shots}shot")}
+        assert len(select) == 1 and seed1 not in select  # seed 1 drew other examples
+
+
+def test_dg_targets_are_scored_on_their_own_test_split(tiny_vit_file, tmp_path):
+    """Scored on the source task itself, a target gives the cell's own test score; the shifted
+    copy gives another."""
+    preset = dataclasses.replace(tiny_preset(tiny_vit_file), seeds=(0,), shots=(),
+                                 tasks={"digits": "natural-like"},
+                                 methods={"lora": MethodEntry("lora", {"r": 2}, 1e-2)},
+                                 dg={"digits": ("digits", "digits:invert")})  # fmt: skip
+    [record] = run_grid(preset, tmp_path, log=lambda _: None)
+    assert record["dg"]["digits"] == record["score"]
+    assert record["dg"]["digits:invert"] != record["score"]
 
 
 def test_selection_never_reads_test_data(tiny_vit_file, tmp_path, monkeypatch):
