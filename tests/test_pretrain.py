@@ -7,6 +7,7 @@ import torch
 
 from petlkit.backbones import build_model
 from petlkit.backbones.vit_weights import load_vit
+from petlkit.data.fashion_mnist import FOLDER as FASHION_MNIST
 from petlkit.pretrain import SHIPPED, PretrainRecipe, pretrain, pretrain_info
 from petlkit.run import RunSpec
 from petlkit.tasks import load_task
@@ -54,6 +55,10 @@ def test_grey_tasks_become_rgb_for_a_three_channel_backbone():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION_MNIST.is_dir(),
+    reason="opt-in data (root): apt-get update && apt-get install -y dataset-fashion-mnist",
+)
 def test_the_shipped_vit_scores_its_stored_accuracy_on_fashion_mnist():
     """Needs the optional Debian package dataset-fashion-mnist (root)."""
     from petlkit.model import attach
