@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from petlkit.bench import MethodEntry, Preset
+from petlkit.cli import main
 
 
 def train_steps(model, inputs, labels, steps: int = 3, lr: float = 1e-2) -> None:
@@ -53,3 +54,30 @@ def benchmark_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- the command line's bad-input cases --------------------------------------------------------
+TRAIN = ["train", "--steps", "2", "--batch-size", "8"]
+TINY = ["--backbone", "vit-tiny", "--task", "digits"]
+
+
+def one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    output = capsys.readouterr().err
+    assert "Traceback" not in output, output
+    errors = [line for line in output.replace("\r", "\n").splitlines() if "petlkit:" in line]
+    assert len(errors) == 1 and errors[0].startswith("petlkit: error: "), output  # progress aside
+    err = errors[0]
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def train_with(tmp_path, *extra: str) -> list[str]:
+    return [*TRAIN, *extra, "--output", str(tmp_path / "out")]
+
+
+def nothing_written(tmp_path) -> bool:
+    """A refused `train` left its --output folder (tmp_path / "out") absent or empty."""
+    out = tmp_path / "out"
+    return not out.exists() or not any(p.name != "." for p in out.iterdir())
