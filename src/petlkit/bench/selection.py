@@ -67,16 +67,17 @@ def next_rate(
         return missing[0]
     best, _ = best_rate(scores)
     tried = sorted(scores)
+    below = [r for r in tried if r < initial[0]]  # the rungs widening has added on each side
+    above = [r for r in tried if r > initial[-1]]
     if not any(s is not None and math.isfinite(s) for s in scores.values()):
         # every rate diverged: too high, so step down the ladder (at most `widen` rungs)
-        below = [r for r in tried if r < initial[0]]
         lower = _beyond(tried[0], -1)
         return lower if len(below) < widen and lower is not None else None
     if len(tried) < 2:
         return None
     for side, end, inner, extra in (
-        (-1, tried[0], tried[1], [r for r in tried if r < initial[0]]),
-        (1, tried[-1], tried[-2], [r for r in tried if r > initial[-1]]),
+        (-1, tried[0], tried[1], below),
+        (1, tried[-1], tried[-2], above),
     ):
         # grow only past an edge that beats its neighbour (a flat grid gives no direction)
         if best != end or len(extra) >= widen:
