@@ -259,7 +259,7 @@ def test_prefix_on_an_encoder_without_the_attention_interface_is_refused():
     config = MPNetConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=37)  # fmt: skip
     model = TextClassifier(MPNetModel(config, add_pooling_layer=False), 2)
-    with pytest.raises(petlkit.PetlError, match="AttentionInterface.*LoRA, adapters or prompt"):
+    with pytest.raises(petlkit.PetlError, match="AttentionInterface.*adapters, SaS or prompt"):
         petlkit.attach(model, "prefix")
 
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from petlkit import __version__
 from petlkit.errors import CheckpointError, PetlError
+from petlkit.families import ModelLayout
 from petlkit.io import read_safetensors, write_json, write_safetensors
+from petlkit.layout import head_names
 from petlkit.methods.base import backbone_parameters
 from petlkit.model import PetlModel, attach
 from petlkit.registry import config_from_dict
@@ -26,9 +28,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
+def backbone_fingerprint(model: nn.Module, heads: tuple[str, ...] | None = None) -> dict[str, Any]:
     """What identifies a backbone's shape: class, parameter count and a hash of names/shapes."""
-    params = backbone_parameters(model)
+    params = backbone_parameters(model, heads)
     lines = "\n".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(params.items()))
     return {
         "class": type(model).__name__,
@@ -40,11 +42,16 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
 def task_model_info(model: nn.Module) -> dict[str, Any]:
     """What rebuilds the task model around the backbone: its class, its outputs, its pooling
     (text) or its input (ViT). Recorded in the adapter; `load_adapter` checks it."""
-    head = getattr(model, "head", None)
+    heads = head_names(model)
+    linears = [
+        m for h in heads for m in model.get_submodule(h).modules() if hasattr(m, "out_features")
+    ]
     info: dict[str, Any] = {
         "class": type(model).__name__,
-        "outputs": getattr(head, "out_features", None),
+        "outputs": linears[-1].out_features if linears else None,
     }
+    if heads != ("head",):
+        info["heads"] = list(heads)
     if hasattr(model, "pooling"):
         info["pooling"] = model.pooling
     cfg = getattr(model, "cfg", None)
@@ -57,7 +64,7 @@ def task_model_info(model: nn.Module) -> dict[str, Any]:
 def _check_task_model(folder: str | Path, saved: dict[str, Any], model: nn.Module) -> None:
     found = task_model_info(model)
     for key, want in saved.items():
-        if key == "labels" or key not in found or found[key] == want:
+        if key in ("labels", "heads") or key not in found or found[key] == want:
             continue
         hint = {
             "pooling": f"build it with pooling={want!r} (petlkit.build_model(..., "
@@ -77,7 +84,7 @@ def _state_to_save(petl: PetlModel, name: str, compact: bool = False):
         config, state = method.export(petl.model)
     else:
         config, state = method.config, dict(method.trainable(petl.model))
-    state.update({f"head.{n}": p for n, p in petl.model.head.named_parameters()})
+    state.update(petl.head_parameters())
     return config, state
 
 
@@ -137,11 +144,16 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> PetlModel:
-    """Attach the method saved in `folder` to `model` (task model or PetlModel) and load it."""
+def load_adapter(
+    model: nn.Module, folder: str | Path, name: str = "default", layout: ModelLayout | None = None
+) -> PetlModel:
+    """Attach the method saved in `folder` to `model` (task model or PetlModel) and load it;
+    `layout`: the ModelLayout the adapter was trained with, for a model petlkit does not know."""
     config = read_adapter_config(folder)
     task_model = model.model if isinstance(model, PetlModel) else model
-    found = backbone_fingerprint(task_model)
+    saved_heads = config.get("task_model", {}).get("heads")
+    heads = None if isinstance(model, PetlModel) or saved_heads is None else tuple(saved_heads)
+    found = backbone_fingerprint(task_model, heads)
     want = config["backbone"]
     if found["shapes_sha256"] != want.get("shapes_sha256"):
         raise CheckpointError(
@@ -152,7 +164,8 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
     if "task_model" in config:  # (adapters from before format 1.1 lack it)
         _check_task_model(folder, config["task_model"], task_model)
     tensors = read_safetensors(Path(folder) / WEIGHTS_FILE)
-    petl = attach(model, config_from_dict(config["method"]), name=name)
+    extra = {} if isinstance(model, PetlModel) else {"heads": heads, "layout": layout}
+    petl = attach(model, config_from_dict(config["method"]), name=name, **extra)
     _, expected = _state_to_save(petl, name)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

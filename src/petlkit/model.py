@@ -12,6 +12,8 @@ from torch import nn
 
 from petlkit.config import MethodConfig
 from petlkit.errors import NotFoldableError, PetlError
+from petlkit.families import ModelLayout
+from petlkit.layout import head_names, set_heads, use_layout
 from petlkit.methods.base import Method
 from petlkit.methods.placement import backbone_anchor, parse_dtype, place, place_head
 from petlkit.registry import make_config, method_class
@@ -37,24 +39,34 @@ class ParameterCount:
 
 
 class PetlModel(nn.Module):
-    """Wraps a task model (it must have a `head` submodule) and the methods attached to it.
+    """Wraps a task model and the methods attached to it; the model's own forward is kept.
 
     trained_dtype: the dtype policy of trained tensors (methods/placement.py): 'float32' (default:
-    float32 next to a float16/bfloat16 backbone), 'backbone', or a torch dtype."""
+    float32 next to a float16/bfloat16 backbone), 'backbone', or a torch dtype.
+    heads: names of modules trained in full beside the methods (PEFT's `modules_to_save`); None
+    takes the model's task head (petlkit models: `head`; transformers: the modules outside the
+    base model, such as `classifier` or `score`). A language-model head (and embeddings tied to
+    it) stays frozen unless named here.
+    layout: a ModelLayout for a model petlkit does not know (layout.py says where layouts
+    come from)."""
 
-    def __init__(self, model: nn.Module, trained_dtype: str | torch.dtype = "float32") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        trained_dtype: str | torch.dtype = "float32",
+        heads: tuple[str, ...] | list[str] | None = None,
+        layout: ModelLayout | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(getattr(model, "head", None), nn.Module):
-            raise PetlError(
-                f"{type(model).__name__} has no `head` submodule; petlkit trains a task head "
-                "apart from the backbone: use petlkit.build_model or add a `head` attribute"
-            )
         if model.__dict__.get("_petlkit_attached", False):
             raise PetlError(
                 f"this {type(model).__name__} already has petlkit methods attached by an earlier "
                 "attach(); keep using the PetlModel it returned (petl.add_method(...), or "
                 "petl.remove_method('default') first), or build a fresh model"
             )
+        if layout is not None:
+            use_layout(model, layout)
+        set_heads(model, tuple(head_names(model) if heads is None else heads))
         model.__dict__["_petlkit_attached"] = True
         self.model = model
         self.trained_dtype = parse_dtype(trained_dtype)
@@ -84,7 +96,8 @@ class PetlModel(nn.Module):
                 f"{name!r} ({config.method}) cannot join {others} on this model: {err}"
             ) from err
         place(method, self.model, self.trained_dtype)
-        place_head(self.model.head, backbone_anchor(self.model), self.trained_dtype)
+        for head in self.heads():
+            place_head(head, backbone_anchor(self.model), self.trained_dtype)
         self.methods[name] = method
         self.set_active(name)
         return method
@@ -130,18 +143,39 @@ class PetlModel(nn.Module):
             raise PetlError(f"no method named {name!r}; attached: {list(self.methods)}")
         return self.methods[name]
 
+    def heads(self) -> list[nn.Module]:
+        """The task-head modules trained beside the methods."""
+        return [self.model.get_submodule(n) for n in head_names(self.model)]
+
+    def head_parameters(self) -> dict[str, nn.Parameter]:
+        """Name (relative to the task model) → parameter of every trained head."""
+        return {
+            f"{h}.{n}": p
+            for h in head_names(self.model)
+            for n, p in self.model.get_submodule(h).named_parameters()
+        }
+
     def _apply_trainability(self) -> None:
         for p in self.parameters():
             p.requires_grad_(False)
         for name in self.active:
             for p in self.methods[name].trainable(self.model).values():
                 p.requires_grad_(True)
-        for p in self.model.head.parameters():
+        for p in self.head_parameters().values():
             p.requires_grad_(True)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The task model's own `generate()` (transformers decoders and encoder-decoders), with
+        the active methods applied; the KV cache is safe with every method."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise PetlError(f"{type(self.model).__name__} has no generate(); only transformers "
+                            "language models generate")  # fmt: skip
+        return generate(*args, **kwargs)
 
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:
@@ -195,7 +229,8 @@ class PetlModel(nn.Module):
         method_params = {
             id(p) for m in self.methods.values() for p in m.added_parameters(self.model).values()
         }
-        head_params = {id(p) for p in self.model.head.parameters()}
+        heads = self.head_parameters().values()
+        head_params = {id(p) for p in heads}
         backbone = sum(
             p.numel()
             for p in self.model.parameters()
@@ -204,7 +239,7 @@ class PetlModel(nn.Module):
         trainable = sum(
             p.numel() for p in self.parameters() if p.requires_grad and id(p) not in head_params
         )
-        head = sum(p.numel() for p in self.model.head.parameters() if p.requires_grad)
+        head = sum(p.numel() for p in heads if p.requires_grad)
         return ParameterCount(trainable=trainable, head=head, backbone=backbone)
 
     def print_trainable_parameters(self) -> None:
@@ -217,18 +252,28 @@ def attach(
     name: str = "default",
     *,
     trained_dtype: str | torch.dtype = "float32",
+    heads: tuple[str, ...] | list[str] | None = None,
+    layout: ModelLayout | None = None,
     **kwargs: Any,
 ) -> PetlModel:
-    """Inject a method into `model` (a task model or a PetlModel) and freeze everything else.
+    """Inject a method into `model` (a petlkit task model, a transformers model of a supported
+    family, any model with a `layout`, or a PetlModel) and freeze everything else.
 
     `config` is a MethodConfig or a method name (then `kwargs` are its config fields). The
-    method's tensors go where the weights they adapt are; `trained_dtype` is their dtype policy
-    (see PetlModel). Attach before or after moving the model: both give the same placement.
+    method's tensors go where the weights they adapt are; `trained_dtype` is their dtype policy,
+    `heads` the modules trained in full beside it and `layout` a ModelLayout for a model petlkit
+    does not know (see PetlModel). Attach before or after moving the model: both give the same
+    placement.
     """
     if isinstance(config, str):
         config = make_config(config, **kwargs)
     elif kwargs:
         raise PetlError("pass config fields either in the config object or as kwargs, not both")
-    petl = model if isinstance(model, PetlModel) else PetlModel(model, trained_dtype)
+    if isinstance(model, PetlModel):
+        if heads is not None or layout is not None:
+            raise PetlError("heads= and layout= are set by the first attach(); not again")
+        petl = model
+    else:
+        petl = PetlModel(model, trained_dtype, heads=heads, layout=layout)
     petl.add_method(config, name)
     return petl

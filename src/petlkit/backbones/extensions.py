@@ -9,13 +9,21 @@ On the project ViT both are its declared hook points (`Attention.extra_kv`, `tok
 transformers encoders nothing is patched: extra key/value tokens go through transformers' public
 `AttentionInterface` (an attention function registered under `petlkit_<original>` that wraps the
 encoder's own sdpa or eager attention; a forward pre-hook on each attention module computes the
-tokens from its input), and prompts go through forward hooks on the encoder (`inputs_embeds` and an
-extended attention mask). This relies on the transformers 5.x attention interface, which is why
-pyproject pins `transformers>=5,<6`.
+tokens from its input), and prompts go through forward hooks on the module that embeds the input
+(`inputs_embeds` and an extended attention mask). This relies on the transformers 5.x attention
+interface, which is why pyproject pins `transformers>=5,<6`.
+
+Decoders: extra key/value tokens are joined to the keys and values the attention function is given,
+after any KV cache has been read and written, so they are never stored in the cache; their keys get
+no rotary position; a causal mask is extended so every query sees them. Prompt tokens go in front of
+the text on the first forward (positions 0..p−1, text from p); when that forward filled a KV cache,
+later forwards with that cache (generation steps) add no prompts again but shift positions and the
+attention mask by p.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -33,6 +41,7 @@ BlockTokenMaker = Callable[[int, torch.Tensor], torch.Tensor | None]
 _PREFIX = "petlkit_"
 _PROVIDER = "_petlkit_kv_provider"
 _PENDING = "_petlkit_kv"
+_CACHED_PROMPTS = "_petlkit_prompt_tokens"  # on a KV cache: prompt tokens it holds in front
 
 
 class Handle:
@@ -93,9 +102,8 @@ def _acquire_prefix_attention(encoder: nn.Module) -> None:
     if not getattr(encoder, "_supports_attention_backend", False):
         raise PetlError(
             f"{type(encoder).__name__} computes attention inside its own forward, not through "
-            "transformers' AttentionInterface, so extra key/value tokens (prefix tuning) cannot "
-            "be injected; use a BERT, RoBERTa, ELECTRA or MiniLM encoder, or LoRA, adapters or "
-            "prompt tuning with this one"
+            "transformers' AttentionInterface, so prefix tuning cannot add key/value tokens to it; "
+            "use LoRA, adapters, SaS or prompt tuning on this model"
         )
     name = _register_prefix_attention(current)
     encoder.set_attn_implementation(name)
@@ -125,9 +133,15 @@ def _register_prefix_attention(inner: str) -> str:
     def attention(module, query, key, value, attention_mask, **kwargs):
         extra = module.__dict__.pop(_PENDING, None)
         if extra is not None:
+            if attention_mask is None and _implicitly_causal(module, inner, query, kwargs):
+                attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
+            own, prefix = key.shape[2], extra[0].shape[2]
             key = torch.cat([extra[0].to(key.dtype), key], dim=2)
             value = torch.cat([extra[1].to(value.dtype), value], dim=2)
-            attention_mask = _extend_mask(attention_mask, extra[0].shape[2])
+            if len(extra) == 3:  # a per-query log-gate on the prefix logits (methods/prefix.py)
+                attention_mask = _gated_mask(attention_mask, extra[2], prefix, own, query)
+            else:
+                attention_mask = _extend_mask(attention_mask, prefix)
         return _inner_attention(module, inner)(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
@@ -144,6 +158,40 @@ def _inner_attention(module: nn.Module, inner: str) -> Callable:
     if eager is None:
         raise PetlError(f"{type(module).__name__} has no {inner!r} attention function to wrap")
     return eager
+
+
+def _implicitly_causal(module: nn.Module, inner: str, query: torch.Tensor, kwargs: dict) -> bool:
+    """True where sdpa would apply its own causal mask (no mask given): that mask would hide
+    the extra tokens (sdpa's causal alignment is top-left), so an explicit one is built."""
+    if inner != "sdpa" or query.shape[2] == 1:
+        return False
+    causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if causal is None else causal)
+
+
+def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, queries, keys) boolean: query i sees keys up to its own position, the queries
+    being the last `queries` positions (after a KV cache)."""
+    rows = torch.arange(queries, device=device).unsqueeze(1) + (keys - queries)
+    return (torch.arange(keys, device=device).unsqueeze(0) <= rows).view(1, 1, queries, keys)
+
+
+def _gated_mask(
+    mask: torch.Tensor | None, log_gate: torch.Tensor, prefix: int, own: int, query: torch.Tensor
+) -> torch.Tensor:
+    """An additive (batch, 1, queries, prefix + own) mask in the query's dtype: log_gate
+    (batch, 1, queries, 1) on the prefix keys in front, the given mask (boolean, additive or
+    none) on the model's own keys after them."""
+    batch, _, queries, _ = query.shape
+    if mask is None:
+        rest = query.new_zeros(1, 1, queries, own)
+    elif mask.dtype == torch.bool:
+        rest = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device)
+        rest = rest.masked_fill(~mask, torch.finfo(query.dtype).min)
+    else:
+        rest = mask.to(query.dtype)
+    front = log_gate.to(query.dtype).expand(batch, 1, queries, prefix)
+    return torch.cat([front, rest.expand(batch, *rest.shape[1:])], dim=-1)
 
 
 def _extend_mask(mask: torch.Tensor | None, extra: int) -> torch.Tensor | None:
@@ -185,12 +233,24 @@ def add_prompt_tokens(
         return _vit_prompts(model, make, per_block)
     if per_block is not None:
         raise PetlError("per-block (deep) prompts need the project ViT; for text use prefix tuning")
-    encoder = _encoder(model, layout)
-    if placement == "before_embeddings":
-        return _text_prompts_before(encoder, make)
+    inputs = layout.encoder if layout.inputs is None else layout.inputs
+    encoder = get_module(model, inputs) if inputs else model
+    if placement == "before_embeddings" or layout.rotary or not _has_embedding_layer(encoder):
+        return _text_prompts_before(encoder, make)  # see _has_embedding_layer
     if count is None:
         raise PetlError("after_embeddings prompts on text need `count` to extend the mask")
     return _text_prompts_after(encoder, make, count)
+
+
+def _has_embedding_layer(encoder: nn.Module) -> bool:
+    """True where an `embeddings` layer (words + positions) sits between the ids and the blocks
+    and reads no attention mask (DeBERTa's does). Elsewhere (decoders, rotary models, whose
+    positions are counted from the input) prompts go in front of the word embeddings: on rotary
+    models that is after every embedding layer anyway."""
+    layer = getattr(encoder, "embeddings", None)
+    if not isinstance(layer, nn.Module) or layer is encoder.get_input_embeddings():
+        return False
+    return "mask" not in inspect.signature(layer.forward).parameters
 
 
 def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker | None) -> Handle:
@@ -239,6 +299,9 @@ def _drop_prompt_outputs(inserted: list[int]) -> Callable:
         n = inserted[0]
         if n:
             output.last_hidden_state = output.last_hidden_state[:, n:]
+            cache = getattr(output, "past_key_values", None)  # it now holds the prompts
+            if cache is not None and not _cached_prompts(cache):
+                cache.__dict__[_CACHED_PROMPTS] = n
         return output
 
     return after
@@ -288,6 +351,24 @@ def _release_prompts(encoder: nn.Module, handles: list) -> Handle:
     return Handle(undo)
 
 
+def _cached_prompts(cache: object) -> int:
+    """Prompt tokens a KV cache already holds in front (0: none, or no cache)."""
+    return 0 if cache is None else cache.__dict__.get(_CACHED_PROMPTS, 0)
+
+
+def _cache_length(cache: object) -> int:
+    get = getattr(cache, "get_seq_length", None)
+    return int(get()) if get is not None else 0
+
+
+def _pad_front(kwargs: dict, n: int, batch: int, keys: tuple[tuple[str, int], ...]) -> None:
+    for key, fill in keys:
+        value = kwargs.get(key)
+        if value is not None and value.dim() == 2:
+            pad = torch.full((batch, n), fill, dtype=value.dtype, device=value.device)
+            kwargs[key] = torch.cat([pad, value], dim=1)
+
+
 def _text_prompts_before(encoder: nn.Module, make: TokenMaker) -> Handle:
     _claim_prompts(encoder)
     inserted = [0]
@@ -296,6 +377,17 @@ def _text_prompts_before(encoder: nn.Module, make: TokenMaker) -> Handle:
         kwargs = dict(kwargs)
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        held = _cached_prompts(cache)
+        if held and _cache_length(cache):  # a later step: the cache holds the prompts already
+            inserted[0] = 0
+            batch = next(
+                kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None
+            ).shape[0]
+            _pad_front(kwargs, held, batch, (("attention_mask", 1),))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + held
+            return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = module.get_input_embeddings()(kwargs["input_ids"])
@@ -303,16 +395,15 @@ def _text_prompts_before(encoder: nn.Module, make: TokenMaker) -> Handle:
         inserted[0] = 0 if tokens is None else tokens.shape[1]
         if tokens is None:
             return None
-        if kwargs.get("position_ids") is not None:
-            raise PetlError("prompt tuning sets token positions itself; do not pass position_ids")
         batch, n = tokens.shape[:2]
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
-        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            value = kwargs.get(key)
-            if value is not None:
-                pad = torch.full((batch, n), fill, dtype=value.dtype, device=value.device)
-                kwargs[key] = torch.cat([pad, value], dim=1)
+        _pad_front(kwargs, n, batch, (("attention_mask", 1), ("token_type_ids", 0)))
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # prompts at 0..n−1, the text after them
+            front = torch.arange(n, dtype=positions.dtype, device=positions.device)
+            front = front.expand(*positions.shape[:-1], n)
+            kwargs["position_ids"] = torch.cat([front, positions + n], dim=-1)
         return args, kwargs
 
     handles = [

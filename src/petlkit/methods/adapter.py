@@ -43,7 +43,7 @@ UP_INITS = ("zero", "bert")
 class Bottleneck(nn.Module):
     """G(x)·W_up·σ(W_down·x) (no gate: G = 1)."""
 
-    def __init__(self, width: int, cfg: AdapterConfig) -> None:
+    def __init__(self, width: int, cfg: AdapterConfig, causal: bool = False) -> None:
         super().__init__()
         hidden = max(1, width // cfg.reduction_factor)
         self.down = CastLinear(width, hidden)
@@ -55,12 +55,12 @@ class Bottleneck(nn.Module):
         else:
             nn.init.normal_(self.up.weight, std=0.02)
         nn.init.zeros_(self.up.bias)
-        self.gate = Gate(width) if cfg.gated else None
+        self.gate = Gate(width, causal=causal) if cfg.gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = self.up(self.dropout(self.act(self.down(x))))
         if self.gate is not None:
-            update = update * self.gate(x).unsqueeze(-1)  # (batch, 1, 1)
+            update = update * self.gate.per_position(x)  # (batch, positions or 1, 1)
         return update
 
 
@@ -122,7 +122,7 @@ class Adapter(Method):
         self._handles: list = []
 
         def make() -> Bottleneck:
-            return Bottleneck(layout.width, cfg)
+            return Bottleneck(layout.width, cfg, layout.causal)
 
         if cfg.placement == "houlsby":
             for block in layout.blocks:
@@ -138,10 +138,13 @@ class Adapter(Method):
                 hook = partial(self._after_block, index)
                 self._handles.append(get_module(model, block.block).register_forward_hook(hook))
 
-    def _after_block(self, index: int, module: nn.Module, args: tuple, y: torch.Tensor):
+    def _after_block(self, index: int, module: nn.Module, args: tuple, output):
         if not self.enabled:
             return None
-        return y + self.block_adapters[index](y)
+        if isinstance(output, tuple):  # transformers blocks may return (hidden, extras...)
+            y = output[0]
+            return (y + self.block_adapters[index](y), *output[1:])
+        return output + self.block_adapters[index](output)
 
     def detach(self, model: nn.Module) -> None:
         for handle in self._handles:

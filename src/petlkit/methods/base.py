@@ -27,6 +27,15 @@ class Tuner(nn.Module):
         self.enabled = True
         self.folded = False  # train with the update folded into the layer (methods/folding.py)
 
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The wrapped layer's weight (model code reads `layer.weight.dtype` and the like)."""
+        return getattr(innermost(self), "weight", None)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(innermost(self), "bias", None)
+
     def own_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
@@ -57,13 +66,20 @@ def add_in_float32(weight: torch.Tensor, delta: torch.Tensor) -> None:
     weight.copy_(total)
 
 
-def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Canonical name → parameter of the pretrained backbone (no head, nothing a method added)."""
+def backbone_parameters(
+    model: nn.Module, heads: tuple[str, ...] | None = None
+) -> dict[str, nn.Parameter]:
+    """Canonical name → parameter of the pretrained backbone (no trained head, nothing a method
+    added); `heads`: the trained heads' names (None: the model's, layout.head_names)."""
+    from petlkit.layout import head_names
+
     added = {id(p) for m in model.modules() if isinstance(m, Tuner) for _, p in m.own_parameters()}
+    names = head_names(model) if heads is None else heads
+    heads = {id(p) for h in names for p in model.get_submodule(h).parameters()}
     return {
         canonical_name(n): p
         for n, p in model.named_parameters()
-        if not n.startswith("head.") and id(p) not in added
+        if id(p) not in heads and id(p) not in added
     }
 
 
@@ -229,14 +245,15 @@ class Method(nn.Module):
         for name, tuner in tuners:
             base = tuner.base_layer
             d_weight, d_bias = tuner.delta()
-            old_bias = None if base.bias is None else base.bias.detach().clone()
+            bias = getattr(base, "bias", None)  # RMSNorms have none at all
+            old_bias = None if bias is None else bias.detach().clone()
             old_weight = None if base.weight is None else base.weight.detach().clone()
             holder, attr = _holder(model, name, tuner)
             self._merged.append((holder, attr, tuner, old_weight, old_bias))
             if d_weight is not None:
                 add_in_float32(base.weight, d_weight)
             if d_bias is not None:
-                if base.bias is None:  # the base layer's dtype and device, not the update's
+                if bias is None:  # the base layer's dtype and device, not the update's
                     base.bias = nn.Parameter(base.weight.new_zeros(d_bias.shape), False)
                 add_in_float32(base.bias, d_bias)
             setattr(holder, attr, base)
@@ -248,9 +265,9 @@ class Method(nn.Module):
             base = tuner.base_layer
             if weight is not None:
                 base.weight.copy_(weight)
-            if bias is None:
-                base.bias = None
-            else:
+            if bias is not None:
                 base.bias.copy_(bias)
+            elif getattr(base, "bias", None) is not None:  # merging gave it one
+                base.bias = None
             setattr(parent, attr, tuner)
         self._merged.clear()

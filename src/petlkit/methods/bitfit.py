@@ -18,14 +18,17 @@ from petlkit.config import MethodConfig, check_bool
 from petlkit.errors import TargetError
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
+from petlkit.methods.linears import Conv1D
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets, get_module
 from petlkit.registry import register_method
 
-BIAS_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+BIAS_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv2d, Conv1D)
 
 
 def _out_features(module: nn.Module) -> int:
+    if isinstance(module, Conv1D):
+        return module.nf
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.Conv2d):
@@ -81,8 +84,9 @@ class BitFit(Method):
             names = [n for n in names if get_module(model, n).bias is not None]
         if not names:
             raise TargetError(
-                f"BitFit: none of the targeted layers of {type(model).__name__} has a bias; "
-                "pass add_missing=true to give them one"
+                f"BitFit: none of the targeted layers of {type(model).__name__} has a bias (its "
+                "linears and norms are bias-free, as in LLaMA-style decoders), so there is nothing "
+                "to tune; pass add_missing=true to give each targeted layer a bias offset"
             )
         for name in names:
             self.wrap(model, name, lambda base: BiasTuner(base, self.name))

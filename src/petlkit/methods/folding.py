@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FOLDABLE_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+from petlkit.methods.linears import Conv1D
+
+FOLDABLE_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d, Conv1D)
 
 
 def _wide(t: torch.Tensor) -> torch.dtype:
@@ -51,6 +53,9 @@ def run_folded(
         return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
     if isinstance(layer, nn.Conv2d):
         return layer._conv_forward(x, weight, bias)
+    if isinstance(layer, Conv1D):  # weight stored (in, out)
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
     raise TypeError(f"cannot fold into a {type(layer).__name__}; foldable: nn.Linear, "
                     "nn.LayerNorm, nn.Conv2d")  # fmt: skip
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from petlkit.config import MethodConfig
+from petlkit.errors import PetlError
 from petlkit.methods.base import Method, backbone_parameters
 from petlkit.registry import register_method
 
@@ -74,4 +75,11 @@ class LinearProbe(Method):
     merge_refusal = None
 
     def attach(self, model: nn.Module) -> None:
-        pass
+        from petlkit.layout import head_names
+
+        if not head_names(model):
+            raise PetlError(
+                f"linear probing trains only a task head, and {type(model).__name__} has none "
+                "(a language-model head stays frozen); name the modules to train with "
+                "attach(..., heads=[...]) or use another method"
+            )

@@ -1,10 +1,12 @@
 """LoRA (Hu et al., 2022): W x + (α/r)·B A x on chosen linears; mergeable.
 
-On a fused q|k|v projection (the ViT's `attn.qkv`) each chosen part (q, k, v) gets its own
-pair, exactly as LoRA on separate q and v linears would. Gated (UniPELT): W x + G(x)·B A x with
-one gate per adapted projection, computed from that projection's input x (UniPELT's
-`LoRA_Linear(add_gate=True)`); on a fused q|k|v each part has its own gate. The gate replaces α/r
-and blocks merging.
+On a fused q|k|v projection (the ViT's `attn.qkv`, GPT-2's `c_attn`, Phi-3's `qkv_proj`,
+GPT-NeoX's per-head interleaved `query_key_value`) each chosen part (q, k, v) gets its own pair,
+exactly as LoRA on separate q and v linears would; where the parts differ in size (grouped-query
+attention) their up-projections are stored one after the other, (rows of all parts, r).
+Gated (UniPELT): W x + G(x)·B A x with one gate per adapted projection, computed from that
+projection's input x (UniPELT's `LoRA_Linear(add_gate=True)`); on a fused q|k|v each part has its
+own gate. The gate replaces α/r and blocks merging.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from petlkit.config import (
     check_range,
 )
 from petlkit.errors import ConfigError, NotMergeableError, TargetError
-from petlkit.layout import layout_of
+from petlkit.layout import has_layout, layout_of
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
+from petlkit.methods.linears import LINEARS, as_weight, in_out
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
@@ -38,51 +41,81 @@ from petlkit.registry import register_method
 QKV = ("q", "k", "v")
 
 
+Segment = tuple[int, int, int]  # (part: 0 q, 1 k, 2 v; first row within the part; rows)
+
+
+def qkv_segments(layout) -> list[Segment]:
+    """How a fused projection's output rows split into q, k and v, in output order."""
+    d, heads, kv = layout.dim_per_head, layout.num_heads, layout.key_value_heads
+    if layout.qkv_split == "heads":  # GPT-NeoX: per head, its q, k, v
+        return [(part, h * d, d) for h in range(heads) for part in range(3)]
+    return [(0, 0, heads * d), (1, 0, kv * d), (2, 0, kv * d)]
+
+
 class LoRALinear(Tuner):
-    """`parts` selects slices of a fused output (None: the whole output is one part)."""
+    """`parts` selects parts of a fused output laid out as `segments` (None: the whole output
+    is one part)."""
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         owner: str,
         r: int,
         scaling: float,
         dropout: float,
         parts: Sequence[int] | None = None,
-        num_chunks: int = 1,
+        segments: Sequence[Segment] = (),
         gated: bool = False,
+        causal: bool = False,
     ) -> None:
         super().__init__(base_layer, owner)
         base_layer = innermost(base_layer)
-        if not isinstance(base_layer, nn.Linear):
-            raise TargetError(f"LoRA adapts nn.Linear layers, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, LINEARS):
+            raise TargetError(
+                f"LoRA adapts nn.Linear (and transformers' Conv1D) layers, got "
+                f"{type(base_layer).__name__}"
+            )
+        in_features, out_features = in_out(base_layer)
         self.parts = list(parts) if parts is not None else None
+        self.segments = list(segments)
         n_parts = 1 if parts is None else len(parts)
-        out_part = base_layer.out_features // num_chunks
-        self.num_chunks = num_chunks
+        sizes = [out_features] if parts is None else [self._part_rows(p) for p in self.parts]
         self.r = r
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n_parts * r, base_layer.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(n_parts, out_part, r))
+        self.lora_A = nn.Parameter(torch.empty(n_parts * r, in_features))
+        if len(set(sizes)) == 1:
+            self.lora_B = nn.Parameter(torch.zeros(n_parts, sizes[0], r))
+        else:  # parts of different sizes (GQA): one after the other
+            self.lora_B = nn.Parameter(torch.zeros(sum(sizes), r))
+        self._offsets = [sum(sizes[:i]) for i in range(n_parts + 1)]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.gate = Gate(base_layer.in_features, n_parts) if gated else None
+        self.gate = Gate(in_features, n_parts, causal) if gated else None
+
+    def _part_rows(self, part: int) -> int:
+        return sum(rows for p, _, rows in self.segments if p == part)
+
+    def _part_up(self, i: int) -> torch.Tensor:
+        if self.lora_B.dim() == 3:
+            return self.lora_B[i]
+        return self.lora_B[self._offsets[i] : self._offsets[i + 1]]
 
     def up_matrix(self) -> torch.Tensor:
         """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
-        its chunk's rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per
-        forward from the parameters (out·n·r numbers), so the update is two matmuls per token,
-        with no index tensors and no scatter into the fused output."""
-        n, out_part, r = self.lora_B.shape
+        its rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per forward
+        from the parameters (out·n·r numbers), so the update is two matmuls per token, with no
+        index tensors and no scatter into the fused output."""
         if self.parts is None:
             return self.lora_B[0]
+        n, r = len(self.parts), self.r
         rows = []
-        for chunk in range(self.num_chunks):
-            if chunk in self.parts:
-                i = self.parts.index(chunk)
-                rows.append(F.pad(self.lora_B[i], (i * r, (n - 1 - i) * r)))
+        for part, start, length in self.segments:
+            if part in self.parts:
+                i = self.parts.index(part)
+                up = self._part_up(i)[start : start + length]
+                rows.append(F.pad(up, (i * r, (n - 1 - i) * r)))
             else:
-                rows.append(self.lora_B.new_zeros(out_part, n * r))
+                rows.append(self.lora_B.new_zeros(length, n * r))
         return torch.cat(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +127,9 @@ class LoRALinear(Tuner):
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         if self.gate is None:
             h = h * self.scaling
-        else:  # one gate per adapted projection, (batch, n_parts), on that part's rank block
-            g = self.gate(x)
-            shape = (g.shape[0], *([1] * (h.dim() - 2)), g.shape[1], 1)
-            h = (h.unflatten(-1, (g.shape[1], self.r)) * g.view(shape)).flatten(-2)
+        else:  # one gate per adapted projection, (batch, positions, n_parts), on its rank block
+            g = self.gate.per_position(x).to(h.dtype)
+            h = (h.unflatten(-1, (g.shape[-1], self.r)) * g.unsqueeze(-1)).flatten(-2)
         up = follow(self.up_matrix(), h)
         # out + h·Bᵀ in one GEMM that reads `out` as its addend (no separate pass over it)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
@@ -106,7 +138,7 @@ class LoRALinear(Tuner):
     def delta(self) -> tuple[torch.Tensor, None]:
         if self.gate is not None:
             raise NotMergeableError("gated LoRA cannot merge: its gate depends on the input")
-        return (self.up_matrix() @ self.lora_A) * self.scaling, None
+        return as_weight(innermost(self), (self.up_matrix() @ self.lora_A) * self.scaling), None
 
     def fold_refusal(self) -> str | None:
         if self.gate is not None:
@@ -150,7 +182,7 @@ class LoRA(Method):
 
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
-        fused = frozenset()
+        fused, segments = frozenset(), []
         if cfg.gated:
             self.merge_refusal = (
                 "gated LoRA cannot merge: its gate G(x) depends on the input; train with "
@@ -159,11 +191,12 @@ class LoRA(Method):
         if cfg.targets is None:
             layout = layout_of(model)
             names = list(dict.fromkeys(n for b in layout.blocks for n in (b.query, b.value)))
-            fused = layout.fused_qkv
         else:
-            names = find_targets(model, cfg.targets)
-            if hasattr(model, "petl_layout"):
-                fused = layout_of(model).fused_qkv
+            names = find_targets(model, cfg.targets, types=LINEARS)
+            layout = layout_of(model) if has_layout(model) else None
+        if layout is not None and layout.fused_qkv:
+            fused, segments = layout.fused_qkv, qkv_segments(layout)
+        causal = layout is not None and layout.causal
         parts = sorted(QKV.index(p) for p in set(cfg.qkv_parts))
         for name in names:
             is_fused = name in fused
@@ -177,7 +210,8 @@ class LoRA(Method):
                     1.0 if cfg.gated else cfg.alpha / cfg.r,
                     cfg.dropout,
                     parts=parts if f else None,
-                    num_chunks=3 if f else 1,
+                    segments=segments if f else (),
                     gated=cfg.gated,
+                    causal=causal,
                 ),
             )

@@ -4,7 +4,10 @@ self-attention; real tokens attend to them, padding stays masked.
 Training-time reparameterisation (on by default): the L·2·d-wide prefix values come from
 Embedding(p, d) → Linear(d, hidden) → Tanh → Linear(hidden, L·2·d). After training only the values
 matter: `drop_reparameterization()` (and `save_adapter`) keep the p·L·2·d values and drop the MLP.
-Gated (UniPELT): per block, P_K and P_V are multiplied by G(attention input).
+Gated (UniPELT): per block, P_K and P_V are multiplied by G(attention input). With grouped-query
+attention there is one prefix key and value per key/value head, as the model's own keys have; on
+decoders the prefix keys carry no rotary position and every query sees them
+(backbones/extensions.py).
 
 The flat value layout (p, L·2·heads·head_dim), block-major, keys before values, equals HF PEFT's
 PREFIX_TUNING embedding, so values move between the two unchanged.
@@ -55,7 +58,8 @@ class Prefix(Method):
         cfg = self.config
         self.layout = layout = layout_of(model)
         width, depth = layout.width, layout.depth
-        self.values_width = depth * 2 * width
+        # keys and values per key/value head (grouped-query attention has fewer than queries)
+        self.values_width = depth * 2 * layout.key_value_heads * layout.dim_per_head
         if cfg.reparameterize:
             self.embedding = nn.Parameter(torch.randn(cfg.length, width))
             self.mlp = nn.Sequential(
@@ -64,7 +68,7 @@ class Prefix(Method):
         else:
             self.prefix = nn.Parameter(torch.randn(cfg.length, self.values_width) * 0.02)
         if cfg.gated:
-            self.gates = nn.ModuleList(Gate(width) for _ in range(depth))
+            self.gates = nn.ModuleList(Gate(width, causal=layout.causal) for _ in range(depth))
         self._kv: torch.Tensor | None = None
         encoder = get_module(model, layout.encoder) if layout.encoder else model
         self._handles = [encoder.register_forward_pre_hook(self._refresh)]
@@ -84,17 +88,22 @@ class Prefix(Method):
         return self.prefix
 
     def key_values(self) -> torch.Tensor:
-        """(depth, 2, heads, length, head_dim): per block, the keys then the values."""
+        """(depth, 2, kv heads, length, head_dim): per block, the keys then the values."""
         layout = self.layout
-        heads = layout.num_heads
-        flat = self.values().view(self.config.length, layout.depth, 2, heads, -1)
+        heads = layout.key_value_heads
+        flat = self.values().view(self.config.length, layout.depth, 2, heads, layout.dim_per_head)
         return flat.permute(1, 2, 3, 0, 4)
 
     def _refresh(self, module: nn.Module, args: tuple) -> None:
         """Root pre-hook: compute all blocks' prefixes once per forward."""
         self._kv = self.key_values() if self.enabled else None
 
-    def _block_kv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _block_kv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """(keys, values) of block `index`'s prefix for attention input x. Gated on an encoder,
+        both are multiplied by the example's gate (Mao et al.). Gated on a causal model the gate
+        is per query (gate.py), which no shared key can carry: instead each query's attention
+        weights on the prefix are multiplied by its gate before normalisation, passed on as a
+        third item, log G (batch, 1, queries, 1), that the attention adds to the prefix logits."""
         if not self.enabled:
             return None
         if self._kv is None:
@@ -102,6 +111,9 @@ class Prefix(Method):
         key, value = follow(self._kv[index], x)
         batch = x.shape[0]
         key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
+        if self.config.gated and self.layout.causal:  # per query: see _block_kv's docstring
+            g = self.gates[index](x).to(torch.float32)  # (batch, queries, 1)
+            return key, value, g.clamp_min(1e-30).log().view(batch, 1, -1, 1)
         if self.config.gated:
             g = self.gates[index](x).view(batch, 1, 1, 1).to(key.dtype)
             key, value = key * g, value * g

@@ -67,10 +67,16 @@ class Prompt(Method):
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
         layout = layout_of(model)
-        self.prompt = nn.Parameter(torch.empty(cfg.length, layout.width))
+        width = layout.embed_dim or layout.width  # ALBERT, ELECTRA: narrower embeddings
+        self.prompt = nn.Parameter(torch.empty(cfg.length, width))
         nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
         if cfg.gated:
-            self.gate = Gate(layout.width)
+            if layout.causal:
+                raise PetlError(
+                    "a gated prompt's gate averages the whole input, which on a causal model "
+                    "would let every position read the tokens after it; use gated=False here"
+                )
+            self.gate = Gate(width)
         self._handle = add_prompt_tokens(
             model, layout, self._tokens, placement=cfg.placement, count=self._count
         )
@@ -117,8 +123,9 @@ class VPT(Method):
         patch = getattr(getattr(model, "cfg", None), "patch_size", None)
         if layout.encoder is not None or patch is None:
             raise PetlError(
-                "VPT needs the project ViT (petlkit.backbones.vit); for text encoders use "
-                "'prompt' or 'prefix'"
+                f"VPT needs the project ViT: it replaces tokens before every block through the "
+                f"ViT's hook points, which {type(model).__name__} does not have; use 'prompt' (one "
+                "layer of soft tokens) or 'prefix' (tokens in every block) on it"
             )
         # Jia et al.: uniform(-v, v), v = sqrt(6 / (channels·patch² + width)) (Xavier over a patch)
         channels = model.cfg.in_chans

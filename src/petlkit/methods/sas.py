@@ -30,6 +30,7 @@ from petlkit.errors import ConfigError, NotFoldableError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.folding import fold_refusal
+from petlkit.methods.linears import as_weight, out_in_weight
 from petlkit.methods.placement import CastLinear, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
@@ -103,7 +104,9 @@ class SaSFolded(Tuner):
         return self.forward_folded(x)
 
     def delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self._sas.consumer_delta(self.site, self.index, self.base_layer.weight)
+        base = self.base_layer
+        d_weight, d_bias = self._sas.consumer_delta(self.site, self.index, out_in_weight(base))
+        return as_weight(base, d_weight), d_bias
 
     def fold_refusal(self) -> str | None:
         return None
@@ -138,9 +141,11 @@ class SaS(Method):
         self._handles.append(model.register_forward_pre_hook(self._refresh))
         for index, block in enumerate(self.layout.blocks):
             for site in self.config.sites:
-                module = get_module(model, block.site(site)[0])
+                reader, linears = block.site(site)
                 hook = partial(self._site_hook, site, index)
-                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                for name in [reader] if reader else linears:  # no common reader: each linear
+                    module = get_module(model, name)
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self, model: nn.Module) -> None:
         if self.folded:
@@ -285,7 +290,7 @@ class SaS(Method):
         for site, index, name in consumers:
             linear = get_module(model, name)
             matrix, shift = self.site_matrices(site, index, generated, linear.weight)
-            weight = linear.weight.to(matrix.dtype)
+            weight = out_in_weight(linear).to(matrix.dtype)
             bias = weight.new_zeros(weight.shape[0])
             if linear.bias is not None:
                 bias = linear.bias.to(matrix.dtype)
@@ -296,7 +301,7 @@ class SaS(Method):
             # both from the original weight: `weight` is linear.weight itself when the weight
             # already has the merge dtype (float64 models; float32 on MPS)
             new_bias = (bias + weight @ shift).to(linear.weight.dtype)
-            linear.weight.copy_((weight @ matrix.T).to(linear.weight.dtype))
+            linear.weight.copy_(as_weight(linear, weight @ matrix.T).to(linear.weight.dtype))
             if linear.bias is None:
                 linear.bias = nn.Parameter(new_bias, requires_grad=False)
             else:

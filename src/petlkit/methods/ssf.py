@@ -1,6 +1,11 @@
 """SSF (Lian et al., 2022): y = γ ⊙ f(x) + β after every linear, layer norm and the patch
 embedding of the backbone (as the SSF reference does); γ ~ N(1, σ), β ~ N(0, σ) per output
-channel. Linear in f's output, so it merges: W' = diag(γ)·W, b' = γ ⊙ b + β."""
+channel. Linear in f's output, so it merges: W' = diag(γ)·W, b' = γ ⊙ b + β.
+
+An RMSNorm (LLaMA-style decoders, T5) has no bias to take β, so SSF scales it only:
+y = γ ⊙ RMSNorm(x), merged as w' = γ·(offset + w) − offset (offset 1 where the norm computes
+(1 + w)·x̂, as Gemma's does). GPT-2's Conv1D linears (weight stored input × output) are scaled per
+output column."""
 
 from __future__ import annotations
 
@@ -12,21 +17,42 @@ from torch import nn
 
 from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
-from petlkit.layout import layout_of
+from petlkit.layout import has_layout, layout_of, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import follow
-from petlkit.methods.targeting import canonical_name, find_targets, inside_a_method
+from petlkit.methods.targeting import (
+    canonical_name,
+    find_targets,
+    inside_a_method,
+    read_directly,
+)
 from petlkit.registry import register_method
 
 
+def is_rms_norm(module: nn.Module) -> bool:
+    """An RMSNorm of any library: a 1-D scale, no bias (torch's, or transformers' per family)."""
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    named = isinstance(module, nn.RMSNorm) or name.endswith("RMSNorm") or name == "T5LayerNorm"
+    return named and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 class SSFTuner(Tuner):
-    def __init__(self, base_layer: nn.Module, owner: str, std: float) -> None:
+    def __init__(self, base_layer: nn.Module, owner: str, std: float, offset: float = 0.0):
         super().__init__(base_layer, owner)
+        inner = innermost(base_layer)
         channels = _channels(base_layer)
-        self._channel_dim = 1 if isinstance(innermost(base_layer), nn.Conv2d) else -1
+        self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
+        self._norm_offset = offset if is_rms_norm(inner) else None  # None: not an RMSNorm
         self.ssf_scale = nn.Parameter(1.0 + std * torch.randn(channels))
-        self.ssf_shift = nn.Parameter(std * torch.randn(channels))
+        if self._norm_offset is None:
+            self.ssf_shift = nn.Parameter(std * torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.folded:
@@ -34,7 +60,10 @@ class SSFTuner(Tuner):
         out = self.base_layer(x)
         if not self.enabled:
             return out
-        shift, scale = follow(self.ssf_shift, out), follow(self.ssf_scale, out)
+        scale = follow(self.ssf_scale, out)
+        if self._norm_offset is not None:  # RMSNorm: scale only
+            return out * scale
+        shift = follow(self.ssf_shift, out)
         if self._channel_dim == 1:  # a convolution's channels come first: (batch, C, H, W)
             shift, scale = shift.view(-1, 1, 1), scale.view(-1, 1, 1)
         return torch.addcmul(shift, out, scale)
@@ -43,6 +72,10 @@ class SSFTuner(Tuner):
         base = innermost(self.base_layer)
         weight = base.weight
         factor = self.ssf_scale - 1.0
+        if self._norm_offset is not None:  # (γ − 1)·(offset + w)
+            return factor * (weight + self._norm_offset), None
+        if _is_conv1d(base):  # output channels are the columns
+            return factor.view(1, -1) * weight, self.ssf_shift + factor * base.bias
         d_weight = factor.view(-1, *([1] * (weight.dim() - 1))) * weight
         d_bias = self.ssf_shift.clone()
         if base.bias is not None:
@@ -61,14 +94,22 @@ def _channels(module: nn.Module) -> int:
         return module.out_channels
     if isinstance(module, nn.LayerNorm) and module.weight is not None:
         return module.weight.shape[0]
+    if is_rms_norm(module):
+        return module.weight.shape[0]
+    if _is_conv1d(module):
+        return module.nf
     raise TargetError(
-        f"SSF scales nn.Linear, nn.Conv2d or affine nn.LayerNorm, got {type(module).__name__}"
+        "SSF scales nn.Linear, nn.Conv2d, affine nn.LayerNorm, RMSNorm or transformers' Conv1D, "
+        f"got {type(module).__name__}"
     )
 
 
 def _scalable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Conv2d) or (
-        isinstance(module, nn.LayerNorm) and module.weight is not None
+    return (
+        isinstance(module, nn.Linear | nn.Conv2d)
+        or (isinstance(module, nn.LayerNorm) and module.weight is not None)
+        or is_rms_norm(module)
+        or _is_conv1d(module)
     )
 
 
@@ -94,16 +135,22 @@ class SSF(Method):
 
     def attach(self, model: nn.Module) -> None:
         cfg = self.config
+        skip = untargetable(model)
         if cfg.targets is None:
-            head = layout_of(model).head if hasattr(model, "petl_layout") else "head"
             names = [  # canonical names: a layer another method wraps is wrapped outside it
                 canonical_name(n)
                 for n, m in model.named_modules()
                 if _scalable(m)
-                and not (n == head or n.startswith(head + "."))
+                and not any(n == h or n.startswith(h + ".") for h in skip)
                 and not inside_a_method(model, n)
+                and not read_directly(model, n)
             ]
         else:
-            names = find_targets(model, cfg.targets, types=(nn.Linear, nn.Conv2d, nn.LayerNorm))
+            names = [
+                n
+                for n in find_targets(model, cfg.targets, types=(nn.Module,))
+                if _scalable(model.get_submodule(n))
+            ]
+        offset = layout_of(model).norm_offset if has_layout(model) else 0.0
         for name in names:
-            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std))
+            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset))

@@ -34,16 +34,30 @@ def inside_a_method(model: nn.Module, name: str) -> bool:
     return False
 
 
+def read_directly(model: nn.Module, name: str) -> bool:
+    """True for layers whose parent reads their weights without calling them (the out_proj of
+    nn.MultiheadAttention, as in SigLIP's pooling head): a wrapper there would never run."""
+    parent, _, _ = name.rpartition(".")
+    return isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention)
+
+
 def find_targets(
     model: nn.Module,
     targets: str | Sequence[str],
     types: tuple[type[nn.Module], ...] = (nn.Linear,),
-    exclude_prefixes: Sequence[str] = ("head",),
+    exclude_prefixes: Sequence[str] | None = None,
 ) -> list[str]:
-    """Canonical names of the modules of `types` that `targets` selects (error if none)."""
+    """Canonical names of the modules of `types` that `targets` selects (error if none); task
+    and language-model heads are never candidates unless `exclude_prefixes` says otherwise."""
+    if exclude_prefixes is None:
+        from petlkit.layout import untargetable
+
+        exclude_prefixes = untargetable(model)
     candidates: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, types) or inside_a_method(model, name):
+            continue
+        if read_directly(model, name):
             continue
         canon = canonical_name(name)
         if any(canon == p or canon.startswith(p + ".") for p in exclude_prefixes):
