@@ -13,6 +13,7 @@ from petlkit.errors import (  # noqa: E402
     PetlError,
     TargetError,
 )
+from petlkit.families import ModelLayout, declare_layout, family_names  # noqa: E402
 from petlkit.model import ParameterCount, PetlModel, attach  # noqa: E402
 from petlkit.registry import config_from_dict, make_config, method_names  # noqa: E402
 
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "MethodConfig",
+    "ModelLayout",
     "NotMergeableError",
     "ParameterCount",
     "PetlError",
@@ -28,6 +30,8 @@ __all__ = [
     "attach",
     "build_model",
     "config_from_dict",
+    "declare_layout",
+    "family_names",
     "load_adapter",
     "make_config",
     "method_names",

@@ -36,7 +36,9 @@ class ModelLayout:
     facts. norm_offset: an RMSNorm computes (offset + weight)·x̂ (Gemma: 1). width, num_heads,
     kv_heads, head_dim: None reads them from the model's config. attn_site: the module whose
     input only q/k/v read, when `attention` also takes the residual (ALBERT's does): "" for none,
-    then a site transform (SaS) runs at each projection's input."""
+    then a site transform (SaS) runs at each projection's input. heads: the task-head modules
+    (relative to the model) trained beside a method; None finds them (transformers: the modules
+    outside the base model, language-model heads excepted; other models: `head`)."""
 
     layers: str | tuple[str, ...]
     attention: str
@@ -60,6 +62,7 @@ class ModelLayout:
     head_dim: int | None = None
     shared_layers: str | None = None  # why one block stands for several (ALBERT)
     attn_site: str | None = None  # module whose input only q/k/v read, if not `attention`
+    heads: tuple[str, ...] | None = None  # task heads; None: found from the model
 
     def __post_init__(self) -> None:
         separate = (self.query, self.key, self.value)

@@ -266,6 +266,10 @@ def resolve(model: nn.Module, spec: ModelLayout) -> BackboneLayout:
     kv_heads = spec.kv_heads or getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = spec.head_dim or getattr(config, "head_dim", None) or width // num_heads
     heads, frozen = _split_heads(model, base_name)
+    if config is None:  # not a transformers model: its `head`, if it has one
+        heads = ("head",) if isinstance(getattr(model, "head", None), nn.Module) else ()
+    if spec.heads is not None:
+        heads = tuple(spec.heads)
     inputs = prefix + spec.inputs if spec.inputs else base_name
     get_embeddings = getattr(model.get_submodule(inputs), "get_input_embeddings", None)
     embed_dim = getattr(get_embeddings() if get_embeddings else None, "embedding_dim", None)
