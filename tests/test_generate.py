@@ -87,3 +87,13 @@ def test_prompt_tokens_enter_the_cache_once():
     step = petl(input_ids=torch.tensor([[3], [4]]), cache=cache, use_cache=True,
                 attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1).long()], 1))
     assert step.past_key_values.get_seq_length() == length + batch["input_ids"].shape[1] + 1
+
+
+def test_the_readme_example_on_a_transformers_decoder_runs():
+    from tests.docs_snippets import python_blocks
+
+    block = next(b for b in python_blocks("README.md") if "LlamaForCausalLM(config)" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["tokens"].shape == (2, 12)
+    assert namespace["model"].model.model.layers[0].self_attn.q_proj.lora_A.requires_grad
