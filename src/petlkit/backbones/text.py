@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from petlkit.errors import PetlError
-from petlkit.layout import BackboneLayout, BlockLayout
+from petlkit.layout import BackboneLayout, layout_of, rooted
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 
 
 class _EncoderTaskModel(nn.Module):
@@ -53,7 +53,8 @@ class _EncoderTaskModel(nn.Module):
 
 
 class TextClassifier(_EncoderTaskModel):
-    """encoder → pooled token (CLS or masked mean) → dropout → head."""
+    """encoder → pooled token (CLS, masked mean, or the last real token for decoders) →
+    dropout → head."""
 
     def __init__(
         self, encoder: nn.Module, num_labels: int, pooling: str = "cls", dropout: float = 0.1
@@ -67,6 +68,12 @@ class TextClassifier(_EncoderTaskModel):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
+        if self.pooling == "last":  # decoders: the last real token (padding on either side)
+            if attention_mask is None:
+                return hidden[:, -1]
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (attention_mask.to(positions.dtype) * (positions + 1)).argmax(dim=1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         if attention_mask is None:
             return hidden.mean(1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -100,44 +107,10 @@ class TextSpanModel(_EncoderTaskModel):
         return logits
 
 
-def _block_layout(layer: nn.Module, p: str) -> BlockLayout:
-    if hasattr(layer.attention, "self"):  # BERT, RoBERTa, MiniLM, ELECTRA
-        attn = f"{p}attention.self"
-        q, k, v, out = f"{attn}.query", f"{attn}.key", f"{attn}.value", f"{p}attention.output.dense"
-    elif hasattr(layer.attention, "attn"):  # MPNet
-        attn = f"{p}attention.attn"
-        q, k, v, out = f"{attn}.q", f"{attn}.k", f"{attn}.v", f"{attn}.o"
-    else:
-        raise PetlError(
-            f"unsupported encoder layer {type(layer).__name__}: no BERT/MPNet attention"
-        )
-    return BlockLayout(
-        attn_in=attn,
-        attn_linears=(q, k, v),
-        query=q,
-        value=v,
-        attn_out=out,
-        mlp_in=f"{p}intermediate",
-        mlp_linears=(f"{p}intermediate.dense",),
-        mlp_out=f"{p}output.dense",
-        attention=attn,
-        block=p.removesuffix("."),
-        mlp_norm=f"{p}output.LayerNorm",
-    )
-
-
 def encoder_layout(encoder: nn.Module, prefix: str = "") -> BackboneLayout:
-    """The block layout of a BERT-family transformers encoder (`encoder.layer[i]`)."""
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if layers is None:
-        raise PetlError(f"{type(encoder).__name__} is not a BERT-family encoder (no encoder.layer)")
-    blocks = tuple(
-        _block_layout(layer, f"{prefix}encoder.layer.{i}.") for i, layer in enumerate(layers)
-    )
-    cfg = encoder.config
-    return BackboneLayout(
-        cfg.hidden_size, cfg.num_attention_heads, blocks, encoder=prefix.removesuffix(".")
-    )
+    """The block layout of a transformers encoder of any supported family (families.py), its
+    names under `prefix` in the task model that holds it."""
+    return rooted(layout_of(encoder), prefix, ("head",))
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, object]:

@@ -1,7 +1,10 @@
-"""HF PEFT's LoRA folder format, both ways, for text encoders: `export_peft_lora` writes a folder
-that `peft.PeftModel.from_pretrained(encoder, folder)` loads; `import_peft_lora` attaches a PEFT
-LoRA folder to a petlkit task model. Neither imports peft: the format is two files (a JSON config
-and safetensors weights named `base_model.model.<module>.lora_{A,B}.weight`)."""
+"""HF PEFT's LoRA folder format, both ways: `export_peft_lora` writes a folder that
+`peft.PeftModel.from_pretrained(model, folder)` loads (for petlkit's text task models the bare
+encoder; for a transformers model that model); `import_peft_lora` attaches a PEFT LoRA folder.
+Neither imports peft: the format is two files (a JSON config and safetensors weights named
+`base_model.model.<module>.lora_{A,B}.weight`). A LoRA over a fused projection (GPT-2's Conv1D
+`c_attn`) is one pair over the whole output in PEFT (petlkit: `split_fused=False`); Conv1D
+layers are marked `fan_in_fan_out`, as PEFT marks them (their weight is stored input × output)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import torch
 from petlkit.errors import CheckpointError, PetlError
 from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.layout import layout_of
+from petlkit.methods.base import innermost
+from petlkit.methods.linears import is_conv1d
 from petlkit.methods.lora import LoRA, LoRAConfig, LoRALinear
 from petlkit.methods.prompt import Prompt, PromptConfig
 from petlkit.model import PetlModel, attach
@@ -50,10 +55,14 @@ def export_peft_lora(petl: PetlModel, folder: str | Path, name: str = "default")
     if not isinstance(method, LoRA) or method.config.gated:
         raise PetlError(f"{name!r} is not a plain LoRA; PEFT's LoRA format holds only that")
     prefix = _encoder_prefix(petl.model)
-    tensors, modules = {}, []
+    tensors, modules, conv1d = {}, [], set()
     for module, tuner in method.tuners(petl.model):
         if not isinstance(tuner, LoRALinear) or tuner.parts is not None:
-            raise PetlError(f"{module} is a fused projection; PEFT's LoRA format cannot hold it")
+            raise PetlError(
+                f"{module} is a fused projection with a LoRA pair per part; PEFT's format holds "
+                "one pair per layer: train with split_fused=False"
+            )
+        conv1d.add(is_conv1d(innermost(tuner)))
         if not module.startswith(prefix):
             raise PetlError(f"{module} is outside the encoder; PEFT's folder is for the encoder")
         inner = module.removeprefix(prefix)
@@ -63,11 +72,16 @@ def export_peft_lora(petl: PetlModel, folder: str | Path, name: str = "default")
     cfg = method.config
     folder = Path(folder)
     write_safetensors(folder / WEIGHTS, tensors, {"format": "pt"})
+    if len(conv1d) > 1:
+        raise PetlError("PEFT marks a whole adapter fan_in_fan_out or not; this LoRA adapts "
+                        "both Conv1D and Linear layers: export them as two adapters")  # fmt: skip
+    task = "CAUSAL_LM" if layout_of(petl.model).causal and not prefix else "FEATURE_EXTRACTION"
     write_json(folder / CONFIG, {
-        "peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "r": cfg.r,
+        "peft_type": "LORA", "task_type": task, "r": cfg.r,
         "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(set(modules)),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "bias": "none", "fan_in_fan_out": conv1d == {True}, "inference_mode": True,
+        "use_rslora": False,
         "use_dora": False, "base_model_name_or_path": None, "modules_to_save": None,
     })  # fmt: skip
     return folder
@@ -79,7 +93,7 @@ def import_peft_lora(
     """Attach the PEFT LoRA in `folder` to a petlkit text task model (or PetlModel)."""
     folder = Path(folder)
     config, tensors = _read_peft(folder, "LORA")
-    unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if config.get(k)]
+    unsupported = [k for k in ("use_rslora", "use_dora") if config.get(k)]
     unsupported += [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported:
         raise CheckpointError(f"{folder} uses PEFT options petlkit's LoRA lacks: {unsupported}")
@@ -98,8 +112,16 @@ def import_peft_lora(
     if not targets:
         raise CheckpointError(f"{folder / WEIGHTS} has no lora_A weights")
     lora = LoRAConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                      dropout=float(config.get("lora_dropout", 0.0)), targets=targets)  # fmt: skip
+                      dropout=float(config.get("lora_dropout", 0.0)), targets=targets,
+                      split_fused=False)  # fmt: skip
     petl = attach(model, lora, name=name)
+    wrapped = [innermost(t) for _, t in petl.methods[name].tuners(petl.model)]
+    if bool(config.get("fan_in_fan_out")) != any(is_conv1d(m) for m in wrapped):
+        petl.remove_method(name)
+        raise CheckpointError(
+            f"{folder} says fan_in_fan_out={config.get('fan_in_fan_out')}, which does not match "
+            "its target layers (only transformers' Conv1D stores weights input × output)"
+        )
     with torch.no_grad():
         for module, tuner in petl.methods[name].tuners(petl.model):
             key = PREFIX + module.removeprefix(prefix)

@@ -152,14 +152,17 @@ class LoRALinear(Tuner):
 class LoRAConfig(MethodConfig):
     """r: rank; alpha: scaling numerator (update scaled by alpha / r); targets: None for the
     backbone's query and value projections, else exact suffixes or a full-match regex;
-    qkv_parts: which parts of a fused q|k|v projection get a LoRA pair; gated: multiply each
-    projection's update by its own UniPELT gate G(x) instead of alpha / r."""
+    qkv_parts: which parts of a fused q|k|v projection get a LoRA pair; split_fused: False adapts
+    a fused projection as one linear, one pair over its whole output (PEFT's way, and its file
+    format); gated: multiply each projection's update by its own UniPELT gate G(x) instead of
+    alpha / r."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str | Sequence[str] | None = None
     qkv_parts: Sequence[str] = ("q", "v")
+    split_fused: bool = True
     gated: bool = False
 
     def validate(self) -> None:
@@ -172,6 +175,7 @@ class LoRAConfig(MethodConfig):
         for part in self.qkv_parts:
             check_choice("LoRAConfig", "qkv_parts", part, QKV)
         check_bool("LoRAConfig", "gated", self.gated)
+        check_bool("LoRAConfig", "split_fused", self.split_fused)
 
 
 @register_method("lora")
@@ -194,7 +198,7 @@ class LoRA(Method):
         else:
             names = find_targets(model, cfg.targets, types=LINEARS)
             layout = layout_of(model) if has_layout(model) else None
-        if layout is not None and layout.fused_qkv:
+        if layout is not None and layout.fused_qkv and cfg.split_fused:
             fused, segments = layout.fused_qkv, qkv_segments(layout)
         causal = layout is not None and layout.causal
         parts = sorted(QKV.index(p) for p in set(cfg.qkv_parts))
