@@ -145,3 +145,20 @@ def test_from_timm_converts_a_timm_model_with_identical_outputs(layout):
     with torch.no_grad():
         torch.testing.assert_close(ours(data["input"]), model(data["input"]), rtol=0, atol=1e-5)
         torch.testing.assert_close(ours(data["input"]), data["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "sas", "vpt", "unipelt-prompt"])
+def test_attach_converts_a_live_timm_model_with_from_timm(method):
+    """Needs timm (as on the GPU machines): attach() converts a timm VisionTransformer and the
+    returned model starts from timm's outputs (VPT, prompts and prefix need petlkit's hooks)."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from tests.test_methods_generic import CONFIGS
+
+    model = timm_vit.VisionTransformer(**INDEX["vit"])
+    model.load_state_dict(timm_state("vit"))
+    model.eval()
+    petl = petlkit.attach(model, method, **CONFIGS[method])
+    assert petl.model is not model and type(petl.model).__module__.startswith("petlkit.")
+    data = fixture("vit")
+    with torch.no_grad(), petl.disable():
+        torch.testing.assert_close(petl(data["input"]), model(data["input"]), rtol=0, atol=1e-5)

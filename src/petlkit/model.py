@@ -246,6 +246,11 @@ class PetlModel(nn.Module):
         print(self.trainable_parameters())
 
 
+def is_timm_vit(model: nn.Module) -> bool:
+    cls = type(model)
+    return cls.__module__.startswith("timm.") and cls.__name__ == "VisionTransformer"
+
+
 def attach(
     model: nn.Module,
     config: MethodConfig | str,
@@ -264,11 +269,22 @@ def attach(
     `heads` the modules trained in full beside it and `layout` a ModelLayout for a model petlkit
     does not know (see PetlModel). Attach before or after moving the model: both give the same
     placement.
+
+    A timm `VisionTransformer` is converted first (`petlkit.backbones.from_timm`: the same
+    weights, outputs equal to timm's to 1e-5, on the model's device and dtype) and the returned
+    PetlModel wraps the converted model: petlkit's ViT has the hook points that prompts, VPT and
+    prefix tuning need, which timm's blocks do not. Use the returned model; the timm model
+    passed in is left as it was.
     """
     if isinstance(config, str):
         config = make_config(config, **kwargs)
     elif kwargs:
         raise PetlError("pass config fields either in the config object or as kwargs, not both")
+    if is_timm_vit(model):  # converted: see the docstring
+        from petlkit.backbones.vit_weights import from_timm
+
+        anchor = next(model.parameters())
+        model = from_timm(model).to(device=anchor.device, dtype=anchor.dtype)
     if isinstance(model, PetlModel):
         if heads is not None or layout is not None:
             raise PetlError("heads= and layout= are set by the first attach(); not again")

@@ -53,10 +53,28 @@ def gguf_folder(path: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     partial = cached.with_name(cached.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    _save_dequantised(model, partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, cached)  # whole or not at all: a killed conversion leaves no folder
     return cached
+
+
+def _save_dequantised(model, folder: Path) -> None:
+    """The loaded (dequantised, float32) model as a plain transformers folder. transformers'
+    save_pretrained refuses models read from GGUF, so the config and weights are written here;
+    a tied output head is left to the config's tie_word_embeddings, as transformers does."""
+    from petlkit.io import write_safetensors
+
+    folder.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    output = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and output is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
 
 
 def load_causal_lm(name: str | Path, dtype=None):

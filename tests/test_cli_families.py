@@ -1,0 +1,50 @@
+"""`petlkit train` and `eval` on a transformers folder of a family other than BERT's: a tiny
+LLaMA decoder (MiniLM's tokenizer beside it), trained on Rotten Tomatoes as a classifier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+import petlkit
+from petlkit.backbones import build_model
+from petlkit.backbones.registry import minilm_path
+from petlkit.cli import main
+from petlkit.layout import layout_of
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, intermediate_size=8,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+def test_build_model_reads_a_folder_of_any_supported_family(llama_folder):
+    built = build_model(str(llama_folder), 2, pooling="last")
+    assert type(built.model.encoder).__name__ == "LlamaModel"
+    petl = petlkit.attach(built.model, "unipelt-prompt")
+    batch = built.tokenizer(["a gem", "tedious and long"], return_tensors="pt", padding=True)
+    assert petl(**batch).shape == (2, 2)
+    layout = layout_of(built.model)
+    assert layout.causal and layout.key_value_heads == 2
+
+
+@pytest.mark.parametrize("method", ["sas", "prefix"])
+def test_train_and_eval_on_a_decoder_folder(llama_folder, tmp_path, method, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--backbone", str(llama_folder), "--task", "rotten-tomatoes", "--method",
+            method, "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+            "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["val"] == results["val"]
