@@ -230,3 +230,61 @@ def test_outputs_keep_the_models_own_loss():
 def test_albert_shares_one_block_and_says_so():
     layout = layout_of(make("albert"))
     assert layout.depth == 1 and "one set of parameters" in layout.shared_layers
+
+
+# -- the KV cache, chunk by chunk ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["prefix", "prompt", "unipelt", "unipelt-prompt", "sas"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_forward_in_two_chunks_through_the_cache_equals_one_forward(family, method):
+    """Prefill 4 tokens, then 3 more at once through the cache (q > 1 with a filled cache):
+    the last 3 positions' logits equal one forward over all 7."""
+    from tests.test_methods_generic import CONFIGS
+
+    petl = petlkit.attach(make(family), method, **CONFIGS[method])
+    randomise(petl)
+    ids = torch.tensor([[5, 17, 33, 41, 8, 9, 60]])
+    with torch.no_grad():
+        whole = petl(input_ids=ids).logits
+        first = petl(input_ids=ids[:, :4], use_cache=True)
+        rest = petl(input_ids=ids[:, 4:], cache=first.past_key_values, use_cache=True,
+                    attention_mask=torch.ones(1, 7, dtype=torch.long))  # fmt: skip
+    torch.testing.assert_close(rest.logits, whole[:, 4:], rtol=1e-4, atol=1e-5)
+
+
+# -- the gated prefix on a causal model --------------------------------------------------------
+@pytest.mark.parametrize(("bias", "expected"), [(-60.0, "no prefix"), (60.0, "whole prefix")])
+def test_a_closed_gate_removes_the_prefix_and_an_open_one_keeps_it_whole(bias, expected):
+    """On a decoder the gate multiplies each query's attention weights on the prefix: G = 0
+    is the model without prefix, G = 1 the ungated prefix with the same values."""
+    gated = petlkit.attach(make("llama"), "prefix", length=3, reparameterize=False, gated=True)
+    plain = petlkit.attach(make("llama"), "prefix", length=3, reparameterize=False)
+    randomise(plain)
+    with torch.no_grad():
+        gated.methods["default"].prefix.copy_(plain.methods["default"].prefix)
+        for gate in gated.methods["default"].gates:
+            gate.linear.weight.zero_()
+            gate.linear.bias.fill_(bias)
+        inputs = batch("llama")
+        ours = gated(**inputs).logits
+        if expected == "whole prefix":
+            reference = plain(**inputs).logits
+        else:
+            with plain.disable():
+                reference = plain(**inputs).logits
+    real = inputs["attention_mask"].bool()  # a padding query sees no key of its own
+    torch.testing.assert_close(ours[real], reference[real], rtol=1e-4, atol=1e-5)
+
+
+# -- folded training on GPT-2's Conv1D ---------------------------------------------------------
+FOLDABLE = [("lora", {"r": 2, "split_fused": False}), ("bitfit", {}), ("ssf", {}), ("sas", {})]
+
+
+@pytest.mark.parametrize(("method", "kwargs"), FOLDABLE)
+def test_folded_training_on_conv1d_layers_computes_the_same(method, kwargs):
+    petl = petlkit.attach(make("gpt2"), method, **kwargs)
+    randomise(petl)
+    inputs = batch("gpt2")
+    with torch.no_grad():
+        unfolded = petl(**inputs).logits
+        petl.set_folded(True)
+        torch.testing.assert_close(petl(**inputs).logits, unfolded, rtol=1e-4, atol=1e-4)

@@ -48,3 +48,26 @@ def test_train_and_eval_on_a_decoder_folder(llama_folder, tmp_path, method, caps
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--split", "val"]) == 0
     assert json.loads(capsys.readouterr().out)["val"] == results["val"]
+
+
+def test_the_trainer_takes_a_transformers_classifier_as_it_is(tmp_path):
+    """The user's own *ForSequenceClassification returns a ModelOutput; the trainer reads its
+    logits."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from petlkit.tasks.registry import load_task
+    from petlkit.train.config import TrainConfig
+    from petlkit.train.trainer import Trainer
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_labels=2,
+                        num_attention_heads=4, intermediate_size=37)  # fmt: skip
+    torch.manual_seed(0)
+    petl = petlkit.attach(BertForSequenceClassification(config), "lora", r=2)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    task = load_task("rotten-tomatoes")
+    before = {n: p.detach().clone() for n, p in petl.named_parameters() if p.requires_grad}
+    result = Trainer(petl, task, TrainConfig(steps=2, batch_size=4, eval_every=2,
+                                             checkpoint_every=0, eval_batch_size=256),
+                     tokenizer=tokenizer, progress=False).fit()  # fmt: skip
+    assert 0 <= result["val"]["accuracy"] <= 1
+    assert any(not torch.equal(p, before[n]) for n, p in petl.named_parameters() if n in before)

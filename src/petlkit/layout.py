@@ -52,7 +52,6 @@ class BackboneLayout:
     num_heads: int
     blocks: tuple[BlockLayout, ...]
     fused_qkv: frozenset[str] = field(default_factory=frozenset)  # names of fused q|k|v linears
-    head: str = "head"
     encoder: str | None = None  # the transformers model inside a text task model ("" = root)
     kv_heads: int | None = None  # key/value heads (grouped-query attention); None: num_heads
     head_dim: int | None = None  # None: width // num_heads
@@ -151,7 +150,7 @@ def rooted(layout: BackboneLayout, prefix: str, heads: tuple[str, ...]) -> Backb
         layout, blocks=blocks, fused_qkv=frozenset(prefix + n for n in layout.fused_qkv),
         encoder=None if layout.encoder is None else name(layout.encoder) or root,
         inputs=None if layout.inputs is None else name(layout.inputs) or root,
-        heads=heads, frozen_heads=(), head="",
+        heads=heads, frozen_heads=(),
     )  # fmt: skip
 
 
@@ -298,7 +297,7 @@ def resolve(model: nn.Module, spec: ModelLayout) -> BackboneLayout:
     embed_dim = getattr(get_embeddings() if get_embeddings else None, "embedding_dim", None)
     fused = frozenset(b.query for b in blocks if spec.qkv is not None)
     return BackboneLayout(
-        width=width, num_heads=num_heads, blocks=tuple(blocks), fused_qkv=fused, head="",
+        width=width, num_heads=num_heads, blocks=tuple(blocks), fused_qkv=fused,
         encoder="" if config is not None else None, kv_heads=kv_heads, head_dim=head_dim,
         causal=spec.causal, rotary=spec.rotary, qkv_split=spec.qkv_split,
         inputs=inputs, heads=heads, frozen_heads=frozen, norm_offset=spec.norm_offset,

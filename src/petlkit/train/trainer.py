@@ -46,6 +46,12 @@ BEST = "best.safetensors"
 RESULTS = "results.json"
 
 
+def model_logits(output: Any) -> torch.Tensor:
+    """The logits of a forward: petlkit's task models return them, transformers' own task
+    models (`*ForSequenceClassification`, ...) a ModelOutput holding them."""
+    return getattr(output, "logits", output)
+
+
 class TrainingInterrupted(PetlError):
     """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
 
@@ -190,7 +196,7 @@ class Trainer:
             index = order[start : start + self.config.eval_batch_size]
             inputs, _ = self.encode(split, index)
             with self.accelerator.autocast():
-                logits = model(**inputs).float().cpu()
+                logits = model_logits(model(**inputs)).float().cpu()
             if self.task.modality == "span":
                 preds.append(logits)
             else:
@@ -275,7 +281,7 @@ class Trainer:
                 last = k == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last else acc.no_sync(ddp_model)
                 with sync, acc.autocast():
-                    loss = self.loss(ddp_model(**inputs), labels) / cfg.grad_accum
+                    loss = self.loss(model_logits(ddp_model(**inputs)), labels) / cfg.grad_accum
                 acc.backward(loss)
                 total += loss.detach()
             if cfg.max_grad_norm > 0:
