@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from petlkit.backbones.extensions import PROMPT_PLACEMENTS, add_prompt_tokens
+from petlkit.backbones.prompt_tokens import PROMPT_PLACEMENTS, add_prompt_tokens
 from petlkit.config import (
     MethodConfig,
     check_bool,

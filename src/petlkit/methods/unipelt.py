@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from petlkit.backbones.extensions import PROMPT_PLACEMENTS
+from petlkit.backbones.prompt_tokens import PROMPT_PLACEMENTS
 from petlkit.config import (
     MethodConfig,
     check_bool,
