@@ -28,7 +28,7 @@ METHODS = {  # config, learning rate
     "sas": ({}, 1e-3),
     "unipelt": ({}, 1e-3),
     "unipelt-prompt": ({}, 1e-3),
-    "prefix": ({}, 1e-3),
+    "prefix": ({}, 1e-4),  # at 1e-3 its validation loss rose (results/checks/smollm2-prefix-rates)
     "prompt": ({}, 3e-3),
 }
 PROMPTS = ["The movie was", "A gripping thriller that"]
@@ -63,6 +63,7 @@ def greedy(model, tokenizer, use_cache: bool = True) -> list[str]:
 
 def run(method: str, args, data, tokenizer) -> dict:
     fields, lr = METHODS[method]
+    lr = args.lr or lr
     model, _ = load_causal_lm("smollm2-135m")
     petl = petlkit.attach(model, method, **fields)
     train, val = data
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--val", type=int, default=64, help="validation snippets")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--lr", type=float, help="one rate for the methods run (default: theirs)")
     parser.add_argument("--output", default="results/checks/smollm2-methods")
     args = parser.parse_args()
     torch.manual_seed(0)

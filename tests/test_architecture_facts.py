@@ -246,7 +246,7 @@ def test_a_forward_in_two_chunks_through_the_cache_equals_one_forward(family, me
     with torch.no_grad():
         whole = petl(input_ids=ids).logits
         first = petl(input_ids=ids[:, :4], use_cache=True)
-        rest = petl(input_ids=ids[:, 4:], cache=first.past_key_values, use_cache=True,
+        rest = petl(input_ids=ids[:, 4:], cache=first.cache, use_cache=True,
                     attention_mask=torch.ones(1, 7, dtype=torch.long))  # fmt: skip
     torch.testing.assert_close(rest.logits, whole[:, 4:], rtol=1e-4, atol=1e-5)
 

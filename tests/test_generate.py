@@ -80,13 +80,13 @@ def test_prompt_tokens_enter_the_cache_once():
     petl = perturbed(attach("llama", "prompt"))
     batch = prompt_batch()
     out = petl(**batch, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     length = CONFIGS["prompt"]["length"]
     assert cache.get_seq_length() == length + batch["input_ids"].shape[1]
     assert out.logits.shape[1] == batch["input_ids"].shape[1]  # prompts are not in the logits
     step = petl(input_ids=torch.tensor([[3], [4]]), cache=cache, use_cache=True,
                 attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1).long()], 1))
-    assert step.past_key_values.get_seq_length() == length + batch["input_ids"].shape[1] + 1
+    assert step.cache.get_seq_length() == length + batch["input_ids"].shape[1] + 1
 
 
 def test_the_readme_example_on_a_transformers_decoder_runs():

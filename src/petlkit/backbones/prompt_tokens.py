@@ -122,7 +122,7 @@ def _drop_prompt_outputs(inserted: list[int]) -> Callable:
         n = inserted[0]
         if n:
             output.last_hidden_state = output.last_hidden_state[:, n:]
-            cache = getattr(output, "past_key_values", None)  # it now holds the prompts
+            cache = _output_cache(output)  # it now holds the prompts
             if cache is not None and not _cached_prompts(cache):
                 cache.__dict__[_CACHED_PROMPTS] = n
         return output
@@ -172,6 +172,15 @@ def _release_prompts(encoder: nn.Module, handles: list) -> Handle:
         encoder.__dict__.pop("_petlkit_prompts", None)
 
     return Handle(undo)
+
+
+def _output_cache(output: object) -> object:
+    """The KV cache a forward returned (`cache`; `past_key_values` before transformers 5.2x),
+    read as dict entries so the deprecated name warns no one."""
+    get = getattr(output, "get", None)
+    if get is None:
+        return None
+    return get("cache") if get("cache") is not None else get("past_key_values")
 
 
 def _cached_prompts(cache: object) -> int:
