@@ -59,7 +59,7 @@ def method_tensors(petl: PetlModel) -> dict[str, torch.Tensor]:
     for name, module in petl.model.named_modules():
         if isinstance(module, Tuner):
             out.update({f"{name}.{n}": t for n, t in module.own_parameters()})
-    out.update({f"head.{n}": t for n, t in petl.model.head.named_parameters()})
+    out.update(petl.head_parameters())
     return out
 
 

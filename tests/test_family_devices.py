@@ -10,24 +10,12 @@ import pytest
 import torch
 
 import petlkit
-from petlkit.methods.base import Tuner
 from tests.families import BY_NAME, FAMILIES
+from tests.test_devices import method_tensors
 from tests.test_families import CELLS, expected_refusal, loss, output
 from tests.test_methods_generic import CONFIGS
 
 APPLICABLE = [(f, m) for f, m in CELLS if expected_refusal(f, m) is None]
-
-
-def method_tensors(petl) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, method in petl.methods.items():
-        out.update({f"{name}.{n}": t for n, t in method.named_parameters()})
-        out.update({f"{name}.{n}": t for n, t in method.named_buffers()})
-    for name, module in petl.model.named_modules():
-        if isinstance(module, Tuner):
-            out.update({f"{name}.{n}": t for n, t in module.own_parameters()})
-    out.update(petl.head_parameters())
-    return out
 
 
 @pytest.mark.parametrize(("family", "method"), APPLICABLE, ids=["-".join(c) for c in APPLICABLE])
