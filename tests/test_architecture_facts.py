@@ -227,6 +227,35 @@ def test_outputs_keep_the_models_own_loss():
         assert out.logits.shape[:2] == (3, 2 if family == "bert" else 10)
 
 
+def test_sas_on_albert_transforms_the_input_of_each_projection():
+    """ALBERT's attention module adds the residual itself, so no module reads only what q, k and
+    v read: SaS transforms each projection's input, and merges into all three."""
+    petl = petlkit.attach(make("albert"), "sas")
+    randomise(petl)
+    with torch.no_grad():
+        expected = petl(**batch("albert")).logits
+        petl.merge()
+        torch.testing.assert_close(petl(**batch("albert")).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_the_causal_mask_built_for_a_prefix_is_sdpas_own():
+    """Where transformers leaves the causal mask to sdpa (no mask given), the mask petlkit builds
+    to extend with prefix keys gives what sdpa's is_causal gives, for as many keys as queries and
+    more (a static cache's empty slots after them)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for queries, keys in ((4, 4), (3, 6)):
+        q, k, v = (
+            torch.randn(1, 2, queries, 8),
+            torch.randn(1, 2, keys, 8),
+            torch.randn(1, 2, keys, 8),
+        )
+        mask = extensions._causal_mask(queries, keys, q.device)
+        ours = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_albert_shares_one_block_and_says_so():
     layout = layout_of(make("albert"))
     assert layout.depth == 1 and "one set of parameters" in layout.shared_layers

@@ -71,3 +71,14 @@ def test_the_trainer_takes_a_transformers_classifier_as_it_is(tmp_path):
                      tokenizer=tokenizer, progress=False).fit()  # fmt: skip
     assert 0 <= result["val"]["accuracy"] <= 1
     assert any(not torch.equal(p, before[n]) for n, p in petl.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_pooling_reads_the_last_real_token_whichever_side_pads(llama_folder, side):
+    classifier = build_model(str(llama_folder), 2, pooling="last").model
+    hidden = torch.arange(10, dtype=torch.float32).view(2, 5, 1)  # position t holds t (+5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    if side == "left":
+        mask = mask.flip(1)  # [[0, 0, 1, 1, 1], ...]: the last real token is the last position
+    expected = [2.0, 9.0] if side == "right" else [4.0, 9.0]
+    assert classifier.pool(hidden, mask).squeeze(-1).tolist() == expected

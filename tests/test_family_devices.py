@@ -12,7 +12,7 @@ import torch
 import petlkit
 from tests.families import BY_NAME, FAMILIES
 from tests.test_devices import method_tensors
-from tests.test_families import CELLS, expected_refusal, loss, output
+from tests.test_families import CELLS, expected_refusal, loss, method_config, output
 from tests.test_methods_generic import CONFIGS
 
 APPLICABLE = [(f, m) for f, m in CELLS if expected_refusal(f, m) is None]
@@ -21,7 +21,8 @@ APPLICABLE = [(f, m) for f, m in CELLS if expected_refusal(f, m) is None]
 @pytest.mark.parametrize(("family", "method"), APPLICABLE, ids=["-".join(c) for c in APPLICABLE])
 def test_meta_device_placement(family, method):
     model = BY_NAME[family].make().to("meta")
-    petl = petlkit.attach(model, method, **CONFIGS[method])
+    method, config = method_config(method)
+    petl = petlkit.attach(model, method, **config)
     misplaced = [n for n, t in method_tensors(petl).items() if t.device.type != "meta"]
     assert not misplaced, misplaced[:5]
 

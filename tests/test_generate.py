@@ -84,8 +84,12 @@ def test_prompt_tokens_enter_the_cache_once():
     length = CONFIGS["prompt"]["length"]
     assert cache.get_seq_length() == length + batch["input_ids"].shape[1]
     assert out.logits.shape[1] == batch["input_ids"].shape[1]  # prompts are not in the logits
-    step = petl(input_ids=torch.tensor([[3], [4]]), cache=cache, use_cache=True,
-                attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1).long()], 1))
+    step = petl(
+        input_ids=torch.tensor([[3], [4]]),
+        cache=cache,
+        use_cache=True,
+        attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1).long()], 1),
+    )
     assert step.cache.get_seq_length() == length + batch["input_ids"].shape[1] + 1
 
 
@@ -97,3 +101,22 @@ def test_the_readme_example_on_a_transformers_decoder_runs():
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["tokens"].shape == (2, 12)
     assert namespace["model"].model.model.layers[0].self_attn.q_proj.lora_A.requires_grad
+
+
+@pytest.mark.parametrize("method", ["prefix", "unipelt", "lora", "sas"])
+def test_a_static_cache_generates_the_same_tokens(method):
+    """A static cache holds empty slots past the tokens so far: the prefix must be visible to
+    every query, the empty slots to none."""
+    petl = perturbed(attach("llama", method))
+    with torch.no_grad():
+        static = petl.generate(**prompt_batch(), max_new_tokens=6, min_new_tokens=6,
+                               do_sample=False, pad_token_id=0,
+                               cache_implementation="static")  # fmt: skip
+    assert torch.equal(static, greedy(petl, use_cache=False))
+
+
+def test_prompts_refuse_a_static_cache():
+    petl = perturbed(attach("llama", "prompt"))
+    with pytest.raises(petlkit.PetlError, match="static KV cache"):
+        petl.generate(**prompt_batch(), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                      cache_implementation="static")  # fmt: skip

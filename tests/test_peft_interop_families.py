@@ -4,6 +4,8 @@ Conv1D `c_attn` is one LoRA pair over the whole output in PEFT, marked fan_in_fa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -49,6 +51,9 @@ def test_a_folder_written_here_loads_in_peft(family, tmp_path):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     export_peft_lora(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] == (family == "gpt2")  # as PEFT writes Conv1D adapters
+    assert config["task_type"] == "CAUSAL_LM"
     theirs = PeftModel.from_pretrained(BY_NAME[family].make(), tmp_path).eval()
     torch.testing.assert_close(logits(theirs, family), logits(ours.eval(), family),
                                rtol=0, atol=1e-5)  # fmt: skip

@@ -167,9 +167,10 @@ def _implicitly_causal(module: nn.Module, inner: str, query: torch.Tensor, kwarg
 
 
 def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, queries, keys) boolean: query i sees keys up to its own position, the queries
-    being the last `queries` positions (after a KV cache)."""
-    rows = torch.arange(queries, device=device).unsqueeze(1) + (keys - queries)
+    """(1, 1, queries, keys) boolean: query i sees keys 0..i, the mask sdpa's own `is_causal`
+    stands for (top-left). transformers gives no mask only where that is right: queries that
+    start at key 0 (keys past the queries are then empty slots of a static cache)."""
+    rows = torch.arange(queries, device=device).unsqueeze(1)
     return (torch.arange(keys, device=device).unsqueeze(0) <= rows).view(1, 1, queries, keys)
 
 

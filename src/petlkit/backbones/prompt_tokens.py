@@ -210,6 +210,11 @@ def _text_prompts_before(encoder: nn.Module, make: TokenMaker) -> Handle:
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if "Static" in type(cache).__name__:
+            raise PetlError(
+                "prompt tokens lengthen the sequence past what a static KV cache was sized and "
+                "masked for; generate with the default (dynamic) cache"
+            )
         held = _cached_prompts(cache)
         if held and _cache_length(cache):  # a later step: the cache holds the prompts already
             inserted[0] = 0
