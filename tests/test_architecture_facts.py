@@ -317,3 +317,21 @@ def test_folded_training_on_conv1d_layers_computes_the_same(method, kwargs):
         unfolded = petl(**inputs).logits
         petl.set_folded(True)
         torch.testing.assert_close(petl(**inputs).logits, unfolded, rtol=1e-4, atol=1e-4)
+
+
+# -- encoder-decoders: cross-attention by target names ----------------------------------------
+CROSS = {"t5": ["EncDecAttention.q", "EncDecAttention.v"],
+         "bart": ["encoder_attn.q_proj", "encoder_attn.v_proj"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "targets"), sorted(CROSS.items()))
+def test_lora_reaches_cross_attention_by_target_names(family, targets):
+    """The layout's default targets are self-attention; cross-attention is a target away."""
+    petl = petlkit.attach(make(family), "lora", r=2, targets=targets)
+    names = [n for n, _ in petl.methods["default"].tuners(petl.model)]
+    assert len(names) == 2 * 2 and all("decoder" in n for n in names)  # 2 decoder blocks × q, v
+    randomise(petl)
+    with torch.no_grad(), petl.disable():
+        base = petl(**batch(family)).logits
+    with torch.no_grad():
+        assert not torch.allclose(petl(**batch(family)).logits, base)

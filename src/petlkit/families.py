@@ -276,7 +276,7 @@ FAMILIES: dict[str, ModelLayout] = {
         causal=True,
         inputs="decoder",  # OPTForCausalLM calls its decoder, not OPTModel
     ),
-    # encoder-decoders: both stacks' self-attention (cross-attention is left as it is)
+    # encoder-decoders: both stacks' self-attention (cross-attention: by targets=, docs/models.md)
     "t5": ModelLayout(
         layers=("encoder.block", "decoder.block"),
         attention="layer.0.SelfAttention",
