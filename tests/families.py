@@ -106,6 +106,7 @@ FAMILIES = [
         "clip-text", "CLIPTextConfig", "CLIPTextModel", dict(TEXT, bos_token_id=1, eos_token_id=2)
     ),
     Family("siglip-vision", "SiglipVisionConfig", "SiglipVisionModel", IMAGE, "image"),
+    Family("siglip-text", "SiglipTextConfig", "SiglipTextModel", TEXT),
     Family("llama", "LlamaConfig", "LlamaForCausalLM", DECODER, "decoder"),
     Family("mistral", "MistralConfig", "MistralForCausalLM", DECODER, "decoder"),
     Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", DECODER, "decoder"),

@@ -23,7 +23,8 @@ from tests.test_methods_generic import CONFIGS, NOT_IDENTITY_AT_INIT
 NO_ATTENTION_INTERFACE = ("deberta-v2", "mpnet", "t5", "bart")  # attention inside the forward
 BIAS_FREE = ("modernbert", "llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "t5")
 NO_TASK_HEAD = (
-    *("clip-vision", "clip-text", "siglip-vision", "llama", "mistral", "qwen2", "qwen3"),
+    *("clip-vision", "clip-text", "siglip-vision", "siglip-text", "llama", "mistral", "qwen2"),
+    *("qwen3",),
     *("gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt-neox", "opt", "t5", "bart"),
 )
 PREFIX_METHODS = ("prefix", "unipelt", "unipelt-ap", "unipelt-prompt")
