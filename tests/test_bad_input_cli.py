@@ -208,3 +208,13 @@ def test_a_bad_shard_is_refused_by_the_parser(tmp_path, capsys, shard):
         main(["bench", "--preset", "quick", "--shard", shard, "--output", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "give I/N with 0 <= I < N, e.g. 0/4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_data_dir_help_names_every_file_task(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for task in ("text-files", "image-folder", "vtab-<name>", "train800.txt", "fewshot-<name>",
+                 "glue-<task>", "squad"):  # fmt: skip
+        assert task in text, task

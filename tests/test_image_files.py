@@ -51,6 +51,27 @@ def test_vtab_layout_reads_lazily_and_preprocesses(tmp_path):
     torch.testing.assert_close(green.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
+def test_every_missing_list_file_is_named_in_one_error(tmp_path):
+    folder = make_vtab(tmp_path)
+    for name in ("train800.txt", "val200.txt"):
+        (folder / name).unlink()
+    with pytest.raises(PetlError, match=r"lacks train800.txt, val200.txt: a VTAB-1k task folder"):
+        load_task("vtab-caltech101", tmp_path)
+
+
+def test_train800val200_is_read_only_where_present(tmp_path):
+    """`petlkit train` never reads the joint list; the retrain rule joins train and val itself."""
+    from petlkit.bench.tasks import train_and_val
+
+    folder = make_vtab(tmp_path)
+    (folder / "train800val200.txt").unlink()
+    task = load_task("vtab-caltech101", tmp_path, resolution=8)
+    assert set(task.splits) == {"train", "val", "test"}
+    joined = train_and_val(task).splits["train"]
+    assert len(joined) == 9 and joined.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    assert joined.inputs.load().shape == (9, 3, 8, 8)
+
+
 def test_a_split_file_naming_a_missing_image_fails_before_training(tmp_path):
     folder = make_vtab(tmp_path)
     (folder / "images" / "test_2.png").unlink()

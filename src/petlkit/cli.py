@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method")
     train.add_argument("--task")
     train.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--data-dir", help="where file-based tasks (GLUE) read their files")
+    train.add_argument("--data-dir", help=DATA_DIR_HELP)
     train.add_argument("--shots", type=int, help="K training examples (low-resource setting)")
     train.add_argument("--resize", type=int, help="a pretrained ViT at this image side instead of "
                        "its own (position embeddings resampled; cheaper on a CPU)")  # fmt: skip
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", nargs="+", help="other tasks with the same inputs and labels (default: the run's)"
     )
     evaluate.add_argument("--split", nargs="+", default=["test"], help="(default test)")
-    evaluate.add_argument("--data-dir", help="read the task's files here (default: the run's)")
+    evaluate.add_argument("--data-dir", help=f"{DATA_DIR_HELP} (default: the run's)")
     evaluate.set_defaults(handler=_eval)
 
     merge = sub.add_parser("merge", help="write the backbone with the method folded in")
@@ -285,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="a .safetensors file (ViT) or a folder")
     merge.set_defaults(handler=_merge)
     return parser
+
+
+DATA_DIR_HELP = (
+    "the folder file-based tasks read: text-files (train/val/test .jsonl or .csv), image-folder "
+    "(train/val/test/<class>/<image>), vtab-<name> (<name>/train800.txt, val200.txt, test.txt), "
+    "fewshot-<name> (<name>/annotations/*, <name>/images), glue-<task> (the GLUE folder's TSVs), "
+    "squad (train-v1.1.json, dev-v1.1.json)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

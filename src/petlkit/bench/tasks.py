@@ -13,6 +13,7 @@ from petlkit.errors import PetlError
 from petlkit.run import fit_to_backbone
 from petlkit.tasks import Task, load_task
 from petlkit.tasks.base import Split
+from petlkit.tasks.images import ImageFiles
 
 
 class TaskCache:
@@ -76,8 +77,8 @@ def _with_train_and_val(task: Task) -> Task:
     train, val = task.splits["train"], task.splits["val"]
     if isinstance(train.inputs, torch.Tensor):
         inputs = torch.cat([train.inputs, val.inputs])
-    elif hasattr(train.inputs, "take"):
-        raise PetlError(f"task {task.name!r}: the retrain rule needs a train800val200 list")
+    elif isinstance(train.inputs, ImageFiles):  # files read when used: join the lists
+        inputs = dataclasses.replace(train.inputs, paths=train.inputs.paths + val.inputs.paths)
     else:
         inputs = [*train.inputs, *val.inputs]
     both = Split(inputs, torch.cat([train.labels, val.labels]))

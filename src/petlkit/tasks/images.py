@@ -20,8 +20,9 @@ from petlkit.tasks.base import Split, Task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VTAB_SPLITS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt",
-               "train800val200": "train800val200.txt"}  # fmt: skip
+VTAB_SPLITS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
+# Read where present; the retrain rule (the bench's vtab1k preset) otherwise joins train and val.
+VTAB_OPTIONAL = {"train800val200": "train800val200.txt"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -95,12 +96,20 @@ def _num_labels(splits: dict[str, Split]) -> int:
 
 
 def vtab_task(root: str | Path, name: str, resolution: int = 224) -> Task:
-    """VTAB-1k task `name` in the public layout: `<root>/<name>/` with train800.txt, val200.txt,
-    train800val200.txt and test.txt listing `image label` relative to that folder."""
+    """VTAB-1k task `name` in the public layout: `<root>/<name>/` with train800.txt, val200.txt
+    and test.txt (and, read where present, train800val200.txt) listing `image label` relative
+    to that folder. Every missing list file is named in one error."""
     folder = Path(root) / name
     if not folder.is_dir():
         raise PetlError(f"no VTAB-1k task folder {folder}")
-    splits = {k: read_file_list(folder / f, folder, resolution) for k, f in VTAB_SPLITS.items()}
+    missing = [f for f in VTAB_SPLITS.values() if not (folder / f).is_file()]
+    if missing:
+        raise PetlError(
+            f"{folder} lacks {', '.join(missing)}: a VTAB-1k task folder holds train800.txt, "
+            "val200.txt and test.txt (lines 'relative/image/path label')"
+        )
+    files = {**VTAB_SPLITS, **{k: f for k, f in VTAB_OPTIONAL.items() if (folder / f).is_file()}}
+    splits = {k: read_file_list(folder / f, folder, resolution) for k, f in files.items()}
     return Task(f"vtab-{name}", "vision", _num_labels(splits), splits, image_size=resolution)
 
 
