@@ -20,7 +20,7 @@ from petlkit.methods.base import Tuner
 from tests.families import BY_NAME, FAMILIES
 from tests.test_methods_generic import CONFIGS, NOT_IDENTITY_AT_INIT
 
-NO_ATTENTION_INTERFACE = ("deberta-v2", "mpnet", "t5", "bart")  # attention inside the forward
+NO_ATTENTION_INTERFACE = ("deberta-v2", "mpnet")  # attention computed inside the forward
 BIAS_FREE = ("modernbert", "llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "t5")
 NO_TASK_HEAD = (
     *("clip-vision", "clip-text", "siglip-vision", "siglip-text", "llama", "mistral", "qwen2"),

@@ -120,3 +120,18 @@ def test_prompts_refuse_a_static_cache():
     with pytest.raises(petlkit.PetlError, match="static KV cache"):
         petl.generate(**prompt_batch(), max_new_tokens=2, do_sample=False, pad_token_id=0,
                       cache_implementation="static")  # fmt: skip
+
+
+SEQ2SEQ = [(f, m) for f in ("t5", "bart") for m in ("prefix", "prompt", "unipelt", "lora", "sas")]
+
+
+@pytest.mark.parametrize(("family", "method"), SEQ2SEQ, ids=["-".join(c) for c in SEQ2SEQ])
+def test_encoder_decoders_generate_the_same_with_and_without_the_cache(family, method):
+    """The prefix is in both stacks' self-attention (the decoder's cached), prompts in front of
+    the encoder's input."""
+    petl = perturbed(attach(family, method))
+    with torch.no_grad():
+        runs = [petl.generate(**prompt_batch(), max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, use_cache=cache, pad_token_id=0,
+                              decoder_start_token_id=0) for cache in (True, False)]  # fmt: skip
+    assert torch.equal(*runs)

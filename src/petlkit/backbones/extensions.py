@@ -74,7 +74,7 @@ def add_extra_kv(
     if getattr(attention, _PROVIDER, None) is not None:
         raise PetlError(f"{name} already gets extra key/value tokens from another method")
     encoder = _encoder(model, layout)
-    _acquire_prefix_attention(encoder)
+    _acquire_prefix_attention(encoder, attention)
     attention.__dict__[_PROVIDER] = provider  # a plain attribute: not a submodule
     hook = attention.register_forward_pre_hook(_compute_kv, with_kwargs=True)
 
@@ -92,11 +92,20 @@ def _compute_kv(module: nn.Module, args: tuple, kwargs: dict) -> None:
     module.__dict__[_PENDING] = module.__dict__[_PROVIDER](hidden)
 
 
-def _acquire_prefix_attention(encoder: nn.Module) -> None:
+def _uses_attention_interface(encoder: nn.Module, attention: nn.Module) -> bool:
+    """True where the model's attention goes through transformers' AttentionInterface: models
+    that declare it, and those whose attention code calls it without declaring it (T5, BART)."""
+    if getattr(encoder, "_supports_attention_backend", False):
+        return True
+    code = sys.modules.get(type(attention).__module__)
+    return getattr(code, "ALL_ATTENTION_FUNCTIONS", None) is not None
+
+
+def _acquire_prefix_attention(encoder: nn.Module, attention: nn.Module) -> None:
     current = encoder.config._attn_implementation
     if current.startswith(_PREFIX):  # already wrapped (the wrapper alone changes nothing)
         return
-    if not getattr(encoder, "_supports_attention_backend", False):
+    if not _uses_attention_interface(encoder, attention):
         raise PetlError(
             f"{type(encoder).__name__} computes attention inside its own forward, not through "
             "transformers' AttentionInterface, so prefix tuning cannot add key/value tokens to it; "
@@ -135,6 +144,11 @@ def _register_prefix_attention(inner: str) -> str:
             own, prefix = key.shape[2], extra[0].shape[2]
             key = torch.cat([extra[0].to(key.dtype), key], dim=2)
             value = torch.cat([extra[1].to(value.dtype), value], dim=2)
+            bias = kwargs.get("position_bias")
+            if bias is not None:  # T5's relative positions: none for the prefix keys
+                kwargs["position_bias"] = torch.cat(
+                    [bias.new_zeros(*bias.shape[:-1], prefix), bias], -1
+                )
             if len(extra) == 3:  # a per-query log-gate on the prefix logits (methods/prefix.py)
                 attention_mask = _gated_mask(attention_mask, extra[2], prefix, own, query)
             else:
