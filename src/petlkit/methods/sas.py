@@ -167,6 +167,9 @@ class SaS(Method):
         """Root pre-hook: run the hypernetworks once for all layers, before any block runs."""
         if not (self.enabled and self.config.specific):
             return
+        if torch.compiler.is_compiling():  # the cache keys on tensor versions: eager only
+            self._cache, self._cache_key = self.generate(), None
+            return
         inference = not torch.is_grad_enabled()
         key = tuple(p._version for p in self.parameters()) + (self.training,)
         if not (inference and self._cache is not None and self._cache_key == key):
