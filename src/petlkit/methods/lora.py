@@ -89,8 +89,18 @@ class LoRALinear(Tuner):
         else:  # parts of different sizes (GQA): one after the other
             self.lora_B = nn.Parameter(torch.zeros(sum(sizes), r))
         self._offsets = [sum(sizes[:i]) for i in range(n_parts + 1)]
+        self.register_buffer("_row_order", self._output_order(), persistent=False)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = Gate(in_features, n_parts, causal) if gated else None
+
+    def _output_order(self) -> torch.Tensor | None:
+        """Output row → row of the q|k|v-ordered update (None where they coincide)."""
+        if self.parts is None:
+            return None
+        first = [sum(self._part_rows(p) for p in range(part)) for part in range(3)]
+        order = torch.cat([torch.arange(first[p] + start, first[p] + start + rows)
+                           for p, start, rows in self.segments])  # fmt: skip
+        return None if torch.equal(order, torch.arange(len(order))) else order
 
     def _part_rows(self, part: int) -> int:
         return sum(rows for p, _, rows in self.segments if p == part)
@@ -103,20 +113,21 @@ class LoRALinear(Tuner):
     def up_matrix(self) -> torch.Tensor:
         """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
         its rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per forward
-        from the parameters (out·n·r numbers), so the update is two matmuls per token, with no
-        index tensors and no scatter into the fused output."""
+        from the parameters (out·n·r numbers), so the update is two matmuls per token. Built in
+        q|k|v order (three pieces); a per-head layout (GPT-NeoX) then takes its rows in one
+        gather rather than one piece per head."""
         if self.parts is None:
             return self.lora_B[0]
         n, r = len(self.parts), self.r
-        rows = []
-        for part, start, length in self.segments:
+        pieces = []
+        for part in range(3):
             if part in self.parts:
                 i = self.parts.index(part)
-                up = self._part_up(i)[start : start + length]
-                rows.append(F.pad(up, (i * r, (n - 1 - i) * r)))
+                pieces.append(F.pad(self._part_up(i), (i * r, (n - 1 - i) * r)))
             else:
-                rows.append(self.lora_B.new_zeros(length, n * r))
-        return torch.cat(rows)
+                pieces.append(self.lora_B.new_zeros(self._part_rows(part), n * r))
+        up = torch.cat(pieces)
+        return up if self._row_order is None else up.index_select(0, self._row_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.folded:
