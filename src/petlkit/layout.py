@@ -63,7 +63,6 @@ class BackboneLayout:
     frozen_heads: tuple[str, ...] = ()  # language-model heads: never adapted, frozen
     norm_offset: float = 0.0
     embed_dim: int | None = None  # width of the input embeddings (prompts), None: width
-    family: str = "petlkit"
     shared_layers: str | None = None
 
     @property
@@ -77,11 +76,6 @@ class BackboneLayout:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.width // self.num_heads
-
-    @property
-    def transformers(self) -> bool:
-        """True for transformers models (extensions go through its interfaces, not hooks)."""
-        return self.encoder is not None
 
 
 def layout_of(model: nn.Module) -> BackboneLayout:
@@ -302,6 +296,5 @@ def resolve(model: nn.Module, spec: ModelLayout) -> BackboneLayout:
         causal=spec.causal, rotary=spec.rotary, qkv_split=spec.qkv_split,
         inputs=inputs, heads=heads, frozen_heads=frozen, norm_offset=spec.norm_offset,
         embed_dim=embed_dim,
-        family=getattr(config, "model_type", None) or type(model).__name__,
         shared_layers=spec.shared_layers,
     )  # fmt: skip
