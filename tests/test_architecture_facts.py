@@ -227,6 +227,7 @@ def test_outputs_keep_the_models_own_loss():
         assert out.logits.shape[:2] == (3, 2 if family == "bert" else 10)
 
 
+@pytest.mark.filterwarnings("ignore:.*ALBERT runs one set")  # asserted below
 def test_sas_on_albert_transforms_the_input_of_each_projection():
     """ALBERT's attention module adds the residual itself, so no module reads only what q, k and
     v read: SaS transforms each projection's input, and merges into all three."""
@@ -259,6 +260,8 @@ def test_the_causal_mask_built_for_a_prefix_is_sdpas_own():
 def test_albert_shares_one_block_and_says_so():
     layout = layout_of(make("albert"))
     assert layout.depth == 1 and "one set of parameters" in layout.shared_layers
+    with pytest.warns(UserWarning, match="sas on AlbertForSequenceClassification: ALBERT runs one"):
+        petlkit.attach(make("albert"), "sas")
 
 
 # -- the KV cache, chunk by chunk ------------------------------------------------------------
