@@ -117,12 +117,12 @@ def use_layout(model: nn.Module, spec: ModelLayout) -> None:
         raise
 
 
-def has_layout(model: nn.Module) -> bool:
+def layout_or_none(model: nn.Module) -> BackboneLayout | None:
+    """The task model's layout, or None where it has none (methods that take targets=)."""
     try:
-        layout_of(model)
+        return layout_of(model)
     except PetlError:
-        return False
-    return True
+        return None
 
 
 def rooted(layout: BackboneLayout, prefix: str, heads: tuple[str, ...]) -> BackboneLayout:
@@ -155,8 +155,9 @@ def head_names(model: nn.Module) -> tuple[str, ...]:
     chosen = model.__dict__.get(_HEADS)
     if chosen is not None:
         return chosen
-    if has_layout(model):
-        return layout_of(model).heads
+    layout = layout_or_none(model)
+    if layout is not None:
+        return layout.heads
     return ("head",) if isinstance(getattr(model, "head", None), nn.Module) else ()
 
 
@@ -175,7 +176,8 @@ def set_heads(model: nn.Module, names: tuple[str, ...]) -> None:
 
 def untargetable(model: nn.Module) -> tuple[str, ...]:
     """Module names that methods never adapt: the task heads and language-model heads."""
-    frozen = layout_of(model).frozen_heads if has_layout(model) else ()
+    layout = layout_or_none(model)
+    frozen = layout.frozen_heads if layout is not None else ()
     return tuple(dict.fromkeys((*head_names(model), *frozen)))
 
 

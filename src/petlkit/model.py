@@ -14,7 +14,7 @@ from torch import nn
 from petlkit.config import MethodConfig
 from petlkit.errors import NotFoldableError, PetlError
 from petlkit.families import ModelLayout
-from petlkit.layout import has_layout, head_names, layout_of, set_heads, use_layout
+from petlkit.layout import head_names, layout_or_none, set_heads, use_layout
 from petlkit.methods.base import Method
 from petlkit.methods.placement import backbone_anchor, parse_dtype, place, place_head
 from petlkit.registry import make_config, method_class
@@ -97,7 +97,8 @@ class PetlModel(nn.Module):
                 f"{name!r} ({config.method}) cannot join {others} on this model: {err}"
             ) from err
         place(method, self.model, self.trained_dtype)
-        shared = layout_of(self.model).shared_layers if has_layout(self.model) else None
+        layout = layout_or_none(self.model)
+        shared = layout.shared_layers if layout is not None else None
         if shared and method.tuners(self.model) + list(method.parameters()):
             warnings.warn(f"{config.method} on {type(self.model).__name__}: {shared}", stacklevel=3)
         for head in self.heads():

@@ -139,8 +139,9 @@ def _text_prompts_after(encoder: nn.Module, make: TokenMaker, count: Callable[[]
         mask = kwargs.get("attention_mask")
         if not inserted[0] or mask is None:
             return None
-        pad = torch.ones((mask.shape[0], inserted[0]), dtype=mask.dtype, device=mask.device)
-        return args, dict(kwargs, attention_mask=torch.cat([pad, mask], dim=1))
+        kwargs = dict(kwargs)
+        _pad_front(kwargs, inserted[0], mask.shape[0], (("attention_mask", 1),))
+        return args, kwargs
 
     def prepend(module: nn.Module, args: tuple, kwargs: dict, embedded: torch.Tensor):
         if not inserted[0]:

@@ -75,11 +75,11 @@ def backbone_parameters(
 
     added = {id(p) for m in model.modules() if isinstance(m, Tuner) for _, p in m.own_parameters()}
     names = head_names(model) if heads is None else heads
-    heads = {id(p) for h in names for p in model.get_submodule(h).parameters()}
+    trained = {id(p) for h in names for p in model.get_submodule(h).parameters()}
     return {
         canonical_name(n): p
         for n, p in model.named_parameters()
-        if id(p) not in heads and id(p) not in added
+        if id(p) not in trained and id(p) not in added
     }
 
 

@@ -29,7 +29,7 @@ from petlkit.config import (
     check_range,
 )
 from petlkit.errors import ConfigError, NotMergeableError, TargetError
-from petlkit.layout import has_layout, layout_of
+from petlkit.layout import layout_of, layout_or_none
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
@@ -208,7 +208,7 @@ class LoRA(Method):
             names = list(dict.fromkeys(n for b in layout.blocks for n in (b.query, b.value)))
         else:
             names = find_targets(model, cfg.targets, types=LINEARS)
-            layout = layout_of(model) if has_layout(model) else None
+            layout = layout_or_none(model)
         if layout is not None and layout.fused_qkv and cfg.split_fused:
             fused, segments = layout.fused_qkv, qkv_segments(layout)
         causal = layout is not None and layout.causal

@@ -17,7 +17,7 @@ from torch import nn
 
 from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
-from petlkit.layout import has_layout, layout_of, untargetable
+from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import follow
@@ -151,6 +151,7 @@ class SSF(Method):
                 for n in find_targets(model, cfg.targets, types=(nn.Module,))
                 if _scalable(model.get_submodule(n))
             ]
-        offset = layout_of(model).norm_offset if has_layout(model) else 0.0
+        layout = layout_or_none(model)
+        offset = layout.norm_offset if layout is not None else 0.0
         for name in names:
             self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset))
