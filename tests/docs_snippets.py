@@ -6,11 +6,18 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
+BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 
 
 def python_blocks(page: str) -> list[str]:
-    text = (ROOT / page).read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return BLOCK.findall((ROOT / page).read_text())
+
+
+def documented_pages() -> list[str]:
+    """The README and every documentation page that holds a Python block."""
+    docs = sorted((ROOT / "docs").rglob("*.md"))
+    pages = ["README.md", *(str(p.relative_to(ROOT)) for p in docs)]
+    return [page for page in pages if python_blocks(page)]
 
 
 def run_page(page: str) -> dict:

@@ -151,7 +151,7 @@ def test_every_method_on_every_family(family_name, method, tmp_path):
         torch.testing.assert_close(run(petl, inputs), trained, rtol=0, atol=0)
 
 
-# -- the README's family × method table, generated from this matrix ---------------------------
+# -- the family × method table of the README and docs/models.md, generated from this matrix --
 REASONS = {  # refusal text → (mark, footnote)
     "VPT needs the project ViT": ("v", "VPT needs the hook points of petlkit's own ViT"),
     "AttentionInterface": ("a", "attention computed inside the model's forward: no prefix tokens"),
@@ -182,14 +182,25 @@ def family_table() -> str:
         "(tests/test_family_devices.py); `generate()` with the KV cache on and off on seven "
         f"decoder families (tests/test_generate.py). Refused, in one line: {notes}."
     )
-    return "\n".join([MARKERS[0], *lines, "", legend, MARKERS[1]])
+    return "\n".join([MARKERS[0], "", *lines, "", legend, MARKERS[1]])  # blank: a table starts
 
 
-def test_the_readme_table_is_this_matrix():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    start, end = readme.index(MARKERS[0]), readme.index(MARKERS[1]) + len(MARKERS[1])
-    assert readme[start:end] == family_table(), "run `python -m tests.test_families` and paste"
+TABLE_PAGES = ("README.md", "docs/models.md")  # each holds the table between MARKERS
 
 
-if __name__ == "__main__":
-    print(family_table())
+def _with_table(text: str) -> str:
+    start, end = text.index(MARKERS[0]), text.index(MARKERS[1]) + len(MARKERS[1])
+    return text[:start] + family_table() + text[end:]
+
+
+@pytest.mark.parametrize("page", TABLE_PAGES)
+def test_the_published_table_is_this_matrix(page):
+    text = (Path(__file__).parents[1] / page).read_text()
+    assert _with_table(text) == text, "run `python -m tests.test_families` to rewrite it"
+
+
+if __name__ == "__main__":  # rewrite the table in every page that shows it
+    for page in TABLE_PAGES:
+        path = Path(__file__).parents[1] / page
+        path.write_text(_with_table(path.read_text()))
+        print("wrote", path)

@@ -27,9 +27,11 @@ class MethodConfig:
         """Raise ConfigError on out-of-range values. Called after construction."""
 
     def replace(self, **changes: Any) -> Self:
+        """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data, `method` included (`config_from_dict` reads it back)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
         return {"method": self.method, **data}

@@ -317,4 +317,5 @@ def declared_layout(model: object) -> ModelLayout | None:
 
 
 def family_names() -> list[str]:
+    """The transformers `model_type`s petlkit knows the layout of, sorted."""
     return sorted(FAMILIES)

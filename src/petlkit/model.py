@@ -76,6 +76,8 @@ class PetlModel(nn.Module):
 
     # -- methods -----------------------------------------------------------------------------
     def add_method(self, config: MethodConfig, name: str = "default") -> Method:
+        """Attach another method under `name` and make it the active one (`set_active` picks
+        others); its tensors are placed on the model's device and dtype (placement.py)."""
         if name in self.methods:
             raise PetlError(
                 f"a method named {name!r} is attached already; pick another name, or remove it "
@@ -108,6 +110,7 @@ class PetlModel(nn.Module):
         return method
 
     def remove_method(self, name: str) -> None:
+        """Take method `name` out of the model, restoring the modules it wrapped."""
         method = self._get(name)
         if method.merged:
             method.unmerge(self.model)
@@ -171,6 +174,7 @@ class PetlModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The task model's own forward, with the active methods applied."""
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -194,6 +198,7 @@ class PetlModel(nn.Module):
             self.methods[name].merge(self.model)
 
     def unmerge(self) -> None:
+        """Undo `merge()`: the original weights come back bit for bit."""
         for name in reversed(self._merge_order()):
             self.methods[name].unmerge(self.model)
 
@@ -231,6 +236,7 @@ class PetlModel(nn.Module):
 
     # -- counting ----------------------------------------------------------------------------
     def trainable_parameters(self) -> ParameterCount:
+        """The trainable parameters, the task head counted apart (as the field reports them)."""
         method_params = {
             id(p) for m in self.methods.values() for p in m.added_parameters(self.model).values()
         }
@@ -248,6 +254,7 @@ class PetlModel(nn.Module):
         return ParameterCount(trainable=trainable, head=head, backbone=backbone)
 
     def print_trainable_parameters(self) -> None:
+        """Print `trainable_parameters()`."""
         print(self.trainable_parameters())
 
 

@@ -28,6 +28,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def method_names() -> list[str]:
+    """The names `attach` and `make_config` accept, sorted (built-in and registered methods)."""
     return sorted(_METHODS)
 
 
@@ -51,6 +52,8 @@ def make_config(name: str, **kwargs: Any) -> MethodConfig:
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """The validated config a `to_dict()` (or an adapter's `adapter_config.json`) describes; its
+    `method` key names the method."""
     if "method" not in data:
         raise ConfigError(f"method config has no 'method' key; add one of {method_names()}")
     return method_class(data["method"]).config_cls.from_dict(data)
