@@ -55,7 +55,8 @@ def _run_spec(args: argparse.Namespace):
     data["method_args"] = {**data.get("method_args", {}), **parse_method_args(args.method_arg)}
     train = dict(data.get("train", {}))
     for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every",
-                "mixed_precision", "fold"):  # fmt: skip
+                "max_length", "mixed_precision", "fold", "packing",
+                "activation_checkpointing"):  # fmt: skip
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     data["train"] = train
@@ -128,6 +129,12 @@ def _merge(args: argparse.Namespace) -> None:
 
     model, _, built = load_run(args.run)
     output = Path(args.output)
+    if built.modality == "lm":  # a transformers folder that loads without petlkit
+        from petlkit.export import save_merged_pretrained
+
+        save_merged_pretrained(model, output, built.tokenizer)
+        print(f"merged model written to {output} (AutoModelForCausalLM.from_pretrained loads it)")
+        return
     if isinstance(model.model, VisionTransformer) and output.suffix != ".safetensors":
         raise PetlError(f"a merged ViT is one .safetensors file; give --output {output}"
                         ".safetensors")  # fmt: skip
@@ -142,6 +149,42 @@ def _merge(args: argparse.Namespace) -> None:
         info = read_adapter_config(Path(args.run) / "adapter").get("task_model", {})
         write_json(output / "petlkit_task_model.json", info)  # pooling, labels: how to use it
     print(f"merged backbone written to {output}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Continue prompts with a trained language-model run (greedy unless --sample)."""
+    import torch
+
+    from petlkit.run import load_run
+    from petlkit.train.language_model import prompt_batch
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise PetlError("nothing to continue: give --prompt TEXT (repeatable) or --prompt-file F")
+    model, spec, built = load_run(args.run)
+    if built.modality != "lm":
+        raise PetlError(f"{args.run} trained a {built.modality} model; generate needs a "
+                        "language-model run (a text-generation task)")  # fmt: skip
+    tokenizer = built.tokenizer
+    tokenizer.padding_side = "left"  # each prompt's last token is where generation continues
+    model.eval()
+    sampling = {"do_sample": False}
+    if args.sample:
+        torch.manual_seed(args.seed)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        enc = prompt_batch(tokenizer, chunk, None, "cpu")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :],
+                                       skip_special_tokens=True)  # fmt: skip
+        for prompt, text in zip(chunk, texts, strict=True):
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -245,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--seed", int),
-                       ("--eval-every", int), ("--checkpoint-every", int)):  # fmt: skip
+                       ("--eval-every", int), ("--checkpoint-every", int),
+                       ("--max-length", int)):  # fmt: skip
         key = flag.removeprefix("--").replace("-", "_")
         train.add_argument(flag, type=kind, help=f"(default {defaults[key]})")
     rates = ", ".join(f"{n} {method_class(n).default_lr:g}" for n in method_names())
@@ -264,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train LoRA/BitFit/SSF/SaS with the update folded into the weights; auto: time "
         "both forms on the first steps, keep the faster (default off)",
     )
+    train.add_argument("--packing", action="store_true", default=None,
+                       help="language-model tasks: join examples into rows of max-length tokens")
+    train.add_argument("--activation-checkpointing", action="store_true", default=None,
+                       help="recompute each block's activations in the backward (less memory)")
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
     train.add_argument(
@@ -280,15 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help=f"{DATA_DIR_HELP} (default: the run's)")
     evaluate.set_defaults(handler=_eval)
 
+    gen = sub.add_parser("generate", help="continue prompts with a trained language-model run")
+    gen.add_argument("--run", required=True, help="a folder `petlkit train` wrote")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--prompt-file", help="a text file, one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    gen.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    gen.add_argument("--seed", type=int, default=0, help="with --sample")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.set_defaults(handler=_generate)
+
     merge = sub.add_parser("merge", help="write the backbone with the method folded in")
     merge.add_argument("--run", required=True)
-    merge.add_argument("--output", required=True, help="a .safetensors file (ViT) or a folder")
+    merge.add_argument("--output", required=True,
+                       help="a .safetensors file (ViT) or a folder (text; a language model's is a "
+                       "transformers folder)")  # fmt: skip
     merge.set_defaults(handler=_merge)
     return parser
 
 
 DATA_DIR_HELP = (
-    "the folder file-based tasks read: text-files (train/val/test .jsonl or .csv), image-folder "
+    "the folder file-based tasks read: text-files (train/val/test .jsonl or .csv), "
+    "text-generation (the same files with prompt/completion or messages), image-folder "
     "(train/val/test/<class>/<image>), vtab-<name> (<name>/train800.txt, val200.txt, test.txt), "
     "fewshot-<name> (<name>/annotations/*, <name>/images), glue-<task> (the GLUE folder's TSVs), "
     "squad (train-v1.1.json, dev-v1.1.json)"

@@ -18,6 +18,7 @@ import torch
 from petlkit.backbones import build_model
 from petlkit.backbones.registry import (
     Built,
+    build_causal_lm,
     build_span_model,
     pretrained_vit_file,
     vit_file_input,
@@ -154,6 +155,8 @@ BACKBONE_SEED = 0  # randomly initialised backbones (vit-tiny, ...) are the same
 def build_for_task(spec: RunSpec, task: Task | None) -> Built:
     """The task model in the run's dtype (the backbone seed fixed for random backbones)."""
     torch.manual_seed(BACKBONE_SEED)
+    if task is not None and task.modality == "lm":
+        return build_causal_lm(spec.backbone, dtype=DTYPES[spec.dtype])
     if task is None or task.modality == "span":
         built = build_span_model(spec.backbone)
     elif task.modality == "vision":

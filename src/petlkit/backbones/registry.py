@@ -19,7 +19,7 @@ class Built:
     """A task model with what it needs to read inputs."""
 
     model: nn.Module
-    modality: str  # "text" or "vision"
+    modality: str  # "text", "vision", "span" or "lm" (a causal language model, its own head)
     tokenizer: object | None = None
 
 
@@ -162,3 +162,15 @@ def build_model(
         f"unknown backbone {name!r}: not a registered name ({backbone_names()}), nor an existing "
         "transformers folder, .gguf file or timm-format .safetensors file"
     )
+
+
+def build_causal_lm(name: str, dtype=None) -> Built:
+    """A decoder LLM with its own language-model head, for language-model tasks: 'smollm2-135m',
+    a `.gguf` file or a transformers folder; loaded straight in `dtype` (no float32 copy)."""
+    from petlkit.backbones.gguf import load_causal_lm
+
+    if name in TEXT_BACKBONES and name != "smollm2-135m" or name in VISION_BACKBONES:
+        raise PetlError(f"backbone {name!r} is not a language model; language-model tasks take "
+                        "smollm2-135m, a .gguf file or a transformers decoder folder")  # fmt: skip
+    model, tokenizer = load_causal_lm(name, dtype=dtype)
+    return Built(model, "lm", tokenizer)

@@ -22,7 +22,7 @@ def _versus(summary: Summary, a: str, b: str) -> str:
     """`a` against `b` on the mean over tasks: ahead, behind or a tie (within one std)."""
     (ma, sa), (mb, sb) = summary.overall(a), summary.overall(b)
     diff = ma - mb
-    said = verdict(diff, sa, sb)
+    said = verdict(summary.better(diff), sa, sb)
     said = f"tie ({diff:+.1f}, within one std)" if said == "tie" else f"{said} by {abs(diff):.1f}"
     return f"{a} {ma:.1f} ± {sa:.1f} vs {b} {mb:.1f} ± {sb:.1f}: {said}"
 
@@ -35,18 +35,19 @@ def _per_task(summary: Summary, a: str, rivals: list[str]) -> str:
         present = [m for m in rivals if summary.scores[m].get(task)]
         if not summary.scores[a].get(task) or not present:
             continue
-        best = max(present, key=lambda m: summary.task_mean(m, task))
+        best = max(present, key=lambda m: summary.better(summary.task_mean(m, task)))
         (ma, sa), (mb, sb) = mean_std(summary.scores[a][task]), mean_std(summary.scores[best][task])
         diffs.append((task, best, ma - mb))
-        verdicts.append(verdict(ma - mb, sa, sb))
+        verdicts.append(verdict(summary.better(ma - mb), sa, sb))
     if len(diffs) < 2:
         return ""
     tally = ", ".join(f"{v} {verdicts.count(v)}" for v in ("ahead", "tie", "behind"))
-    higher = sum(d > 0 for _, _, d in diffs)
+    higher = sum(summary.better(d) > 0 for _, _, d in diffs)
     mean = statistics.fmean(d for _, _, d in diffs)
     named = len(rivals) > 1
     each = "; ".join(f"{t} {d:+.1f}" + (f" ({b})" if named else "") for t, b, d in diffs)
-    return (f"; per task: {tally} of {len(diffs)}, higher mean on {higher}, "
+    word = "higher" if summary.sign > 0 else "lower"  # the better side
+    return (f"; per task: {tally} of {len(diffs)}, {word} mean on {higher}, "
             f"mean difference {mean:+.1f} ({each})")  # fmt: skip
 
 
@@ -71,7 +72,7 @@ def claims(summary: Summary) -> list[str]:
     for combined, parts in UNIPELT_SUBMODULES.items():
         singles = [m for m in parts if m in has]
         if combined in has and singles:
-            best = max(singles, key=lambda m: summary.overall(m)[0])
+            best = max(singles, key=lambda m: summary.better(summary.overall(m)[0]))
             lines.append(f"{combined} vs its best single submodule: "
                          f"{_check(summary, combined, best, singles)}")  # fmt: skip
     if {"unipelt-prompt", "unipelt"} <= has:
@@ -87,7 +88,7 @@ def task_best_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
         scored = [m for m in summary.methods if summary.scores[m].get(task)]
         if not scored:
             continue
-        best = max(scored, key=lambda m: summary.task_mean(m, task))
+        best = max(scored, key=lambda m: summary.better(summary.task_mean(m, task)))
         best_mean, best_std = mean_std(summary.scores[best][task])
         counts[best][0] += 1
         for method in scored:

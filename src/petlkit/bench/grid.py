@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import shutil
 import time
@@ -33,9 +34,10 @@ from petlkit.bench.selection import Choice, choose, initial_grid, next_rate
 from petlkit.bench.tasks import TaskCache, train_and_val, without_test
 from petlkit.errors import PetlError
 from petlkit.io import atomic_write
-from petlkit.model import attach
+from petlkit.model import PetlModel, attach
 from petlkit.run import RunSpec, build_for_task
 from petlkit.tasks import Task
+from petlkit.tasks.metrics import selection_value
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import BEST, METRICS_LOG, Trainer, TrainingDiverged
 
@@ -43,6 +45,7 @@ RESULTS = "results.jsonl"
 SELECTION = "selection.jsonl"
 SELECTION_SEED = 0
 LARGE_FILES = ("checkpoint.safetensors", BEST)
+ZERO_SHOT = "zero-shot"  # a preset method that trains nothing: the base model scored as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +98,10 @@ def units(preset: Preset) -> list[Unit]:
 
 
 def cells(preset: Preset) -> list[Cell]:
-    """Every cell, seed by seed (a cut-off grid holds whole seeds)."""
-    return [u.cell(s) for s in preset.seeds for u in units(preset)]
+    """Every cell, seed by seed (a cut-off grid holds whole seeds); the zero-shot base has one
+    (nothing is trained, so every seed would score the same)."""
+    return [u.cell(s) for s in preset.seeds for u in units(preset)
+            if s == preset.seeds[0] or preset.methods[u.method].method != ZERO_SHOT]  # fmt: skip
 
 
 def read_records(output: str | Path, name: str = RESULTS) -> list[dict]:
@@ -174,7 +179,10 @@ class GridRunner:
                        data_dir=self.data_dir, image_size=preset.image_size,
                        resize=preset.resize)  # fmt: skip
         built = build_for_task(spec, task)
-        model = attach(built.model, entry.method, **entry.args)
+        if entry.method == ZERO_SHOT:
+            model = PetlModel(built.model)  # no method: the base model as it is
+        else:
+            model = attach(built.model, entry.method, **entry.args)
         return Trainer(model, task, TrainConfig(**train), folder, built.tokenizer, progress=False)
 
     def _task(self, unit: Unit, seed: int) -> Task:
@@ -183,6 +191,8 @@ class GridRunner:
     # -- phase 1: selection ------------------------------------------------------------------
     def select(self, unit: Unit, trials: dict[str, dict]) -> Choice:
         entry = self.preset.methods[unit.method]
+        if entry.method == ZERO_SHOT:  # no rate to choose
+            return Choice(0.0, float("nan"), (), None)
         initial = initial_grid(entry)
         scores = {r["lr"]: r["val"] for r in trials.values() if r["unit"] == unit.key}
         while (lr := next_rate(scores, initial, self.preset.widen)) is not None:
@@ -201,7 +211,7 @@ class GridRunner:
         start = time.perf_counter()
         try:
             results = trainer.fit(resume=_fresh_or_resume(folder))
-            val, best_step = next(iter(results["val"].values())), results["best_step"]
+            val, best_step = selection_value(results["val"]), results["best_step"]
         except TrainingDiverged:
             val, best_step = None, None
         (folder / "checkpoint.safetensors").unlink(missing_ok=True)  # best.safetensors stays
@@ -209,6 +219,7 @@ class GridRunner:
                 "method": unit.method, "shots": unit.shots, "size": unit.size, "lr": lr,
                 "seed": SELECTION_SEED, "val": val, "best_step": best_step,
                 "steps": trainer.config.steps, "curve": _curve(folder),
+                **_with_loss_curve(folder),
                 "seconds": round(time.perf_counter() - start, 1), "commit": commit()}  # fmt: skip
 
     # -- phase 2: cells ----------------------------------------------------------------------
@@ -222,11 +233,14 @@ class GridRunner:
         trainer.load_trained(best)
         results = {"val": {"val": trial["val"]}, "test": trainer.evaluate("test"),
                    "best_step": trial["best_step"]}  # fmt: skip
-        return self._record(cell, choice, trainer, results, trial["seconds"], trial["curve"])
+        record = self._record(cell, choice, trainer, results, trial["seconds"], trial["curve"])
+        return {**record, **{k: trial[k] for k in ("loss_curve",) if k in trial}}
 
     def run_cell(self, cell: Cell, choice: Choice) -> dict:
         folder = self.output / "cells" / cell.key
         task = self._task(cell.unit, cell.seed)
+        if self.preset.methods[cell.method].method == ZERO_SHOT:
+            return self._zero_shot(cell, choice, task)
         overrides = {}
         if self.preset.selection == "retrain":
             task, overrides = train_and_val(task), {"eval_every": 0}
@@ -236,9 +250,19 @@ class GridRunner:
         results = trainer.fit(resume=_fresh_or_resume(folder))
         record = self._record(cell, choice, trainer, results,
                               round(time.perf_counter() - start, 1), _curve(folder))  # fmt: skip
+        record.update(_with_loss_curve(folder))
         for name in LARGE_FILES:
             (folder / name).unlink(missing_ok=True)
         return record
+
+    def _zero_shot(self, cell: Cell, choice: Choice, task: Task) -> dict:
+        trainer = self._trainer(cell.task, task, cell.method, 1e-3, cell.seed, None, cell.unit)
+        start = time.perf_counter()
+        results = {"val": trainer.evaluate("val"), "test": trainer.evaluate("test"),
+                   "best_step": 0}  # fmt: skip
+        seconds = round(time.perf_counter() - start, 1)
+        record = self._record(cell, choice, trainer, results, seconds, [])
+        return {**record, "steps": 0}
 
     def _record(self, cell: Cell, choice: Choice, trainer: Trainer, results: dict,
                 seconds: float, curve: list) -> dict:  # fmt: skip
@@ -248,7 +272,7 @@ class GridRunner:
             "task": cell.task, "group": preset.tasks.get(cell.task, "few-shot"),
             "method": cell.method, "seed": cell.seed, "shots": cell.shots, "size": cell.size,
             "metric": next(iter(results["test"])), "score": next(iter(results["test"].values())),
-            "val": next(iter(results["val"].values())), "best_step": results["best_step"],
+            "val": selection_value(results["val"]), "best_step": results["best_step"],
             **choice.to_record(), "selection": preset.selection,
             "selection_seed": SELECTION_SEED, "curve": curve,
             "trainable": count.trainable, "percent": count.percent,
@@ -287,9 +311,9 @@ class GridRunner:
             choice = choices[unit.key] = self.select(unit, trials)
             cell = unit.cell(SELECTION_SEED)
             if reuse and cell.key not in done:
-                trial = trials[unit.trial(choice.lr)]
-                record = self.seed0_from_trial(cell, choice, trial) or self.run_cell(cell, choice)
-                self._finish(record, done)
+                trial = trials.get(unit.trial(choice.lr))  # none for the zero-shot base
+                record = trial and self.seed0_from_trial(cell, choice, trial)
+                self._finish(record or self.run_cell(cell, choice), done)
             self._forget_trials(unit, choice)
         for cell in grid:
             if cell.key not in done:
@@ -300,6 +324,9 @@ class GridRunner:
         """Refuse a folder whose runs had another schedule (their choices would not carry)."""
         preset = self.preset
         for r in recorded:
+            entry = preset.methods.get(r.get("method"))
+            if entry is not None and entry.method == ZERO_SHOT:
+                continue  # trains no step
             expected = preset.steps_for(r.get("shots"))
             if expected is not None and r.get("steps") != expected:
                 name = r.get("cell") or r.get("trial")
@@ -340,8 +367,27 @@ def _curve(folder: Path) -> list[list[float]]:
         except json.JSONDecodeError:
             continue
         if "val" in record:
-            curve.append([record["step"], round(next(iter(record["val"].values())), 6)])
+            curve.append([record["step"], round(selection_value(record["val"]), 6)])
     return curve
+
+
+def _with_loss_curve(folder: Path) -> dict:
+    curve = _loss_curve(folder)
+    return {"loss_curve": curve} if curve else {}
+
+
+def _loss_curve(folder: Path) -> list[list[float]]:
+    """[step, validation loss] of a language-model run (the log of its perplexity)."""
+    path = folder / METRICS_LOG
+    points = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "perplexity" in record.get("val", {}):
+            points.append([record["step"], round(math.log(record["val"]["perplexity"]), 6)])
+    return points
 
 
 def run_grid(

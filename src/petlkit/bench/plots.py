@@ -88,10 +88,12 @@ def _panel(record: dict) -> str:
     return record["task"]
 
 
-def plot_convergence(records: list[dict], path: Path, title: str) -> None:
+def plot_convergence(records: list[dict], path: Path, title: str, key: str = "curve") -> None:
     """Validation score against training step at each method's chosen rate (seed 0), one panel
-    per task: the evidence that a schedule is long enough."""
-    runs = [r for r in records if r.get("seed") == 0 and len(r.get("curve") or []) > 1]
+    per task: the evidence that a schedule is long enough. `key="loss_curve"`: the validation
+    loss of language-model runs instead (the log of the perplexity; lower is better)."""
+    loss = key == "loss_curve"
+    runs = [r for r in records if r.get("seed") == 0 and len(r.get(key) or []) > 1]
     if not runs:
         return
     plt = _figure()
@@ -102,11 +104,12 @@ def plot_convergence(records: list[dict], path: Path, title: str) -> None:
     for ax, panel in zip(axes.flat, panels, strict=False):
         for r in runs:
             if _panel(r) == panel:
-                steps, values = zip(*r["curve"], strict=True)
-                ax.plot(steps, [100 * v for v in values], label=f"{r['method']} ({r['lr']:g})")
+                steps, values = zip(*r[key], strict=True)
+                scale = 1 if loss else 100
+                ax.plot(steps, [scale * v for v in values], label=f"{r['method']} ({r['lr']:g})")
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel("validation score (points)")
+        ax.set_ylabel("validation loss (mean token NLL)" if loss else "validation score (points)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels) :]:

@@ -120,7 +120,7 @@ def dg_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 def ranking_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Methods by their mean over tasks, each against the best: "best", "tie" or the gap."""
     scored = [(m, *summary.overall(m)) for m in summary.methods if summary.mean(m) is not None]
-    scored.sort(key=lambda item: -item[1])
+    scored.sort(key=lambda item: -summary.sign * item[1])
     rows = []
     for method, mean, std in scored:
         best, best_mean, best_std = scored[0]
@@ -145,6 +145,9 @@ def rate_rows(records: list[dict], summary: Summary) -> tuple[list[str], list[li
         for task in summary.tasks:
             r = chosen.get((method, task))
             if r is None:
+                row.append("–")
+                continue
+            if not r.get("grid"):  # the zero-shot base: nothing trained
                 row.append("–")
                 continue
             mark = {"low": " (lowest tried)", "high": " (highest tried)"}.get(r.get("edge"), "")
@@ -331,6 +334,8 @@ def write_report(
     if summary.fewshot:
         plot_fewshot(summary, output / "fewshot.png", title)
     plot_convergence(records, output / "convergence.png", title)
+    if any(r.get("loss_curve") for r in records):
+        plot_convergence(records, output / "validation_loss.png", title, key="loss_curve")
     text = "\n\n".join(sections) + "\n"
     _write_text(output / ("summary.md" if brief else "report.md"), text)
     return text

@@ -1,7 +1,9 @@
 """Seed statistics of a grid's records: per method and task, the scores of every seed, their
 means and spreads; the tables (report.py) and plots (plots.py) read them from here.
 
-Scores are in points (0–100): accuracy, MCC and correlations × 100; SQuAD EM/F1 as they are.
+Scores are in points (0–100): accuracy, MCC and correlations × 100; SQuAD EM/F1 as they are;
+perplexity as it is, where lower is better (`Summary.sign` is then −1, and every "best", "ahead"
+and ranking reads it).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-ALREADY_PERCENT = ("exact_match", "f1")
+from petlkit.errors import PetlError
+from petlkit.tasks.metrics import LOWER_IS_BETTER
+
+AS_THEY_ARE = ("exact_match", "f1", *LOWER_IS_BETTER)  # not fractions: no × 100
 
 
 def points(record: dict) -> float:
-    return record["score"] if record["metric"] in ALREADY_PERCENT else 100.0 * record["score"]
+    return record["score"] if record["metric"] in AS_THEY_ARE else 100.0 * record["score"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -38,6 +43,11 @@ class Summary:
         rank = {m: i for i, m in enumerate(order or found)}  # the preset's order, if given
         self.methods = sorted(found, key=lambda m: rank.get(m, len(rank)))
         self.groups = {r["task"]: r["group"] for r in main}
+        lower = {r["metric"] in LOWER_IS_BETTER for r in main}
+        if len(lower) > 1:
+            raise PetlError("one table cannot mix scores where lower is better (perplexity) with "
+                            "scores where higher is; report those tasks apart")  # fmt: skip
+        self.sign = -1 if lower == {True} else 1  # the direction of "better"
         self.scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.params: dict[str, tuple[int, float]] = {}
         self.by_seed: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
@@ -47,6 +57,10 @@ class Summary:
             self.params[r["method"]] = (r["trainable"], r["percent"])
         self.fewshot = [r for r in records if r.get("shots") is not None]
         self.dg = [r for r in main if "dg" in r]
+
+    def better(self, diff: float) -> float:
+        """A difference of means turned so that positive means better."""
+        return self.sign * diff
 
     def task_mean(self, method: str, task: str) -> float | None:
         values = self.scores[method].get(task)

@@ -51,7 +51,7 @@ class Split:
 @dataclass(frozen=True)
 class Task:
     name: str
-    modality: str  # "text", "vision", or "span" (extractive question answering)
+    modality: str  # "text", "vision", "span" (extractive question answering) or "lm" (generation)
     num_labels: int  # 1 for regression
     splits: dict[str, Split]
     metric: str = "accuracy"  # a key of petlkit.tasks.metrics.METRICS; its first value selects
@@ -62,7 +62,7 @@ class Task:
     label_names: tuple[str, ...] | None = None  # class id → the label as the data writes it
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS and self.metric != "squad":
+        if self.metric not in METRICS and self.metric not in ("squad", "lm"):
             raise PetlError(f"unknown metric {self.metric!r}; valid: {sorted(METRICS)}")
         for needed in ("train", "val"):
             if needed not in self.splits:
@@ -110,6 +110,8 @@ class Task:
         if len(train) < 2:
             raise PetlError(f"task {self.name!r} has {len(train)} training example; it needs at "
                             "least 2 (and examples of at least 2 classes)")  # fmt: skip
+        if self.modality == "lm":  # completions to learn; label words (if any) are not classes
+            return
         if self.num_labels < 2 and self.metric != "correlation" and self.modality != "span":
             only = self.label_names[0] if self.label_names else 0
             raise PetlError(f"task {self.name!r}: every training example has label {only!r}; a "

@@ -3,6 +3,8 @@ being the score model selection uses (as the GLUE leaderboard does for each task
 
 from __future__ import annotations
 
+import math
+
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -46,3 +48,13 @@ METRICS = {
     "mcc": mcc,
     "correlation": correlation,
 }
+
+
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def selection_value(scores: dict[str, float]) -> float:
+    """The number model selection maximises: a split's first metric; for perplexity, minus its
+    logarithm (minus the mean token loss), which orders runs as perplexity does, lowest best."""
+    name, value = next(iter(scores.items()))
+    return -math.log(value) if name in LOWER_IS_BETTER else value

@@ -12,6 +12,7 @@ import torch
 
 from petlkit.errors import PetlError
 from petlkit.tasks.base import Split, Task
+from petlkit.tasks.generation import domain_lm, sentiment_generation, text_generation_task
 from petlkit.tasks.glue import GLUE, glue_task
 from petlkit.tasks.images import fewshot_task, image_folder_task, vtab_task
 from petlkit.tasks.text_files import text_files_task
@@ -137,12 +138,15 @@ TASKS: dict[str, Callable[[], Task]] = {
         f"shapes-{kind}": partial(structured, kind) for kind in ("location", "orientation", "count")
     },
 }
+TASKS["sentiment-gen"] = sentiment_generation  # language-model tasks (tasks/generation.py)
+TASKS["lm-products"] = partial(domain_lm, "products")
 for _domain in ("movies", "tweets", "products"):
     for _regression, _kind in ((False, "binary"), (True, "score")):
         TASKS[f"sentiment-{_domain}-{_kind}"] = partial(sentiment, _domain, _regression)
 FILE_TASKS = (
     *(f"glue-{name}" for name in GLUE),
     "text-files",
+    "text-generation",
     "image-folder",
     "squad",
 )  # the user's files
@@ -174,6 +178,11 @@ def load_task(
         if data_dir is None:
             raise PetlError("image-folder reads <dir>/{train,val,test}/<class>/: pass --data-dir")
         return image_folder_task(data_dir, resolution)
+    if name == "text-generation":
+        if data_dir is None:
+            raise PetlError("text-generation reads your train/val/test JSONL or CSV files of "
+                            "prompt/completion (or messages): pass --data-dir")  # fmt: skip
+        return text_generation_task(data_dir, encoding=encoding)
     if name == "text-files":
         if data_dir is None:
             raise PetlError(

@@ -40,6 +40,9 @@ class TrainConfig:
     # train mergeable methods with the update folded into the weights: "off", "on", or "auto"
     # (time both forms on the first steps, keep the faster; train/folding.py)
     fold: str = "off"
+    # language-model tasks: join training examples into rows of max_length tokens (each example
+    # keeps its own attention; train/language_model.py)
+    packing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length",
@@ -57,6 +60,7 @@ class TrainConfig:
         check_choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
         check_bool("TrainConfig", "activation_checkpointing", self.activation_checkpointing)
         check_choice("TrainConfig", "fold", self.fold, FOLD_MODES)
+        check_bool("TrainConfig", "packing", self.packing)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig: batch_size {self.batch_size} is not a multiple of grad_accum "

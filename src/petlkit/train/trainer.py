@@ -33,8 +33,10 @@ from petlkit.errors import CheckpointError, PetlError
 from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
+from petlkit.tasks.metrics import selection_value
 from petlkit.tasks.span import best_answers
 from petlkit.tasks.squad import squad_scores
+from petlkit.train import language_model as lm
 from petlkit.train import metrics_log
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
@@ -50,6 +52,16 @@ def model_logits(output: Any) -> torch.Tensor:
     """The logits of a forward: petlkit's task models return them, transformers' own task
     models (`*ForSequenceClassification`, ...) a ModelOutput holding them."""
     return getattr(output, "logits", output)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory of training so far: on a GPU the tensors torch allocated, on the CPU the
+    process's peak resident size (which also counts Python and the libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB on Linux
 
 
 class TrainingInterrupted(PetlError):
@@ -71,7 +83,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         task.check_trainable()
-        if task.modality == "text" and tokenizer is None:
+        if task.modality in ("text", "lm") and tokenizer is None:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
         self.lr = config.lr if config.lr is not None else default_lr(model)
@@ -100,6 +112,8 @@ class Trainer:
                 f"{config.grad_accum} accumulation steps; use a multiple of {parts}"
             )
         self.max_length = self._token_budget() if task.modality == "text" else config.max_length
+        if task.modality == "lm" and config.packing:
+            lm.check_packing(model)
         train = task.splits["train"]
         if config.batch_size > len(train):
             raise PetlError(
@@ -153,8 +167,20 @@ class Trainer:
             self._order = cached
         return cached[1]
 
-    def encode(self, split: Split, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def encode(
+        self, split: Split, index: torch.Tensor, training: bool = False
+    ) -> tuple[dict, torch.Tensor]:
         sub = split.subset(index)
+        if self.task.modality == "lm":  # labels: the completions' token ids, the rest masked
+            seqs = [lm.tokenize(e, self.tokenizer, self.max_length) for e in sub.inputs]
+            pad = self.tokenizer.pad_token_id
+            pack = training and self.config.packing
+            inputs = lm.packed(seqs, self.max_length, pad) if pack else lm.padded(seqs, pad)
+            inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+            labels = inputs.pop("labels")
+            if pack:  # transformers reads packed position ids only where no cache is kept
+                inputs["use_cache"] = False
+            return inputs, labels
         if self.task.modality == "span":
             inputs = dict(sub.inputs.tensors)
         elif self.task.modality == "vision":
@@ -188,6 +214,10 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
+        if self.task.modality == "lm":
+            scores = self._evaluate_lm(split)
+            model.train(was_training)
+            return scores
         preds = []
         order = self._eval_order(split)
         starts = range(0, len(split), self.config.eval_batch_size)
@@ -209,6 +239,19 @@ class Trainer:
             answers = best_answers(predictions, split.inputs, examples)
             return squad_scores(answers, examples)
         return self.task.score(predictions, split.labels)
+
+    def _evaluate_lm(self, split: Split) -> dict[str, float]:
+        """Verbalised-label accuracy and exact match (tasks with label words), perplexity."""
+        args = (self.tokenizer, self.max_length, self.config.eval_batch_size,
+                self.accelerator.device, self.accelerator.autocast)  # fmt: skip
+        scores = {}
+        if self.task.label_names:
+            words = self.task.label_names
+            chosen = lm.verbalised_choice(self.model, split.inputs, words, *args)
+            scores["accuracy"] = float((chosen == split.labels).float().mean())
+            scores["exact_match"] = lm.exact_match(self.model, split.inputs, *args)
+        scores["perplexity"] = lm.perplexity(self.model, split.inputs, *args)
+        return scores
 
     def _eval_order(self, split: Split) -> torch.Tensor:
         """Texts by length, so each batch pads to about its own length (same scores, less
@@ -241,11 +284,7 @@ class Trainer:
             self._forget_log_after(info["step"])
         self.model.to(acc.device)
         if cfg.activation_checkpointing:
-            switch = getattr(self.model.model, "set_activation_checkpointing", None)
-            if switch is None:
-                raise PetlError(f"{type(self.model.model).__name__} has no activation "
-                                "checkpointing; use a petlkit backbone")  # fmt: skip
-            switch(True)
+            self._checkpoint_activations()
         self.fold = FoldChoice(self.model, cfg.fold, info)
         ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
@@ -274,14 +313,20 @@ class Trainer:
             mine = self.global_batch(step)[rank * share : (rank + 1) * share]
             ddp_model.train()
             total = torch.zeros((), device=acc.device)
-            for k in range(cfg.grad_accum):
-                inputs, labels = self.encode(
-                    self.task.splits["train"], mine[k * micro : (k + 1) * micro]
-                )
+            micros = [
+                self.encode(self.task.splits["train"], mine[k * micro : (k + 1) * micro], True)
+                for k in range(cfg.grad_accum)
+            ]
+            tokens = self._global_tokens(micros) if self.task.modality == "lm" else None
+            for k, (inputs, labels) in enumerate(micros):
                 last = k == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last else acc.no_sync(ddp_model)
                 with sync, acc.autocast():
-                    loss = self.loss(model_logits(ddp_model(**inputs)), labels) / cfg.grad_accum
+                    logits = model_logits(ddp_model(**inputs))
+                    if tokens is not None:  # mean NLL over the global batch's completion tokens
+                        loss = lm.completion_nll(logits, labels)[0] * world / tokens
+                    else:
+                        loss = self.loss(logits, labels) / cfg.grad_accum
                 acc.backward(loss)
                 total += loss.detach()
             if cfg.max_grad_norm > 0:
@@ -301,7 +346,7 @@ class Trainer:
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 scores = self.evaluate("val")
                 record["val"] = scores
-                score = next(iter(scores.values()))
+                score = selection_value(scores)
                 if info["best_score"] is None or score > info["best_score"]:
                     info.update(best_score=score, best_step=done, best_val=scores)
                     self._write(BEST, lambda p: write_safetensors(p, params))
@@ -327,6 +372,31 @@ class Trainer:
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
                 )
+
+    def _checkpoint_activations(self) -> None:
+        """Recompute each block's activations in the backward pass: petlkit backbones switch it
+        on themselves, transformers models through their gradient checkpointing (non-reentrant,
+        so frozen inputs still pass gradients to the methods' tensors)."""
+        task_model = self.model.model
+        switch = getattr(task_model, "set_activation_checkpointing", None)
+        if switch is not None:
+            switch(True)
+            return
+        if not getattr(task_model, "supports_gradient_checkpointing", False):
+            name = type(task_model).__name__
+            raise PetlError(f"{name} has no activation checkpointing; use a petlkit backbone or "
+                            "a transformers model that supports it")  # fmt: skip
+        enable = getattr(task_model, "activation_checkpointing_enable", None)
+        enable = enable or task_model.gradient_checkpointing_enable  # before transformers 5.x
+        enable({"use_reentrant": False})
+        if getattr(task_model.config, "use_cache", False):
+            task_model.config.use_cache = False  # a cache is of no use to a training forward
+
+    def _global_tokens(self, micros: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
+        """Completion tokens in this step's global batch (all processes, all micro-batches)."""
+        mine = sum((labels[:, 1:] != lm.IGNORE).sum() for _, labels in micros)
+        total = self.accelerator.reduce(mine.float(), "sum")
+        return total.clamp(min=1)
 
     def load_trained(self, path: str | Path) -> None:
         """The trained parameters saved by a run of the same model (its best.safetensors), on
@@ -365,6 +435,7 @@ class Trainer:
         count = self.model.trainable_parameters()
         results["trainable_parameters"] = count.trainable
         results["trainable_percent"] = count.percent
+        results["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
         self._write(RESULTS, lambda p: write_json(p, results))
         return results
 

@@ -1,0 +1,111 @@
+"""The bench on language-model tasks: perplexity is lower-better everywhere a grid chooses or
+ranks, the zero-shot base is scored once without training, and runs keep their validation-loss
+curves (a tiny LLaMA folder with MiniLM's tokenizer, your text-generation files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from petlkit.backbones.registry import minilm_path
+from petlkit.bench.grid import SELECTION, read_records, run_grid
+from petlkit.bench.presets import PRESETS, MethodEntry, Preset, get_presets
+from petlkit.bench.report import ranking_rows, write_report
+from petlkit.bench.summary import Summary
+from petlkit.errors import PetlError
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-bench")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                         intermediate_size=16, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grid(llama_folder, tmp_path_factory):
+    data = tmp_path_factory.mktemp("sums")
+    rows = [{"prompt": f"{a} plus {a} is", "completion": f" {2 * a}"} for a in range(12)]
+    for split in ("train", "val", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preset = Preset(
+        "tiny-lm", str(llama_folder), {"text-generation": "sums"},
+        {"zero-shot": MethodEntry("zero-shot"), "lora": MethodEntry("lora", lrs=(1e-3, 3e-2)),
+         "sas": MethodEntry("sas", lrs=(1e-3, 3e-2))},
+        seeds=(0, 1), train=dict(steps=3, batch_size=4, max_length=24, eval_every=1,
+                                 eval_batch_size=8), widen=0,
+    )  # fmt: skip
+    output = tmp_path_factory.mktemp("bench")
+    records = run_grid(preset, output, str(data), log=lambda *_: None)
+    return preset, output, records
+
+
+def test_the_zero_shot_base_is_one_untrained_cell(grid):
+    preset, output, records = grid
+    base = [r for r in records if r["method"] == "zero-shot"]
+    assert len(base) == 1 and base[0]["seed"] == 0 and base[0]["steps"] == 0
+    assert base[0]["metric"] == "perplexity" and base[0]["grid"] == []
+    trials = read_records(output, SELECTION)
+    assert {t["method"] for t in trials} == {"lora", "sas"}  # no rate is chosen for it
+    assert len(records) == 1 + 2 * 2  # zero-shot once; lora and sas at seeds 0 and 1
+
+
+def test_rates_are_chosen_by_the_lowest_validation_perplexity(grid):
+    _, output, records = grid
+    trials = read_records(output, SELECTION)
+    for method in ("lora", "sas"):
+        mine = [t for t in trials if t["method"] == method]
+        best = max(mine, key=lambda t: t["val"])  # the selection value: minus the log perplexity
+        chosen = next(r for r in records if r["method"] == method and r["seed"] == 0)
+        assert chosen["lr"] == best["lr"]
+        loss = dict(map(tuple, best["loss_curve"]))[best["best_step"]]
+        assert best["val"] == pytest.approx(-loss, abs=1e-5)
+        assert all(point[1] > 0 for point in best["loss_curve"])  # losses, not scores
+
+
+def test_a_rerun_skips_everything(grid, llama_folder):
+    preset, output, records = grid
+    again = run_grid(preset, output, str(output), log=lambda *_: None)  # data no longer read
+    assert again == records
+
+
+def test_tables_rank_the_lowest_perplexity_first(grid):
+    _, output, records = grid
+    summary = Summary(records)
+    assert summary.sign == -1
+    _, rows = ranking_rows(summary)
+    means = [float(row[1].split(" ")[0]) for row in rows]
+    assert means == sorted(means) and rows[0][2] == "best"
+    text = write_report(records, output, "tiny")
+    assert "| zero-shot |" in text
+    assert (output / "validation_loss.png").is_file()
+
+
+def test_one_table_never_mixes_directions():
+    def record(metric, score):
+        return {"task": metric, "group": "g", "method": "lora", "seed": 0, "metric": metric,
+                "score": score, "trainable": 1, "percent": 0.1}  # fmt: skip
+
+    with pytest.raises(PetlError, match="cannot mix scores where lower is better"):
+        Summary([record("perplexity", 3.0), record("accuracy", 0.5)])
+    assert Summary([record("accuracy", 0.5)]).sign == 1
+
+
+def test_the_lm_here_preset():
+    parts = get_presets("lm-here")
+    assert [p.name for p in parts] == ["lm-here-sentiment", "lm-here-products"]
+    for part in parts:
+        assert part.backbone == "smollm2-135m"
+        assert list(part.methods) == ["zero-shot", "full", "lora", "prefix", "prompt", "unipelt",
+                                      "unipelt-prompt", "sas"]  # fmt: skip
+        assert part.seeds == (0, 1, 2) and part.val_limit and part.eval_limit
+    assert PRESETS["lm-here-sentiment"].tasks == {"sentiment-gen": "sentiment"}
+    assert math.isclose(PRESETS["lm-here-products"].train["steps"], 100)
