@@ -81,3 +81,14 @@ def nothing_written(tmp_path) -> bool:
     """A refused `train` left its --output folder (tmp_path / "out") absent or empty."""
     out = tmp_path / "out"
     return not out.exists() or not any(p.name != "." for p in out.iterdir())
+
+
+def run_results(folder) -> dict:
+    """A run's results.json without its measurements (peak memory differs between two runs of
+    the same training): what must repeat exactly."""
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(folder) / "results.json").read_text())
+    results.pop("peak_memory_mb", None)
+    return results

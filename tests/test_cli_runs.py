@@ -10,6 +10,7 @@ import torch
 from petlkit.backbones.vit_weights import load_vit
 from petlkit.cli import main
 from petlkit.run import load_run
+from tests.helpers import run_results
 
 ARGS = ["--backbone", "vit-tiny", "--task", "digits", "--steps", "6", "--batch-size", "16",
         "--eval-every", "3"]  # fmt: skip
@@ -93,9 +94,7 @@ def test_resume_needs_only_the_output_folder(trained, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
     assert main(["train", "--output", str(run), "--resume"]) == 0  # finished: nothing left to do
-    assert json.loads((run / "results.json").read_text()) == json.loads(
-        (trained / "results.json").read_text()
-    )
+    assert run_results(run) == run_results(trained)
 
 
 def test_eval_one_model_on_several_tasks(tmp_path, capsys):

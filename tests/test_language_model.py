@@ -5,8 +5,8 @@ folder (MiniLM's tokenizer beside it)."""
 from __future__ import annotations
 
 import contextlib
-import math
 import json
+import math
 
 import pytest
 import torch
@@ -206,15 +206,16 @@ def test_the_step_loss_is_the_token_mean_of_the_global_batch(tokenizer, tmp_path
 def test_scores_and_selection_of_a_label_word_task(tokenizer, tmp_path):
     rows = [("a gem of a film", 1), ("tedious", 0), ("loved it", 1), ("dull and long", 0)] * 2
     splits = {s: [Example((" bad", " good")[y], f"Review: {t}\nSentiment:") for t, y in rows]
-              for s in ("train", "val")}  # fmt: skip
+              for s in ("train", "val", "test")}  # fmt: skip
     labels = {s: [y for _, y in rows] for s in splits}
     task = lm_task("tiny-sentiment", splits, labels, (" bad", " good"))
     petl, trainer = _train(tokenizer, task)
-    scores = trainer.evaluate("val")
+    assert list(trainer.evaluate("val")) == ["accuracy", "perplexity"]  # no generation
+    scores = trainer.evaluate("test")
     assert list(scores) == ["accuracy", "exact_match", "perplexity"]
-    chosen = lm.verbalised_choice(petl, task.splits["val"].inputs, task.label_names, tokenizer,
+    chosen = lm.verbalised_choice(petl, task.splits["test"].inputs, task.label_names, tokenizer,
                                   32, 8, "cpu", contextlib.nullcontext)
-    assert scores["accuracy"] == float((chosen == task.splits["val"].labels).float().mean())
+    assert scores["accuracy"] == float((chosen == task.splits["test"].labels).float().mean())
     assert 0 <= scores["exact_match"] <= 1 and scores["perplexity"] > 1
 
 

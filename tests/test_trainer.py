@@ -20,6 +20,7 @@ from petlkit.io import read_safetensors
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer, TrainingInterrupted
+from tests.helpers import run_results
 from tests.train_job import CONFIG, build
 
 ROOT = Path(__file__).parent.parent
@@ -72,8 +73,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(uninterrupted, tmp_pa
     assert final.keys() == reference.keys()
     for name, value in reference.items():
         assert torch.equal(final[name], value), name
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results == json.loads((uninterrupted / "results.json").read_text())
+    assert run_results(tmp_path) == run_results(uninterrupted)
 
 
 def test_two_processes_train_like_one(uninterrupted, tmp_path):
@@ -281,8 +281,7 @@ def test_bfloat16_backbone_with_autocast_trains_and_resumes_exactly(tmp_path):
     for name, value in reference.items():
         assert value.dtype == torch.float32, name
         assert torch.equal(resumed[name], value), name
-    results = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert results == json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert run_results(tmp_path / "cut") == run_results(tmp_path / "whole")
 
 
 def _dropout_text_run(out: Path, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
@@ -322,5 +321,4 @@ def test_full_fine_tuning_with_dropout_resumes_exactly(tmp_path):
     assert len(resumed) == len(reference) > 30  # every backbone tensor is trained
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
-    results = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert results == json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert run_results(tmp_path / "cut") == run_results(tmp_path / "whole")

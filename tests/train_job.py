@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--nan-at", type=int, default=0, help="make the loss NaN from this step")
     parser.add_argument("--die-at", type=int, default=0, help="rank 1 exits hard at this step")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model (FSDP2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build(args.method)
@@ -61,7 +62,7 @@ def main() -> None:
                 os._exit(3)
 
         model.register_forward_pre_hook(die)
-    config = CONFIG.__class__(**{**CONFIG.to_dict(), "dist_timeout": 20})
+    config = CONFIG.__class__(**{**CONFIG.to_dict(), "dist_timeout": 20, "fsdp": args.fsdp})
     trainer = Trainer(model, load_task("digits"), config, args.out, progress=False)
     try:
         trainer.fit(resume=args.resume)

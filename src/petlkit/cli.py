@@ -56,7 +56,7 @@ def _run_spec(args: argparse.Namespace):
     train = dict(data.get("train", {}))
     for key in ("steps", "batch_size", "lr", "seed", "eval_every", "checkpoint_every",
                 "max_length", "mixed_precision", "fold", "packing",
-                "activation_checkpointing"):  # fmt: skip
+                "activation_checkpointing", "fsdp"):  # fmt: skip
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     data["train"] = train
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="language-model tasks: join examples into rows of max-length tokens")
     train.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute each block's activations in the backward (less memory)")
+    train.add_argument("--fsdp", action="store_true", default=None,
+                       help="shard every weight across the processes (FSDP2; with torchrun or "
+                       "accelerate launch)")
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
     train.add_argument(

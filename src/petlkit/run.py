@@ -32,6 +32,7 @@ from petlkit.registry import make_config
 from petlkit.tasks import Task, load_task
 from petlkit.tasks.span import squad_task
 from petlkit.train.config import TrainConfig
+from petlkit.train.sharding import whole_parameters
 from petlkit.train.trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -272,8 +273,10 @@ def train_run(
     if trainer.accelerator.is_main_process:
         write_json(output / RUN_FILE, dataclasses.asdict(spec))
     results = trainer.fit(resume=resume)
-    if trainer.accelerator.is_main_process:
-        save_adapter(model, output / "adapter", labels=task.label_names)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    with whole_parameters(model, trained):  # a sharded run: its trained tensors, gathered
+        if trainer.accelerator.is_main_process:
+            save_adapter(model, output / "adapter", labels=task.label_names)
     return results
 
 

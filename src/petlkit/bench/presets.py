@@ -289,7 +289,7 @@ LM_METHODS = {
     "unipelt-prompt": MethodEntry("unipelt-prompt", lr=1e-3),
     "sas": MethodEntry("sas", lr=1e-3),
 }
-LM_HERE_TRAIN = dict(steps=100, batch_size=8, max_length=64, eval_every=20, checkpoint_every=50,
+LM_HERE_TRAIN = dict(steps=100, batch_size=8, max_length=64, eval_every=25, checkpoint_every=50,
                      eval_batch_size=32)  # fmt: skip
 PRESETS["lm-here-sentiment"] = Preset(
     "lm-here-sentiment", "smollm2-135m", {"sentiment-gen": "sentiment"}, LM_METHODS,

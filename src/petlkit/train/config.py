@@ -43,6 +43,8 @@ class TrainConfig:
     # language-model tasks: join training examples into rows of max_length tokens (each example
     # keeps its own attention; train/language_model.py)
     packing: bool = False
+    # shard every weight, frozen or trained, across the processes (FSDP2; train/sharding.py)
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length",
@@ -61,6 +63,10 @@ class TrainConfig:
         check_bool("TrainConfig", "activation_checkpointing", self.activation_checkpointing)
         check_choice("TrainConfig", "fold", self.fold, FOLD_MODES)
         check_bool("TrainConfig", "packing", self.packing)
+        check_bool("TrainConfig", "fsdp", self.fsdp)
+        if self.fsdp and self.fold != "off":
+            raise ConfigError("TrainConfig: fold trains a merged copy of each weight, which fsdp "
+                              "shards away; use fold='off' with fsdp")  # fmt: skip
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig: batch_size {self.batch_size} is not a multiple of grad_accum "

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from petlkit.errors import CheckpointError
 from petlkit.io import read_safetensors, write_safetensors
+from petlkit.train.sharding import assign, shard_optimizer_state
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -23,10 +24,12 @@ CHECKPOINT = "checkpoint.safetensors"
 def save_training_state(
     path: Path,
     params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     info: dict[str, Any],
 ) -> None:
-    opt = optimizer.state_dict()
+    """`params` and `optimizer_state` (an `optimizer.state_dict()`) as whole tensors: a sharded
+    run gathers them first (train/sharding.py)."""
+    opt = optimizer_state
     tensors = {f"param.{n}": p.detach() for n, p in params.items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in opt["state"].items():
@@ -42,7 +45,8 @@ def save_training_state(
 def load_training_state(
     path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore parameters and optimiser in place; returns the saved `info`."""
+    """Restore parameters and optimiser in place (into each process's shards in a sharded run);
+    returns the saved `info`."""
     tensors = read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("petlkit_training_state")
@@ -57,9 +61,8 @@ def load_training_state(
             f"{sorted(wanted - found)[:3]}, unexpected {sorted(found - wanted)[:3]}); was it "
             "written by a run with another method or backbone?"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
+    for name, p in params.items():
+        assign(p, tensors[f"param.{name}"])
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -67,5 +70,6 @@ def load_training_state(
             state.setdefault(int(index), {})[name] = value
     for index, values in meta["optim_scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    saved = {"state": state, "param_groups": meta["param_groups"]}
+    optimizer.load_state_dict(shard_optimizer_state(saved, optimizer))
     return meta["info"]

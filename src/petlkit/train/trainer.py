@@ -37,7 +37,7 @@ from petlkit.tasks.metrics import selection_value
 from petlkit.tasks.span import best_answers
 from petlkit.tasks.squad import squad_scores
 from petlkit.train import language_model as lm
-from petlkit.train import metrics_log
+from petlkit.train import metrics_log, sharding
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
 from petlkit.train.metrics_log import METRICS_LOG
@@ -215,7 +215,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         if self.task.modality == "lm":
-            scores = self._evaluate_lm(split)
+            scores = self._evaluate_lm(split, generate=split_name != "val")
             model.train(was_training)
             return scores
         preds = []
@@ -240,8 +240,10 @@ class Trainer:
             return squad_scores(answers, examples)
         return self.task.score(predictions, split.labels)
 
-    def _evaluate_lm(self, split: Split) -> dict[str, float]:
-        """Verbalised-label accuracy and exact match (tasks with label words), perplexity."""
+    def _evaluate_lm(self, split: Split, generate: bool) -> dict[str, float]:
+        """Verbalised-label accuracy and exact match (tasks with label words), perplexity.
+        Exact match generates token by token, the slow part: validation, which chooses steps
+        and rates by the first score, skips it (`generate=False`)."""
         args = (self.tokenizer, self.max_length, self.config.eval_batch_size,
                 self.accelerator.device, self.accelerator.autocast)  # fmt: skip
         scores = {}
@@ -249,7 +251,8 @@ class Trainer:
             words = self.task.label_names
             chosen = lm.verbalised_choice(self.model, split.inputs, words, *args)
             scores["accuracy"] = float((chosen == split.labels).float().mean())
-            scores["exact_match"] = lm.exact_match(self.model, split.inputs, *args)
+            if generate:
+                scores["exact_match"] = lm.exact_match(self.model, split.inputs, *args)
         scores["perplexity"] = lm.perplexity(self.model, split.inputs, *args)
         return scores
 
@@ -270,6 +273,10 @@ class Trainer:
         params = self.trained_parameters()
         if not params:
             raise PetlError("nothing to train: every parameter is frozen")
+        if cfg.fsdp:  # shard first: the optimizer must hold the sharded parameters
+            self.model.to(acc.device)
+            sharding.shard(self.model)
+            params = self.trained_parameters()
         optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=self.lr)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
@@ -286,7 +293,10 @@ class Trainer:
         if cfg.activation_checkpointing:
             self._checkpoint_activations()
         self.fold = FoldChoice(self.model, cfg.fold, info)
-        ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
+        if cfg.fsdp:  # FSDP reduces the gradients itself; no DDP wrapper
+            ddp_model, acc_optimizer = self.model, optimizer
+        else:
+            ddp_model, acc_optimizer = acc.prepare(self.model, optimizer)
         bar = tqdm(total=cfg.steps, initial=info["step"], disable=not self.progress, desc="train")
         interrupted, restore = catch_interrupt()
         try:
@@ -349,25 +359,20 @@ class Trainer:
                 score = selection_value(scores)
                 if info["best_score"] is None or score > info["best_score"]:
                     info.update(best_score=score, best_step=done, best_val=scores)
-                    self._write(BEST, lambda p: write_safetensors(p, params))
+                    whole = sharding.gathered(params)  # every process: a collective
+                    self._write(BEST, lambda p, w=whole: write_safetensors(p, w))
             self._log(record)
             info["step"] = done
             info["scheduler"] = scheduler.state_dict()
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                state = dict(info, config=cfg.to_dict())
-                self._write(
-                    CHECKPOINT, lambda p, s=state: save_training_state(p, params, optimizer, s)
-                )
+                self._checkpoint(params, optimizer, dict(info, config=cfg.to_dict()))
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}")
             stop = torch.tensor(float(interrupted[0]), device=acc.device)
             if world > 1:  # every rank stops at the same step, or collectives would hang
                 stop = acc.reduce(stop, "sum")
             if stop.item() > 0 and done < cfg.steps:
-                state = dict(info, config=cfg.to_dict())
-                self._write(
-                    CHECKPOINT, lambda p, s=state: save_training_state(p, params, optimizer, s)
-                )
+                self._checkpoint(params, optimizer, dict(info, config=cfg.to_dict()))
                 raise TrainingInterrupted(
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
@@ -392,6 +397,12 @@ class Trainer:
         if getattr(task_model.config, "use_cache", False):
             task_model.config.use_cache = False  # a cache is of no use to a training forward
 
+    def _checkpoint(self, params: dict, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """The training checkpoint; a sharded run gathers the trained tensors and their optimiser
+        state (never the frozen base) on every process, then the first process writes."""
+        whole, opt = sharding.gathered(params), sharding.gathered_optimizer_state(optimizer)
+        self._write(CHECKPOINT, lambda p: save_training_state(p, whole, opt, state))
+
     def _global_tokens(self, micros: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
         """Completion tokens in this step's global batch (all processes, all micro-batches)."""
         mine = sum((labels[:, 1:] != lm.IGNORE).sum() for _, labels in micros)
@@ -407,9 +418,8 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} lacks {missing[:3]}: it was saved from another model")
         self.model.to(self.accelerator.device)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
+        for name, p in params.items():
+            sharding.assign(p, saved[name])
 
     def _finish(self, params: dict[str, torch.nn.Parameter], info: dict) -> dict[str, Any]:
         """Load the parameters of the best validation step, then score val and test."""
@@ -418,9 +428,8 @@ class Trainer:
         if best is not None and best.is_file():
             at_best = True
             saved = read_safetensors(best)
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
+            for name, p in params.items():
+                sharding.assign(p, saved[name])
         known = info.get("best_val") if at_best else None  # measured on these very parameters
         results = {
             "task": self.task.name,
