@@ -169,6 +169,22 @@ def test_packing_starts_a_new_row_when_the_next_example_does_not_fit():
     assert (batch["labels"][0, 5:] == lm.IGNORE).all()
 
 
+def test_the_trainers_packed_batches_give_the_unpacked_loss(tokenizer, tmp_path):
+    task = load_task("text-generation", _files(tmp_path, ROWS))
+    petl = petlkit.attach(_tiny_lm(), "lora")
+    config = TrainConfig(steps=1, batch_size=6, max_length=64, packing=True)
+    trainer = Trainer(petl, task, config, None, tokenizer, progress=False)
+    index = torch.arange(6)
+    packed_inputs, packed_labels = trainer.encode(task.splits["train"], index, training=True)
+    plain_inputs, plain_labels = trainer.encode(task.splits["train"], index)
+    assert packed_inputs["input_ids"].shape[0] < 6  # rows joined
+    with torch.no_grad():
+        packed = lm.completion_nll(petl(**packed_inputs).logits, packed_labels)
+        plain = lm.completion_nll(petl(**plain_inputs).logits, plain_labels)
+    assert packed[1] == plain[1]
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-5)
+
+
 def test_packing_is_refused_for_methods_that_add_tokens(tokenizer, tmp_path):
     task = load_task("text-generation", _files(tmp_path, ROWS))
     for method in ("prefix", "prompt", "unipelt"):
@@ -241,6 +257,8 @@ def test_activation_checkpointing_on_a_transformers_decoder_gives_the_same_step(
     task = load_task("text-generation", _files(tmp_path, ROWS))
     plain, _ = _train(tokenizer, task, method)
     checkpointed, _ = _train(tokenizer, task, method, activation_checkpointing=True)
+    assert checkpointed.model.model.gradient_checkpointing  # switched on, not just harmless
+    assert not plain.model.model.gradient_checkpointing
     for name, value in _trained(plain).items():
         torch.testing.assert_close(_trained(checkpointed)[name], value, atol=1e-6, rtol=1e-5)
 
@@ -309,3 +327,60 @@ def test_built_in_language_model_tasks():
     products = load_task("lm-products")
     assert products.label_names is None and products.splits["val"].inputs[0].prompt == ""
     assert {len(s) for s in products.splits.values()} == {2589, 369, 739}
+
+
+def test_the_verbalised_label_is_the_word_the_prompt_makes_most_likely(tokenizer):
+    model = _tiny_lm(3)
+    example = Example(" good", "Review: fine\nSentiment:")
+    words = (" bad", " good", " movie")
+    chosen = lm.verbalised_choice(model, [example], words, tokenizer, 32, 8, "cpu",
+                                  contextlib.nullcontext)  # fmt: skip
+    prompt = tokenizer(example.prompt)["input_ids"]
+    scores = []
+    with torch.no_grad():
+        for word in words:
+            answer = tokenizer(word, add_special_tokens=False)["input_ids"]
+            logp = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(answer)))
+    assert int(chosen[0]) == int(torch.tensor(scores).argmax())
+
+
+class _Parrot(torch.nn.Module):
+    """generate() answers each prompt with fixed text: exact match is then known."""
+
+    def __init__(self, tokenizer, answers):
+        super().__init__()
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def generate(self, input_ids, attention_mask, **_):
+        tails = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in self.answers]
+        width = max(len(t) for t in tails)
+        tails = torch.tensor([t + [0] * (width - len(t)) for t in tails])
+        return torch.cat([input_ids, tails], dim=1)
+
+
+def test_exact_match_compares_the_normalised_first_words(tokenizer):
+    examples = [Example(" positive", "a"), Example(" negative", "b"), Example(" Positive!", "c")]
+    said = ["positive.", "positive", "POSITIVE and more"]
+    score = lm.exact_match(_Parrot(tokenizer, said), examples, tokenizer, 32, 8, "cpu",
+                           contextlib.nullcontext)  # fmt: skip
+    assert score == pytest.approx(2 / 3)
+    assert lm.normalise("  Positive!\n") == "positive"
+
+
+def test_generate_samples_reproducibly_with_a_seed(llama_folder, tmp_path, capsys):
+    data = _files(tmp_path / "data", ROWS)
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", str(llama_folder), "--method", "lora", "--task",
+                 "text-generation", "--data-dir", str(data), "--steps", "1", "--batch-size", "4",
+                 "--eval-every", "1", "--output", str(run)]) == 0  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("question 1 is\n\nquestion 2 is\n")
+    outputs = []
+    for seed in ("0", "0", "1"):
+        capsys.readouterr()
+        assert main(["generate", "--run", str(run), "--prompt-file", str(prompts), "--sample",
+                     "--seed", seed, "--temperature", "1.5", "--max-new-tokens", "8"]) == 0
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert [o["prompt"] for o in outputs[0]] == ["question 1 is", "question 2 is"]  # blank: skipped
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
