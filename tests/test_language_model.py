@@ -384,3 +384,12 @@ def test_generate_samples_reproducibly_with_a_seed(llama_folder, tmp_path, capsy
         outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     assert [o["prompt"] for o in outputs[0]] == ["question 1 is", "question 2 is"]  # blank: skipped
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+
+
+def test_a_base_model_without_a_method_evaluates_and_refuses_to_train(tokenizer, tmp_path):
+    task = load_task("text-generation", _files(tmp_path, ROWS))
+    trainer = Trainer(petlkit.PetlModel(_tiny_lm()), task, TrainConfig(steps=1, batch_size=4),
+                      None, tokenizer, progress=False)  # fmt: skip
+    assert trainer.evaluate("val")["perplexity"] > 1
+    with pytest.raises(PetlError, match="nothing to train"):
+        trainer.fit()

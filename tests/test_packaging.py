@@ -107,3 +107,10 @@ def test_pip_keeps_a_supported_torch_and_replaces_an_older_one(wheel, tmp_path, 
     python = _fresh_env(tmp_path / "env")
     _stub_torch(python, user_torch)
     assert ("torch" not in _would_install(python, wheel)) is kept
+
+
+def test_an_sdist_builds_with_the_same_version(tmp_path):
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)  # fmt: skip
+    (sdist,) = tmp_path.glob("petlkit-*.tar.gz")
+    assert sdist.name == f"petlkit-{petlkit.__version__}.tar.gz"

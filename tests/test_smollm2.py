@@ -72,3 +72,57 @@ def test_methods_generate_the_same_with_and_without_the_cache(smollm2, method):
     if method == "sas":
         petl.merge()
         assert torch.equal(_greedy(petl, tokenizer), cached)
+
+
+# -- the command line on the real LLM: train → eval → generate ------------------------------------
+CLI_METHODS = {"lora": "1e-3", "sas": "1e-3", "unipelt": "1e-3", "unipelt-prompt": "1e-3",
+               "prefix": "3e-4", "prompt": "1e-2"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_perplexity():
+    """The untrained model's validation perplexity on lm-products (its first 64 sentences)."""
+    from petlkit.backbones.gguf import load_causal_lm
+    from petlkit.tasks import load_task
+    from petlkit.train.config import TrainConfig
+    from petlkit.train.trainer import Trainer
+
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    task = _first(load_task("lm-products"), 64)
+    trainer = Trainer(petlkit.PetlModel(model), task, TrainConfig(**TRAIN), None, tokenizer,
+                      progress=False)  # fmt: skip
+    return trainer.evaluate("val")["perplexity"]
+
+
+TRAIN = {"steps": 20, "batch_size": 8, "max_length": 48, "eval_every": 20, "eval_batch_size": 32}
+
+
+def _first(task, n):
+    import dataclasses
+
+    splits = {k: v.subset(range(min(n, len(v)))) for k, v in task.splits.items()}
+    return dataclasses.replace(task, splits=splits)
+
+
+@pytest.mark.parametrize("method", sorted(CLI_METHODS))
+def test_train_eval_generate_on_smollm2_from_the_cli(method, base_perplexity, tmp_path,
+                                                     monkeypatch, capsys):  # fmt: skip
+    import json
+
+    from petlkit.cli import main
+    from petlkit.tasks import registry
+
+    loader = registry.TASKS["lm-products"]
+    monkeypatch.setitem(registry.TASKS, "lm-products", lambda: _first(loader(), 64))
+    run = tmp_path / method
+    settings = ["--steps", "20", "--batch-size", "8", "--max-length", "48", "--eval-every", "20"]
+    assert main(["train", "--backbone", "smollm2-135m", "--method", method, "--task",
+                 "lm-products", "--lr", CLI_METHODS[method], *settings, "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
+    perplexity = json.loads(capsys.readouterr().out)["val"]["perplexity"]
+    assert perplexity < base_perplexity, (method, perplexity, base_perplexity)
+    assert main(["generate", "--run", str(run), "--prompt", " The battery", "--max-new-tokens",
+                 "8"]) == 0  # fmt: skip
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["completion"].strip()

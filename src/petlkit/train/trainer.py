@@ -86,7 +86,8 @@ class Trainer:
         if task.modality in ("text", "lm") and tokenizer is None:
             raise PetlError(f"task {task.name!r} is text: the trainer needs the backbone tokenizer")
         self.model, self.task, self.config = model, task, config
-        self.lr = config.lr if config.lr is not None else default_lr(model)
+        # no method (a base model to evaluate): no rate, and fit() says there is nothing to train
+        self.lr = config.lr if config.lr is not None or not model.active else default_lr(model)
         self.tokenizer = tokenizer
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -271,8 +272,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
         params = self.trained_parameters()
-        if not params:
-            raise PetlError("nothing to train: every parameter is frozen")
+        if not params or not self.model.active:
+            raise PetlError("nothing to train: every parameter is frozen or no method is "
+                            "attached (petlkit.attach)")  # fmt: skip
         if cfg.fsdp:  # shard first: the optimizer must hold the sharded parameters
             self.model.to(acc.device)
             sharding.shard(self.model)
