@@ -219,8 +219,9 @@ def test_auto_times_both_forms_and_logs_its_choice(tmp_path):
     assert decided[0]["step"] == 8
     assert decided[0]["fold"] == results["fold"]
     assert decided[0]["folded_ms"] > 0 and decided[0]["unfolded_ms"] > 0
-    faster = "on" if decided[0]["folded_ms"] < decided[0]["unfolded_ms"] else "off"
-    assert results["fold"] == faster
+    folded, unfolded = decided[0]["folded_ms"], decided[0]["unfolded_ms"]
+    if folded != unfolded:  # the log rounds to 0.01 ms; the choice was made on exact times
+        assert results["fold"] == ("on" if folded < unfolded else "off")
 
 
 def test_auto_stays_unfolded_for_a_method_that_cannot_fold():

@@ -218,8 +218,7 @@ class GridRunner:
         return {"trial": unit.trial(lr), "unit": unit.key, "task": unit.task,
                 "method": unit.method, "shots": unit.shots, "size": unit.size, "lr": lr,
                 "seed": SELECTION_SEED, "val": val, "best_step": best_step,
-                "steps": trainer.config.steps, "curve": _curve(folder),
-                **_with_loss_curve(folder),
+                "steps": trainer.config.steps, **_curves(folder),
                 "seconds": round(time.perf_counter() - start, 1), "commit": commit()}  # fmt: skip
 
     # -- phase 2: cells ----------------------------------------------------------------------
@@ -248,9 +247,9 @@ class GridRunner:
                                 cell.unit, **overrides)  # fmt: skip
         start = time.perf_counter()
         results = trainer.fit(resume=_fresh_or_resume(folder))
-        record = self._record(cell, choice, trainer, results,
-                              round(time.perf_counter() - start, 1), _curve(folder))  # fmt: skip
-        record.update(_with_loss_curve(folder))
+        seconds, curves = round(time.perf_counter() - start, 1), _curves(folder)
+        record = self._record(cell, choice, trainer, results, seconds, curves.pop("curve"))
+        record.update(curves)  # a language-model run's loss curve
         for name in LARGE_FILES:
             (folder / name).unlink(missing_ok=True)
         return record
@@ -355,39 +354,21 @@ def _fresh_or_resume(folder: Path) -> bool:
     return False
 
 
-def _curve(folder: Path) -> list[list[float]]:
-    """[step, validation score] at every evaluation of a run (from its metrics log)."""
+def _curves(folder: Path) -> dict[str, list[list[float]]]:
+    """From a run's metrics log: `curve`, [step, validation score] at every evaluation, and, for
+    a language-model run, `loss_curve`, [step, validation loss] (the log of its perplexity)."""
     path = folder / METRICS_LOG
-    if not path.is_file():
-        return []
-    curve = []
-    for line in path.read_text().splitlines():
+    curve, loss = [], []
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if "val" in record:
             curve.append([record["step"], round(selection_value(record["val"]), 6)])
-    return curve
-
-
-def _with_loss_curve(folder: Path) -> dict:
-    curve = _loss_curve(folder)
-    return {"loss_curve": curve} if curve else {}
-
-
-def _loss_curve(folder: Path) -> list[list[float]]:
-    """[step, validation loss] of a language-model run (the log of its perplexity)."""
-    path = folder / METRICS_LOG
-    points = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "perplexity" in record.get("val", {}):
-            points.append([record["step"], round(math.log(record["val"]["perplexity"]), 6)])
-    return points
+            if "perplexity" in record["val"]:
+                loss.append([record["step"], round(math.log(record["val"]["perplexity"]), 6)])
+    return {"curve": curve, **({"loss_curve": loss} if loss else {})}
 
 
 def run_grid(

@@ -291,19 +291,24 @@ LM_METHODS = {
 }
 LM_HERE_TRAIN = dict(steps=100, batch_size=8, max_length=64, eval_every=25, checkpoint_every=50,
                      eval_batch_size=32)  # fmt: skip
-PRESETS["lm-here-sentiment"] = Preset(
-    "lm-here-sentiment", "smollm2-135m", {"sentiment-gen": "sentiment"}, LM_METHODS,
-    train=LM_HERE_TRAIN, val_limit=100, eval_limit=300,
-    description="SmolLM2-135M-Instruct: Rotten Tomatoes sentiment as generation (accuracy of the "
-    "verbalised label), 100 steps of batch 8, ≤ 64 tokens; rate chosen on 100 validation "
-    "snippets; 300 test snippets",
+
+
+def _lm_here(part: str, task: str, group: str, what: str) -> Preset:
+    return Preset(
+        f"lm-here-{part}", "smollm2-135m", {task: group}, LM_METHODS, train=LM_HERE_TRAIN,
+        val_limit=100, eval_limit=300,
+        description=f"SmolLM2-135M-Instruct: {what}, 100 steps of batch 8, ≤ 64 tokens; rate "
+        "chosen on 100 validation examples; 300 test examples",
+    )  # fmt: skip
+
+
+PRESETS["lm-here-sentiment"] = _lm_here(
+    "sentiment", "sentiment-gen", "sentiment",
+    "Rotten Tomatoes sentiment as generation (accuracy of the verbalised label)",
 )  # fmt: skip
-PRESETS["lm-here-products"] = Preset(
-    "lm-here-products", "smollm2-135m", {"lm-products": "domain"}, LM_METHODS,
-    train=LM_HERE_TRAIN, val_limit=100, eval_limit=300,
-    description="SmolLM2-135M-Instruct: language modelling on product-review sentences "
-    "(perplexity, lower is better), 100 steps of batch 8, ≤ 64 tokens; rate chosen on 100 "
-    "validation sentences; 300 test sentences",
+PRESETS["lm-here-products"] = _lm_here(
+    "products", "lm-products", "domain",
+    "language modelling on product-review sentences (perplexity, lower is better)",
 )  # fmt: skip
 
 COMPOSITE = {

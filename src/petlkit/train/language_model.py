@@ -173,8 +173,9 @@ def exact_match(model, examples, tokenizer, max_length, batch_size, device, auto
     tokenizer.padding_side = "left"  # generation continues from each prompt's last token
     try:
         for chunk in _batches(examples, batch_size):
-            prompts = [e.render(tokenizer)[0] for e in chunk]
-            answers = [normalise(e.render(tokenizer)[1]) for e in chunk]
+            rendered = [e.render(tokenizer) for e in chunk]  # (prompt, completion) each
+            prompts = [prompt for prompt, _ in rendered]
+            answers = [normalise(completion) for _, completion in rendered]
             longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
             enc = prompt_batch(tokenizer, prompts, max_length, device)
             with autocast():
