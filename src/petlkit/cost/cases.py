@@ -1,0 +1,99 @@
+"""What `petlkit cost` counts: a backbone at a batch shape, the floor and each method on it.
+
+Uses only `petlkit.attach`, `petlkit.build_model` and `petlkit.backbones.vit`, which an older
+petlkit has too: the calibration (benchmarks/cost_calibration.py) counts the code the GPU ground
+truth was measured on with this file and today's counter.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import petlkit
+from petlkit.backbones import vit
+
+from .counter import StepCount
+from .step import count_step
+
+# ViT shapes the ground truth names; any other backbone goes through build_model.
+VIT_SHAPES = {"vit-b16": dict(preset="vit_base", patch_size=16),
+              "vit-tiny": dict(preset="vit_tiny", patch_size=4)}  # fmt: skip
+FLOOR = "floor"
+
+
+@dataclass
+class Case:
+    """A task model (random weights, real shapes), one batch and its labels."""
+
+    model: nn.Module
+    batch: dict
+    labels: torch.Tensor
+    family: str  # "vision" or "text"
+
+
+def build_case(backbone: str, batch: int, size: int, num_classes: int = 10) -> Case:
+    """`size`: image side in pixels (vision) or tokens per sequence (text)."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, num_classes, (batch,))
+    if backbone in VIT_SHAPES:
+        shape = dict(VIT_SHAPES[backbone])
+        model = vit(shape.pop("preset"), img_size=size, num_classes=num_classes, **shape)
+        return Case(model, {"pixels": torch.randn(batch, 3, size, size)}, labels, "vision")
+    built = petlkit.build_model(backbone, num_classes=num_classes)
+    if built.modality == "vision":
+        return Case(built.model, {"pixels": torch.randn(batch, 3, size, size)}, labels, "vision")
+    ids = torch.randint(1000, 20000, (batch, size))
+    if built.modality == "lm":  # next-token loss on every position
+        labels = torch.randint(1000, 20000, (batch, size))
+    return Case(built.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels,
+                "text")  # fmt: skip
+
+
+def floor_model(case: Case) -> tuple[nn.Module, dict]:
+    """The frozen backbone with a gradient wanted at its inputs: the pixels, or the embedding
+    output (token ids have no gradient). No PETL step can cost less."""
+    model = copy.deepcopy(case.model).train()
+    model.requires_grad_(False)
+    if case.family == "vision":
+        return model, dict(case.batch, pixels=case.batch["pixels"].clone().requires_grad_(True))
+    _input_embeddings(model).register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    return model, case.batch
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    for name in ("encoder.embeddings", "embeddings"):
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    return next(m for m in model.modules() if isinstance(m, nn.Embedding))
+
+
+def method_model(case: Case, method: str, **kwargs) -> nn.Module:
+    return petlkit.attach(copy.deepcopy(case.model), method, **kwargs).train()
+
+
+def count(case: Case, method: str, kwargs: dict | None = None,
+          dtype: torch.dtype = torch.bfloat16, fake: bool = True) -> StepCount:  # fmt: skip
+    """One step of `method` (or FLOOR) on `case`, counted."""
+    if method == FLOOR:
+        model, batch = floor_model(case)
+    else:
+        model, batch = method_model(case, method, **(kwargs or {})), case.batch
+    return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake)
+
+
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**batch)
+    return getattr(out, "logits", out)  # a transformers language model's output, or the logits
+
+
+def count_rows(spec: dict) -> dict[str, dict[str, int]]:
+    """Totals per row of a ground-truth table ({backbone, batch, size, rows: [{name, method,
+    kwargs}]}), keyed by row name."""
+    case = build_case(spec["backbone"], spec["batch"], spec["size"])
+    return {row["name"]: count(case, row["method"], row["kwargs"]).totals() for row in spec["rows"]}

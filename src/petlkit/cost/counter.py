@@ -1,0 +1,185 @@
+"""Counts one training step's ATen op stream, as a GPU would run it, without running it.
+
+The step runs on fake tensors (`FakeTensorMode`: shapes, dtypes and storages, no data) under CPU
+autocast, with CUDA autocast's casting policy imposed on top (`CudaAutocastPolicy`), so the op
+stream is the one a CUDA device in bf16 would see. Every op is recorded: ATen calls, kernels
+(calls that launch work: not views, not bare allocations), GEMM FLOPs, bytes read and written by
+non-GEMM kernels, host synchronisations (ops whose result the host must read), and the live
+storages, from which the step's peak memory follows. torch only: no petlkit import, so the
+calibration can count an older petlkit with today's counter.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+FOREACH_TENSORS_PER_KERNEL = 48  # multi_tensor_apply's tensor lists (3-4 operands per tensor)
+# Ops whose result the host reads: each one waits for the device to finish.
+SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero,
+            aten.equal, aten._unique2, aten.unique_consecutive, aten.repeat_interleave}  # fmt: skip
+# Allocations and metadata: no kernel.
+NO_KERNEL = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+             aten.new_empty_strided, aten.lift_fresh, aten.sym_size, aten.sym_stride,
+             aten.sym_numel, aten.sym_storage_offset, aten.is_same_size, aten.set_,
+             aten._has_compatible_shallow_copy_type, aten.resize_}  # fmt: skip
+
+
+def _attention_flops(query: torch.Tensor, key: torch.Tensor, backward: bool) -> int:
+    """Two matmuls forward (QK^T, PV), four backward, at 2 FLOPs a multiply-add."""
+    *batch, lq, d = query.shape
+    lk = key.shape[-2]
+    return (8 if backward else 4) * math.prod(batch) * lq * lk * d
+
+
+def gemm_flops(func, args, kwargs, out) -> int | None:
+    """FLOPs of a matrix-multiply-like op (torch's own FLOP formulas, plus CPU attention), or
+    None for any other op."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func._overloadpacket
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
+        return _attention_flops(args[0], args[1], backward=False)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        return _attention_flops(args[1], args[2], backward=True)
+    if packet in flop_registry:
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    return None
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def _touched_bytes(args, kwargs, out) -> int:
+    """Bytes a kernel reads and writes: its tensor operands' and results' own elements."""
+    return sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+
+
+@dataclass
+class OpRecord:
+    name: str
+    kernels: int
+    flops: int
+    bytes: int
+
+
+@dataclass
+class StepCount:
+    """What one step costs, op by op and in total."""
+
+    ops: list[OpRecord] = field(default_factory=list)
+    syncs: int = 0
+    peak_bytes: int = 0
+    saved_bytes: int = 0
+
+    @property
+    def aten_calls(self) -> int:
+        return len(self.ops)
+
+    @property
+    def kernels(self) -> int:
+        return sum(op.kernels for op in self.ops)
+
+    @property
+    def gemm_flops(self) -> int:
+        return sum(op.flops for op in self.ops)
+
+    @property
+    def other_bytes(self) -> int:
+        """Bytes moved by kernels that are not GEMMs (the memory-bound part of a step)."""
+        return sum(op.bytes for op in self.ops if not op.flops)
+
+    def totals(self) -> dict[str, int]:
+        return {"aten_calls": self.aten_calls, "kernels": self.kernels,
+                "gemm_flops": self.gemm_flops, "other_bytes": self.other_bytes,
+                "peak_bytes": self.peak_bytes, "saved_bytes": self.saved_bytes,
+                "syncs": self.syncs}  # fmt: skip
+
+    def by_op(self) -> dict[str, dict[str, int]]:
+        """Per op name: calls, kernels, GEMM FLOPs and other bytes."""
+        table: dict[str, Counter] = {}
+        for op in self.ops:
+            row = table.setdefault(op.name, Counter())
+            row.update(calls=1, kernels=op.kernels, flops=op.flops,
+                       bytes=0 if op.flops else op.bytes)  # fmt: skip
+        return {name: dict(row) for name, row in table.items()}
+
+    def stream(self) -> list[str]:
+        return [op.name for op in self.ops]
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every op below autograd and autocast, and the storages alive at each moment."""
+
+    def __init__(self, count: StepCount, host: set[int] = frozenset()):
+        super().__init__()
+        self.count = count
+        self.host = host  # ids of tensors a CUDA run keeps on the host (AdamW's step counts)
+        self.live = 0
+        self.seen: weakref.WeakSet = weakref.WeakSet()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in ("prim", "prims"):  # fake tensors' own decompositions, not the op stream
+            return func(*args, **kwargs)
+        operands = _tensors((args, kwargs))
+        if operands and all(id(t) in self.host for t in operands):
+            return func(*args, **kwargs)  # host arithmetic: no kernel, no sync
+        packet = func._overloadpacket
+        if packet in SYNC_OPS:
+            self.count.syncs += 1
+            if packet is aten._local_scalar_dense:
+                return self._scalar(func, args)
+        out = func(*args, **kwargs)
+        self._record(func, packet, args, kwargs, out)
+        return out
+
+    @staticmethod
+    def _scalar(func, args):
+        """The value when it is known (a real tensor, a fake constant); else any number will
+        do: fake tensors hold no data."""
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+
+        try:
+            return func(*args)
+        except DataDependentOutputException:
+            return False if args[0].dtype == torch.bool else 1
+
+    def _record(self, func, packet, args, kwargs, out) -> None:
+        flops = gemm_flops(func, args, kwargs, out)
+        if func.is_view or packet in NO_KERNEL:
+            kernels = 0
+        elif packet.__name__.startswith("_foreach_"):
+            kernels = math.ceil(len(args[0]) / FOREACH_TENSORS_PER_KERNEL)
+        else:
+            kernels = 1
+        touched = _touched_bytes(args, kwargs, out) if kernels else 0
+        self.count.ops.append(OpRecord(str(packet), kernels, flops or 0, touched))
+        for t in _tensors(out):
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage in self.seen:
+            return
+        self.seen.add(storage)
+        size = -(-_storage_bytes(t) // BLOCK) * BLOCK
+        self.live += size
+        self.count.peak_bytes = max(self.count.peak_bytes, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size

@@ -1,0 +1,98 @@
+"""One training step, counted on fake tensors (or, to check the counter, on real ones).
+
+The step is the one of the GPU ground truth: under autocast, `loss = cross_entropy(logits.float(),
+labels)`, `loss.backward()`, then AdamW (its multi-tensor form, as on CUDA) over the trained
+tensors and `zero_grad(set_to_none=True)`. With nothing trained it is the floor: forward and
+backward to the inputs. A warm-up step first, uncounted, creates the optimiser's state and the
+lazily built caches of the model. torch only (see counter.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .counter import OpCounter, StepCount
+from .cuda_policy import CudaAutocastPolicy
+
+Forward = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def to_fake(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """Replaces, in place, every parameter and buffer by a fake tensor of the same shape, dtype
+    and requires_grad (tied tensors stay tied); the model keeps its structure and code."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                memo.setdefault(id(b), mode.from_tensor(b))
+                module._buffers[name] = memo[id(b)]
+    return model
+
+
+def _step(model, batch, labels, forward, optimizer, dtype) -> None:
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = forward(model, batch).float()  # [batch, classes] or [batch, tokens, vocabulary]
+        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten())
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: Forward,
+               dtype: torch.dtype = torch.bfloat16, fake: bool = True) -> StepCount:  # fmt: skip
+    """Counts one training step of `model` (changed in place: pass a copy). Tensors in `batch`
+    that require grad get their gradient (the floor's backward to the inputs)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake:
+        to_fake(model, mode)
+        batch = {k: _fake_input(v, mode) for k, v in batch.items()}
+        labels = mode.from_tensor(labels)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, foreach=True) if trained else None
+    count = StepCount()
+    with mode, CudaAutocastPolicy():
+        _step(model, batch, labels, forward, optimizer, dtype)  # warm-up
+        steps = optimizer.state.values() if optimizer is not None else []
+        counter = OpCounter(count, host={id(state["step"]) for state in steps})
+        for t in batch.values():
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+        with counter, torch.autograd.graph.saved_tensors_hooks(_saved(counter, count), _same):
+            _step(model, batch, labels, forward, optimizer, dtype)
+    return count
+
+
+def _fake_input(value, mode: FakeTensorMode):
+    if not isinstance(value, torch.Tensor):
+        return value
+    return mode.from_tensor(value.detach()).requires_grad_(value.requires_grad)
+
+
+def _saved(counter: OpCounter, count: StepCount):
+    """Adds up the bytes of step-made storages autograd saves for backward (each once)."""
+    saved: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage in counter.seen and id(storage) not in saved:
+            saved.add(id(storage))
+            count.saved_bytes += storage.nbytes()
+        return t
+
+    return pack
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
