@@ -41,8 +41,9 @@ def main() -> None:
 
     ours = petlkit.attach(base, "lora", r=8, alpha=16).train()
     theirs_base, _ = load_causal_lm("smollm2-135m")
-    theirs = get_peft_model(theirs_base, LoraConfig(r=8, lora_alpha=16,
-                                                    target_modules=["q_proj", "v_proj"])).train()
+    theirs = get_peft_model(
+        theirs_base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    ).train()
     optims = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
               for name, m in (("petlkit", ours), ("peft", theirs))}  # fmt: skip
 
@@ -59,8 +60,10 @@ def main() -> None:
         optims["peft"].zero_grad(set_to_none=True)
 
     times = median_seconds({"petlkit": petlkit_step, "peft": peft_step}, args.repeats)
-    print(f"SmolLM2-135M, LoRA r 8 on q, v, batch {args.batch} × {args.seq} tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}:")
+    print(
+        f"SmolLM2-135M, LoRA r 8 on q, v, batch {args.batch} × {args.seq} tokens, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}:"
+    )
     for name, seconds in times.items():
         print(f"  {name:8s} {seconds:.3f} s a step")
     print(f"  petlkit ÷ PEFT: {times['petlkit'] / times['peft']:.3f}")

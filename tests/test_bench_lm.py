@@ -23,8 +23,14 @@ from petlkit.errors import PetlError
 def llama_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-bench")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                         intermediate_size=16, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
     return folder

@@ -80,7 +80,7 @@ def test_the_readme_is_short_and_its_links_resolve():
 def test_the_readme_summary_numbers_are_the_results_pages_numbers():
     """Each mean ± std the README's summary tables quote stands on the results page it links."""
     readme = (ROOT / "README.md").read_text()
-    summary = readme[readme.index("## Results (here scale)"):readme.index("## Documentation")]
+    summary = readme[readme.index("## Results (here scale)") : readme.index("## Documentation")]
     pages = " ".join(p.read_text() for p in (ROOT / "docs" / "results").glob("*.md"))
     quoted = re.findall(r"\d+\.\d ± \d+\.\d", summary)
     assert len(quoted) >= 50

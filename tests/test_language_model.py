@@ -44,8 +44,14 @@ def llama_folder(tmp_path_factory, tokenizer):
 
 
 def _config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                       intermediate_size=16, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
@@ -113,18 +119,22 @@ def test_chat_messages_render_with_the_tokenizers_template(tokenizer):
 
 
 def test_chat_files_are_read_and_bad_rows_refused(tmp_path):
-    chat = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "hello"}]}
+    chat = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
     task = load_task("text-generation", _files(tmp_path / "ok", [chat] * 3))
     assert task.modality == "lm" and task.splits["train"].inputs[0].completion == "hello"
     bad = {
         "no completion": ({"prompt": "x"}, "has no 'completion' column"),
         "empty": ({"prompt": "x", "completion": " "}, "empty completion"),
-        "last not assistant": ({"messages": [{"role": "assistant", "content": "a"},
-                                             {"role": "user", "content": "b"}]},
-                               "last message must be the assistant's"),  # fmt: skip
-        "role": ({"messages": [{"role": "bot", "content": "a"}, {"role": "assistant",
-                  "content": "b"}]}, "has role 'bot'"),  # fmt: skip
+        "last not assistant": (
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            "last message must be the assistant's",
+        ),  # fmt: skip
+        "role": (
+            {"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "has role 'bot'",
+        ),  # fmt: skip
     }
     for name, (row, message) in bad.items():
         folder = _files(tmp_path / name.replace(" ", "-"), [row])
@@ -135,8 +145,19 @@ def test_chat_files_are_read_and_bad_rows_refused(tmp_path):
 
 def test_a_bad_row_fails_the_cli_in_one_line_before_any_file(llama_folder, tmp_path, capsys):
     data = _files(tmp_path / "data", [*ROWS[:3], {"prompt": "x"}])
-    argv = ["train", "--backbone", str(llama_folder), "--method", "lora", "--task",
-            "text-generation", "--data-dir", str(data), "--output", str(tmp_path / "out")]
+    argv = [
+        "train",
+        "--backbone",
+        str(llama_folder),
+        "--method",
+        "lora",
+        "--task",
+        "text-generation",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     one_line_error(capsys, argv, "record 4 has no 'completion' column")
     assert nothing_written(tmp_path)
 
@@ -152,8 +173,9 @@ def test_packing_keeps_examples_apart(tokenizer):
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert starts[:3] == [0, len(seqs[0][0]), len(seqs[0][0]) + len(seqs[1][0])]
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"},
-                              use_cache=False).logits
+        packed_logits = model(
+            **{k: v for k, v in batch.items() if k != "labels"}, use_cache=False
+        ).logits
         at = 0
         for ids, _ in seqs:
             alone = model(input_ids=torch.tensor([ids])).logits[0]
@@ -229,8 +251,16 @@ def test_scores_and_selection_of_a_label_word_task(tokenizer, tmp_path):
     assert list(trainer.evaluate("val")) == ["accuracy", "perplexity"]  # no generation
     scores = trainer.evaluate("test")
     assert list(scores) == ["accuracy", "exact_match", "perplexity"]
-    chosen = lm.verbalised_choice(petl, task.splits["test"].inputs, task.label_names, tokenizer,
-                                  32, 8, "cpu", contextlib.nullcontext)
+    chosen = lm.verbalised_choice(
+        petl,
+        task.splits["test"].inputs,
+        task.label_names,
+        tokenizer,
+        32,
+        8,
+        "cpu",
+        contextlib.nullcontext,
+    )
     assert scores["accuracy"] == float((chosen == task.splits["test"].labels).float().mean())
     assert 0 <= scores["exact_match"] <= 1 and scores["perplexity"] > 1
 
@@ -379,8 +409,25 @@ def test_generate_samples_reproducibly_with_a_seed(llama_folder, tmp_path, capsy
     outputs = []
     for seed in ("0", "0", "1"):
         capsys.readouterr()
-        assert main(["generate", "--run", str(run), "--prompt-file", str(prompts), "--sample",
-                     "--seed", seed, "--temperature", "1.5", "--max-new-tokens", "8"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--run",
+                    str(run),
+                    "--prompt-file",
+                    str(prompts),
+                    "--sample",
+                    "--seed",
+                    seed,
+                    "--temperature",
+                    "1.5",
+                    "--max-new-tokens",
+                    "8",
+                ]
+            )
+            == 0
+        )
         outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     assert [o["prompt"] for o in outputs[0]] == ["question 1 is", "question 2 is"]  # blank: skipped
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]

@@ -22,14 +22,29 @@ from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
 
-CONFIG = TrainConfig(steps=6, batch_size=4, lr=5e-3, eval_every=0, checkpoint_every=0,
-                     max_length=24, warmup_ratio=0.34, weight_decay=0.01, max_grad_norm=0.5)
+CONFIG = TrainConfig(
+    steps=6,
+    batch_size=4,
+    lr=5e-3,
+    eval_every=0,
+    checkpoint_every=0,
+    max_length=24,
+    warmup_ratio=0.34,
+    weight_decay=0.01,
+    max_grad_norm=0.5,
+)
 
 
 def _base() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                         intermediate_size=16, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -44,8 +59,9 @@ def test_petlkit_trains_a_peft_lora_step_for_step_as_peft_does(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
 
     torch.manual_seed(1)
-    peft = get_peft_model(_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
-                                                                                  "v_proj"]))
+    peft = get_peft_model(
+        _base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():  # a LoRA that has trained already: B is not zero
         for name, p in peft.named_parameters():
             if "lora_B" in name:

@@ -116,8 +116,25 @@ def test_train_eval_generate_on_smollm2_from_the_cli(method, base_perplexity, tm
     monkeypatch.setitem(registry.TASKS, "lm-products", lambda: _first(loader(), 64))
     run = tmp_path / method
     settings = ["--steps", "20", "--batch-size", "8", "--max-length", "48", "--eval-every", "20"]
-    assert main(["train", "--backbone", "smollm2-135m", "--method", method, "--task",
-                 "lm-products", "--lr", CLI_METHODS[method], *settings, "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--backbone",
+                "smollm2-135m",
+                "--method",
+                method,
+                "--task",
+                "lm-products",
+                "--lr",
+                CLI_METHODS[method],
+                *settings,
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--split", "val"]) == 0
     perplexity = json.loads(capsys.readouterr().out)["val"]["perplexity"]

@@ -222,6 +222,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from petlkit.cost.command import add_parser as add_cost_parser
     from petlkit.registry import method_class, method_names
     from petlkit.train.config import TrainConfig
 
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a config field for the listed methods (JSON value), repeatable",
     )
     params.set_defaults(handler=_params)
+    add_cost_parser(sub)
 
     train = sub.add_parser("train", help="train a method on a task (Accelerate; torchrun-ready)")
     train.add_argument("--config", help="a YAML or JSON run config; flags override its keys")
@@ -308,13 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="train LoRA/BitFit/SSF/SaS with the update folded into the weights; auto: time "
         "both forms on the first steps, keep the faster (default off)",
     )
-    train.add_argument("--packing", action="store_true", default=None,
-                       help="language-model tasks: join examples into rows of max-length tokens")
-    train.add_argument("--activation-checkpointing", action="store_true", default=None,
-                       help="recompute each block's activations in the backward (less memory)")
-    train.add_argument("--fsdp", action="store_true", default=None,
-                       help="shard every weight across the processes (FSDP2; with torchrun or "
-                       "accelerate launch)")
+    train.add_argument(
+        "--packing",
+        action="store_true",
+        default=None,
+        help="language-model tasks: join examples into rows of max-length tokens",
+    )
+    train.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward (less memory)",
+    )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard every weight across the processes (FSDP2; with torchrun or accelerate launch)",
+    )
     train.add_argument("--output", required=True, help="the run folder")
     train.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
     train.add_argument(

@@ -77,13 +77,16 @@ def method_model(case: Case, method: str, **kwargs) -> nn.Module:
     return petlkit.attach(copy.deepcopy(case.model), method, **kwargs).train()
 
 
-def count(case: Case, method: str, kwargs: dict | None = None,
-          dtype: torch.dtype = torch.bfloat16, fake: bool = True) -> StepCount:  # fmt: skip
-    """One step of `method` (or FLOOR) on `case`, counted."""
+def count(case: Case, method: str, kwargs: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+          fake: bool = True, fold: bool = False) -> StepCount:  # fmt: skip
+    """One step of `method` (or FLOOR) on `case`, counted; `fold`: trained folded into the
+    weights it adapts (methods/folding.py)."""
     if method == FLOOR:
         model, batch = floor_model(case)
     else:
         model, batch = method_model(case, method, **(kwargs or {})), case.batch
+        if fold:
+            model.set_folded(True)
     return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake)
 
 

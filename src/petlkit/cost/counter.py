@@ -30,7 +30,9 @@ SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_
 NO_KERNEL = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
              aten.new_empty_strided, aten.lift_fresh, aten.sym_size, aten.sym_stride,
              aten.sym_numel, aten.sym_storage_offset, aten.is_same_size, aten.set_,
-             aten._has_compatible_shallow_copy_type, aten.resize_}  # fmt: skip
+             aten._has_compatible_shallow_copy_type, aten.resize_, aten._unsafe_view,
+             aten._reshape_alias}  # fmt: skip
+IGNORED = ("prim", "prims", "profiler")  # fake tensors' own ops, profiler marks: not the stream
 
 
 def _attention_flops(query: torch.Tensor, key: torch.Tensor, backward: bool) -> int:
@@ -133,7 +135,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace in ("prim", "prims"):  # fake tensors' own decompositions, not the op stream
+        if func.namespace in IGNORED:
             return func(*args, **kwargs)
         operands = _tensors((args, kwargs))
         if operands and all(id(t) in self.host for t in operands):
@@ -141,7 +143,7 @@ class OpCounter(TorchDispatchMode):
         packet = func._overloadpacket
         if packet in SYNC_OPS:
             self.count.syncs += 1
-            if packet is aten._local_scalar_dense:
+            if packet in (aten._local_scalar_dense, aten.is_nonzero):
                 return self._scalar(func, args)
         out = func(*args, **kwargs)
         self._record(func, packet, args, kwargs, out)
@@ -149,14 +151,15 @@ class OpCounter(TorchDispatchMode):
 
     @staticmethod
     def _scalar(func, args):
-        """The value when it is known (a real tensor, a fake constant); else any number will
-        do: fake tensors hold no data."""
+        """The value when it is known (a real tensor, a fake constant); else True or 1: fake
+        tensors hold no data, and the counted batches are all real tokens (a test such as
+        "is the padding mask all ones?" holds)."""
         from torch._subclasses.fake_tensor import DataDependentOutputException
 
         try:
             return func(*args)
         except DataDependentOutputException:
-            return False if args[0].dtype == torch.bool else 1
+            return True if args[0].dtype == torch.bool else 1
 
     def _record(self, func, packet, args, kwargs, out) -> None:
         flops = gemm_flops(func, args, kwargs, out)

@@ -40,10 +40,8 @@ def _floats(tree) -> list[torch.Tensor]:
 
 def _cast(tree, dtype: torch.dtype, only=None):
     def one(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
-            if only is None or t.dtype in only:
-                return t.to(dtype)
-        return t
+        wanted = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+        return t.to(dtype) if wanted and (only is None or t.dtype in only) else t
 
     return tree_map(one, tree)
 

@@ -43,10 +43,11 @@ class Fit:
         return np.array([abs(r["loo"] - r["ms"]) / r["ms"] for r in self.rows])
 
     def describe(self) -> str:
-        terms = ", ".join(f"{c:.3g} {UNITS[k]}" for k, c in zip(FEATURES, self.coefficients))
-        errors = self.loo_errors
+        pairs = zip(FEATURES, self.coefficients, strict=True)
+        terms = ", ".join(f"{c:.3g} {UNITS[k]}" for k, c in pairs)
+        errors = 100 * self.loo_errors
         return (f"time fit on {len(self.rows)} H100 configurations: {terms}; leave-one-out "
-                f"error {100 * errors.mean():.1f} % mean, {100 * errors.max():.1f} % worst")  # fmt: skip
+                f"error {errors.mean():.1f} % mean, {errors.max():.1f} % worst")  # fmt: skip
 
 
 def solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:

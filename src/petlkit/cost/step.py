@@ -10,6 +10,7 @@ lazily built caches of the model. torch only (see counter.py).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 
 import torch
@@ -62,8 +63,9 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-6, foreach=True) if trained else None
     count = StepCount()
-    with mode, CudaAutocastPolicy():
-        _step(model, batch, labels, forward, optimizer, dtype)  # warm-up
+    with mode, CudaAutocastPolicy(), _no_fake_shortcuts():
+        with OpCounter(StepCount()):  # warm-up; the counter answers the host's reads
+            _step(model, batch, labels, forward, optimizer, dtype)
         steps = optimizer.state.values() if optimizer is not None else []
         counter = OpCounter(count, host={id(state["step"]) for state in steps})
         for t in batch.values():
@@ -72,6 +74,23 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
         with counter, torch.autograd.graph.saved_tensors_hooks(_saved(counter, count), _same):
             _step(model, batch, labels, forward, optimizer, dtype)
     return count
+
+
+@contextlib.contextmanager
+def _no_fake_shortcuts():
+    """transformers skips its data-dependent checks (e.g. "is the padding mask all ones?", a
+    host read that decides between two attention paths) on fake tensors; a real run makes
+    them, so the counted run must too."""
+    utils = sys.modules.get("transformers.utils.import_utils")
+    if utils is None or not hasattr(utils, "is_fake_tensor"):
+        yield
+        return
+    original = utils.is_fake_tensor
+    utils.is_fake_tensor = lambda x: False
+    try:
+        yield
+    finally:
+        utils.is_fake_tensor = original
 
 
 def _fake_input(value, mode: FakeTensorMode):

@@ -54,8 +54,10 @@ def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` with whole tensors (every process calls it)."""
     state = optimizer.state_dict()
     return {
-        "state": {i: {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                  for i, s in state["state"].items()},  # fmt: skip
+        "state": {
+            i: {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for i, s in state["state"].items()
+        },  # fmt: skip
         "param_groups": state["param_groups"],
     }
 
@@ -78,8 +80,13 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
     """A loaded optimizer state (whole tensors) laid out as the optimizer's parameters are."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return {
-        "state": {i: {k: like(params[int(i)], v) if isinstance(v, torch.Tensor) else v
-                      for k, v in s.items()} for i, s in state["state"].items()},  # fmt: skip
+        "state": {
+            i: {
+                k: like(params[int(i)], v) if isinstance(v, torch.Tensor) else v
+                for k, v in s.items()
+            }
+            for i, s in state["state"].items()
+        },  # fmt: skip
         "param_groups": state["param_groups"],
     }
 

@@ -1,0 +1,198 @@
+"""The cost counter (petlkit/cost): the fake op stream is the real one, the counts mean what
+they say, CUDA autocast's policy is followed, and the fit is the one the docs quote."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petlkit.cost.cases import FLOOR, build_case, count
+from petlkit.cost.counter import OpCounter, StepCount
+from petlkit.cost.cuda_policy import CudaAutocastPolicy
+from petlkit.cost.fit import fit_ground_truth, load
+from petlkit.cost.step import count_step
+
+ROOT = Path(__file__).resolve().parents[1]
+VISION = ["full", "linear", "bitfit", "lora", "adapter", "ssf", "vpt", "prefix", "prompt", "sas",
+          "unipelt", "unipelt-ap", "unipelt-prompt"]  # fmt: skip
+TEXT = ["lora", "prefix", "prompt", "sas", "ssf", "unipelt", "unipelt-prompt"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return build_case("vit-tiny", batch=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_case("minilm-l6", batch=2, size=12, num_classes=2)
+
+
+def _same_counts(case, method, fold=False):
+    fake = count(case, method, fake=True, fold=fold)
+    real = count(case, method, fake=False, fold=fold)
+    assert fake.stream() == real.stream()
+    assert fake.totals() == real.totals()
+
+
+@pytest.mark.parametrize("method", [FLOOR, *VISION])
+def test_fake_tensors_count_what_a_real_cpu_run_runs_on_a_vit(tiny_vit, method):
+    _same_counts(tiny_vit, method)
+
+
+@pytest.mark.parametrize("method", [FLOOR, *TEXT])
+def test_fake_tensors_count_what_a_real_cpu_run_runs_on_a_text_encoder(minilm, method):
+    _same_counts(minilm, method)
+
+
+@pytest.mark.parametrize("method", ["sas", "ssf"])
+def test_a_folded_form_is_counted_as_it_runs(tiny_vit, method):
+    _same_counts(tiny_vit, method, fold=True)
+    assert count(tiny_vit, method, fold=True).stream() != count(tiny_vit, method).stream()
+
+
+# -- what the counts mean -------------------------------------------------------------------
+def test_gemm_flops_of_a_linear_step_are_forward_plus_both_gradients():
+    model = nn.Linear(64, 32, bias=False)
+    x = torch.randn(16, 64, requires_grad=True)
+    c = count_step(model, {"x": x}, torch.zeros(16, dtype=torch.long), lambda m, b: m(b["x"]))
+    assert c.gemm_flops == 3 * 2 * 16 * 64 * 32  # y = xW^T; dx = dy W; dW = dy^T x
+
+
+def test_views_and_allocations_launch_no_kernel_and_foreach_ops_launch_one_per_48_tensors():
+    count = StepCount()
+    params = [torch.zeros(3) for _ in range(100)]
+    with OpCounter(count):
+        a = torch.randn(8, 8)
+        a.view(64).t().unsqueeze(0)
+        torch.empty(5)
+        torch._foreach_add_(params, 1.0)
+    assert {op.name: op.kernels for op in count.ops} == {
+        "aten.randn": 1, "aten.view": 0, "aten.t": 0, "aten.unsqueeze": 0, "aten.empty": 0,
+        "aten._foreach_add_": 3}  # fmt: skip
+
+
+def test_the_peak_is_the_most_memory_alive_at_once_in_allocator_blocks():
+    count = StepCount()
+    with OpCounter(count):
+        a = torch.empty(1000)  # 4,000 bytes: 4,096 in 512-byte blocks
+        b = torch.empty(100)  # 512
+        del a
+        c = torch.empty(3000)  # 12,288
+        c.view(-1).add_(1)  # a view and an in-place op allocate nothing
+    assert count.peak_bytes == 512 + 12288
+    assert b.numel() == 100
+
+
+def test_a_host_read_inside_the_step_is_a_sync_and_the_optimizers_step_count_is_not():
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            out = self.linear(x)
+            return out * 2 if out.abs().max().item() > 0 else out
+
+    labels = torch.zeros(3, dtype=torch.long)
+    c = count_step(Reads(), {"x": torch.randn(3, 4)}, labels, lambda m, b: m(b["x"]))
+    assert c.syncs == 1
+    plain = count_step(nn.Linear(4, 2), {"x": torch.randn(3, 4)}, labels, lambda m, b: m(b["x"]))
+    assert plain.syncs == 0
+
+
+def test_saved_bytes_are_the_activations_kept_for_backward():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU())  # fp32: no autocast casts
+    x = torch.randn(64, 256)
+    c = count_step(model, {"x": x}, torch.zeros(64, dtype=torch.long), lambda m, b: m(b["x"]),
+                   dtype=torch.float32)  # fmt: skip
+    activation = 64 * 256 * 4
+    # relu saves its output; cross-entropy its log-softmax (the same size) and a 4-byte total
+    # weight; the linear saves x, which the step did not make
+    assert c.saved_bytes == 2 * activation + 4
+
+
+# -- CUDA autocast's policy ------------------------------------------------------------------
+def _stream(fn) -> list[str]:
+    count = StepCount()
+    with CudaAutocastPolicy(), torch.autocast("cpu", torch.bfloat16), OpCounter(count):
+        out = fn()
+    return [op.name for op in count.ops], out
+
+
+def test_layer_norm_and_softmax_run_in_float32_as_under_cuda_autocast():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    _, out = _stream(lambda: F.layer_norm(x, (8,)))
+    assert out.dtype == torch.float32
+    _, out = _stream(lambda: x.softmax(-1))
+    assert out.dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):  # CPU autocast alone keeps bf16
+        assert F.layer_norm(x, (8,)).dtype == torch.bfloat16
+
+
+def test_einsum_casts_its_operands_before_it_decomposes():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    stream, out = _stream(lambda: torch.einsum("bij,bjk->bik", a, b))
+    assert out.dtype == torch.bfloat16
+    assert stream.index("aten._to_copy") < stream.index("aten.bmm")
+    assert stream.count("aten._to_copy") == 2
+
+
+def test_mixed_dtype_addcmul_promotes_every_operand():
+    x = torch.randn(4, dtype=torch.bfloat16)
+    s = torch.randn(4)
+    stream, out = _stream(lambda: torch.addcmul(s, x, s))
+    assert out.dtype == torch.float32 and stream == ["aten._to_copy", "aten.addcmul"]
+
+
+def test_dropout_is_cudas_one_fused_kernel():
+    x = torch.randn(4, 8)
+    stream, _ = _stream(lambda: F.dropout(x, 0.1, training=True))
+    assert stream == ["aten.native_dropout"]
+    stream, out = _stream(lambda: F.dropout(x, 0.1, training=False))
+    assert stream == [] and out is x
+
+
+def test_the_policy_does_nothing_outside_autocast():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with CudaAutocastPolicy():
+        assert F.layer_norm(x, (8,)).dtype == torch.bfloat16
+
+
+# -- the calibration and the fit -------------------------------------------------------------
+def test_the_calibration_counts_every_measured_configuration():
+    truth, calibration = load("ground_truth.json"), load("calibration.json")
+    assert calibration["measured_code"] == truth["commit"]
+    assert set(calibration["counts"]) == {row["name"] for row in truth["vit_b16"]["rows"]}
+
+
+def test_the_counter_still_counts_the_calibrated_floor():
+    """The floor's code has not changed since the ground truth was measured: a counter change
+    that moves its counts needs `python benchmarks/cost_calibration.py` again."""
+    truth = load("ground_truth.json")["vit_b16"]
+    case = build_case(truth["backbone"], truth["batch"], truth["size"])
+    assert count(case, FLOOR).totals() == load("calibration.json")["counts"]["floor"]
+
+
+def test_simulated_peaks_match_the_measured_ones_within_two_percent():
+    counts = load("calibration.json")["counts"]
+    for row in load("ground_truth.json")["vit_b16"]["rows"]:
+        assert counts[row["name"]]["peak_bytes"] / 2**30 == pytest.approx(row["gib"], rel=0.02)
+
+
+def test_the_fit_predicts_each_measured_time_from_the_others():
+    fit = fit_ground_truth()
+    assert (fit.coefficients > 0).all()  # each of FLOPs, bytes and kernels costs time
+    assert fit.loo_errors.mean() < 0.07
+    floor = next(r for r in fit.rows if r["name"] == "floor")
+    assert floor["loo"] == pytest.approx(floor["ms"], rel=0.05)
+
+
+def test_the_performance_page_quotes_the_fit_as_computed():
+    page = (ROOT / "docs" / "performance.md").read_text()
+    assert fit_ground_truth().describe() in re.sub(r"\s+", " ", page)
