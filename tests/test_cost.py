@@ -33,11 +33,24 @@ def minilm():
     return build_case("minilm-l6", batch=2, size=12, num_classes=2)
 
 
+# CPU's convolution_backward returns a weight gradient nobody asked for (output_mask false: a
+# frozen patch embedding whose bias trains); CUDA's and the meta kernel return None. Only that
+# op's bytes may differ between the two runs.
+CPU_ONLY_BYTES = "aten.convolution_backward"
+
+
 def _same_counts(case, method, fold=False):
     fake = count(case, method, fake=True, fold=fold)
     real = count(case, method, fake=False, fold=fold)
     assert fake.stream() == real.stream()
-    assert fake.totals() == real.totals()
+    for ours, cpu in zip(fake.ops, real.ops, strict=True):
+        if ours.name == CPU_ONLY_BYTES:
+            assert (ours.kernels, ours.flops) == (cpu.kernels, cpu.flops)
+            assert ours.bytes <= cpu.bytes
+        else:
+            assert ours == cpu
+    extra = sum(c.bytes - o.bytes for o, c in zip(fake.ops, real.ops, strict=True))
+    assert fake.totals() == dict(real.totals(), other_bytes=real.totals()["other_bytes"] - extra)
 
 
 @pytest.mark.parametrize("method", [FLOOR, *VISION])

@@ -44,11 +44,13 @@ class BiasTuner(Tuner):
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and self.folded:
-            return self.forward_folded(x)
-        out = self.base_layer(x)
         if not self.enabled:
-            return out
+            return self.base_layer(x)
+        if self.folded or fold_refusal(self.base_layer) is None:
+            # the layer run once with bias b + δ (bias-sized work): folded or not, no pass over
+            # its output forward and none backward beyond the bias gradient the layer forms
+            return self.forward_folded(x)
+        out = self.base_layer(x)  # a wrapped layer (methods stacked): δ added to its output
         delta = follow(self.bias_delta, out)
         if self._channel_dim == 1:
             return out + delta.view(1, -1, 1, 1)

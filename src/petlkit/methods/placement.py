@@ -41,6 +41,17 @@ def follow(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(device=x.device, dtype=x.dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the linears reading `x` compute in: autocast's for x's device while it is on
+    (a float32 layer-norm output is read in bf16 there), else x's own. A method that transforms a
+    linear's input computes in it, so it adds no float32 activation pass and no cast of its own."""
+    kind = x.device.type
+    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    if autocast and x.is_floating_point():
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 class CastLinear(nn.Linear):
     """An nn.Linear that computes in its input's dtype and device (its weights may be float32)."""
 

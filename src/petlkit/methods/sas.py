@@ -31,7 +31,7 @@ from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
-from petlkit.methods.placement import CastLinear, follow
+from petlkit.methods.placement import CastLinear, compute_dtype, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -116,7 +116,7 @@ class SaSFolded(Tuner):
 class SaS(Method):
     config_cls = SaSConfig
     default_lr = 1e-2
-    transient = ("_cache", "_cache_key")
+    transient = ("_cache", "_cache_key", "_per_layer")
     merge_refusal = None
     merge_late = True  # folds into q/k/v and fc1: after the methods that wrap those merged
 
@@ -132,6 +132,7 @@ class SaS(Method):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_key: tuple | None = None
+        self._per_layer: dict = {}  # (site, dtype, device) → per-block tensors, this forward
         self._handles: list = []
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._register_hooks(model)
@@ -165,6 +166,7 @@ class SaS(Method):
     # -- the specific module: generated once per forward, cached in inference ------------------
     def _refresh(self, module: nn.Module, args: tuple) -> None:
         """Root pre-hook: run the hypernetworks once for all layers, before any block runs."""
+        self._per_layer = {}
         if not (self.enabled and self.config.specific):
             return
         if torch.compiler.is_compiling():  # the cache keys on tensor versions: eager only
@@ -185,18 +187,32 @@ class SaS(Method):
         return out
 
     def transform(self, site: str, index: int, x: torch.Tensor) -> torch.Tensor:
-        sm = self.site_modules[site]
-        y = x
-        if self.config.specific:
-            if self._cache is None:
-                self._cache = self.generate()
-            a, b = self._cache[site]
-            a, b = follow(a[index], x), follow(b[index], x)
-            y = torch.addcmul(b, x, 1.0 + a)  # x + x⊙a + b in one kernel
-        if self.config.shared:
-            low = (self.dropout(x) @ follow(sm.down, x)) @ follow(sm.up, x)
-            y = y + self.config.scale * low
-        return y
+        """x + x⊙a_l + b_l + s·(x·down)·up in the dtype the site's linears compute in: three
+        kernels (addcmul, the rank-r product, addmm adding the second GEMM to the first term)."""
+        x = x.to(compute_dtype(x))
+        scale, shift, down, up = self._layer_tensors(site, x)
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat if scale is None else torch.addcmul(shift[index], flat, scale[index])
+        if down is not None:
+            y = torch.addmm(y, self.dropout(flat) @ down, up, alpha=self.config.scale)
+        return y.view(x.shape)
+
+    def _layer_tensors(self, site: str, x: torch.Tensor) -> tuple:
+        """Per block: (1 + a_l, b_l), and the shared (down, up), in x's dtype and device, cast
+        once per forward for all blocks (not once per block) and split with one unbind."""
+        key = (site, x.dtype, x.device)
+        if key not in self._per_layer:
+            sm = self.site_modules[site]
+            scale = shift = down = up = None
+            if self.config.specific:
+                if self._cache is None:
+                    self._cache = self.generate()
+                a, b = self._cache[site]
+                scale, shift = follow(1.0 + a, x).unbind(0), follow(b, x).unbind(0)
+            if self.config.shared:
+                down, up = follow(sm.down, x), follow(sm.up, x)
+            self._per_layer[key] = (scale, shift, down, up)
+        return self._per_layer[key]
 
     # -- folded training (methods/folding.py) -------------------------------------------------
     def _consumers(self) -> list[tuple[str, int, str]]:
@@ -328,5 +344,5 @@ class SaS(Method):
             else:
                 linear.bias.copy_(bias)
         self._originals.clear()
-        self._cache = None
+        self._cache, self._per_layer = None, {}
         self._register_hooks(model)
