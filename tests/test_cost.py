@@ -209,3 +209,60 @@ def test_the_fit_predicts_each_measured_time_from_the_others():
 def test_the_performance_page_quotes_the_fit_as_computed():
     page = (ROOT / "docs" / "performance.md").read_text()
     assert fit_ground_truth().describe() in re.sub(r"\s+", " ", page)
+
+
+# -- what methods add to a step, counted (issue #47's forms) -------------------------------------
+def _vit_case(depth: int, batch: int = 2):
+    from petlkit.backbones.vit import vit
+    from petlkit.cost.cases import Case
+
+    torch.manual_seed(0)
+    model = vit("vit_tiny", img_size=32, patch_size=4, depth=depth, num_classes=10)
+    pixels, labels = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
+    return Case(model, {"pixels": pixels}, labels, "vision")
+
+
+def _added(method: str, depth: int, op: str) -> int:
+    case = _vit_case(depth)
+    ours = count(case, method).by_op().get(op, {}).get("calls", 0)
+    return ours - count(case, FLOOR).by_op().get(op, {}).get("calls", 0)
+
+
+@pytest.mark.parametrize("method", ["sas", "lora"])
+def test_a_method_under_bf16_autocast_adds_no_cast_per_block_beyond_its_own_tensors(method):
+    """SaS casts its generated scales and shifts and its shared pair once per forward for all
+    blocks; it reads the layer-norm output in bf16 once, as the floor's q|k|v does. LoRA casts its
+    input once for the layer, A and B. Unfolded, neither adds an activation-sized cast."""
+    per_block = (_added(method, 4, "aten._to_copy") - _added(method, 2, "aten._to_copy")) // 2
+    assert per_block == {"sas": 0, "lora": 4}[method]  # LoRA: A and B, forward and backward
+
+
+def test_bitfit_runs_each_layer_once_with_its_bias_offset():
+    """BitFit unfolded is its folded form: its adds are bias-sized (b + δ per layer), the same at
+    batch 2 and 8, never a pass over a layer's output (the bias gradients read the output's
+    gradient once, as any trained bias does)."""
+    added = {}
+    for batch in (2, 8):
+        case = _vit_case(2, batch)
+        ours = count(case, "bitfit")
+        assert ours.stream() == count(case, "bitfit", fold=True).stream()
+        floor = count(case, FLOOR).by_op()["aten.add"]["bytes"]
+        added[batch] = ours.by_op()["aten.add"]["bytes"] - floor
+    assert added[2] == added[8] > 0
+
+
+def test_bitfit_on_a_wrapped_layer_adds_its_offset_to_the_output():
+    """Stacked under another method's wrapper the layer cannot take the offset in its bias."""
+    from petlkit import attach
+    from petlkit.backbones.vit import vit
+
+    torch.manual_seed(0)
+    model = vit("vit_tiny", img_size=32, patch_size=4, depth=1, num_classes=10)
+    petl = attach(model, "lora", "inner", targets=["qkv"])
+    petl = attach(petl, "bitfit", "outer", targets=["qkv"])
+    qkv = petl.model.blocks[0].attn.qkv
+    assert type(qkv).__name__ == "BiasTuner" and type(qkv.base_layer).__name__ != "Linear"
+    with torch.no_grad():
+        qkv.bias_delta.fill_(0.5)
+    x = torch.randn(2, 5, qkv.weight.shape[1])
+    torch.testing.assert_close(qkv(x), qkv.base_layer(x) + 0.5)
