@@ -31,7 +31,7 @@ from petlkit.config import (
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
-from petlkit.methods.placement import CastLinear, compute_dtype
+from petlkit.methods.placement import CastLinear, compute_input
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -58,7 +58,7 @@ class Bottleneck(nn.Module):
         self.gate = Gate(width, causal=causal) if cfg.gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(compute_dtype(x))  # one cast read by down and the gate (placement.py)
+        x = compute_input(x)  # one cast read by down and the gate (placement.py)
         update = self.up(self.dropout(self.act(self.down(x))))
         if self.gate is not None:
             update = update * self.gate.per_position(x)  # (batch, positions or 1, 1)

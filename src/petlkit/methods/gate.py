@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from petlkit.methods.placement import CastLinear
+from petlkit.methods.placement import CastLinear, compute_input
 
 
 class Gate(nn.Module):
@@ -25,7 +25,7 @@ class Gate(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, width) → (batch, outputs); causal: (batch, tokens, outputs)."""
-        g = torch.sigmoid(self.linear(h))
+        g = torch.sigmoid(self.linear(compute_input(h)))
         return g if self.causal else g.mean(dim=1)
 
     def per_position(self, h: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.linears import LINEARS, as_weight, in_out
-from petlkit.methods.placement import compute_dtype, follow
+from petlkit.methods.placement import compute_input, follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -134,7 +134,7 @@ class LoRALinear(Tuner):
             return self.forward_folded(x)
         if not self.enabled:
             return self.base_layer(x)
-        x = x.to(compute_dtype(x))  # one cast read by the layer, A and the gate (placement.py)
+        x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
         out = self.base_layer(x)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         if self.gate is None:

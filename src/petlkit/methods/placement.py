@@ -18,6 +18,8 @@ The rule (docs/reliability.md, "Devices and dtypes"):
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +52,36 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if autocast and x.is_floating_point():
         return torch.get_autocast_dtype(kind)
     return x.dtype
+
+
+class _LastCast(threading.local):
+    """The last input `compute_input` cast: source and result (weak references, so it keeps
+    nothing alive) and the state the cast was made in."""
+
+    source = result = key = None
+
+
+_LAST = _LastCast()
+
+
+def compute_input(x: torch.Tensor) -> torch.Tensor:
+    """x in `compute_dtype(x)`, made once when several method parts read the same tensor (LoRA
+    on q and on v, their gates and the prefix gate all read a block's input): the second reader
+    gets the first one's cast, so the step casts and accumulates that activation once."""
+    dtype = compute_dtype(x)
+    if dtype == x.dtype:
+        return x
+    if torch.compiler.is_compiling():  # the compiler fuses the cast into its readers
+        return x.to(dtype)
+    key = (dtype, x._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    last = _LAST
+    if last.source is not None and last.source() is x and last.key == key:
+        made = last.result()
+        if made is not None:
+            return made
+    made = x.to(dtype)
+    last.source, last.result, last.key = weakref.ref(x), weakref.ref(made), key
+    return made
 
 
 class CastLinear(nn.Linear):

@@ -31,7 +31,7 @@ from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
-from petlkit.methods.placement import CastLinear, compute_dtype, follow
+from petlkit.methods.placement import CastLinear, compute_input, follow
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -189,7 +189,7 @@ class SaS(Method):
     def transform(self, site: str, index: int, x: torch.Tensor) -> torch.Tensor:
         """x + x⊙a_l + b_l + s·(x·down)·up in the dtype the site's linears compute in: three
         kernels (addcmul, the rank-r product, addmm adding the second GEMM to the first term)."""
-        x = x.to(compute_dtype(x))
+        x = compute_input(x)
         scale, shift, down, up = self._layer_tensors(site, x)
         flat = x.reshape(-1, x.shape[-1])
         y = flat if scale is None else torch.addcmul(shift[index], flat, scale[index])
