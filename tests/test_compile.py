@@ -1,6 +1,8 @@
 """torch.compile sees every method as one graph: no graph break on petlkit's ViT, a BERT text
 classifier or a transformers LLaMA decoder, and the traced graph computes the eager outputs
-(backend aot_eager: dynamo's capture and AOT autograd's, without inductor's slow C++ build)."""
+(backend aot_eager: dynamo's capture and AOT autograd's, without inductor's slow C++ build), and
+the compiled training step gives the eager gradients. With inductor (CPU, C++ build) the same
+holds: a slow test."""
 
 from __future__ import annotations
 
@@ -32,13 +34,40 @@ def _tensor(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _grads(petl, inputs, forward) -> dict[str, torch.Tensor]:
+    petl.zero_grad(set_to_none=True)
+    _tensor(forward(**inputs)).float().square().mean().backward()
+    return {n: p.grad.clone() for n, p in petl.named_parameters() if p.grad is not None}
+
+
+def _same_step(petl, inputs, backend: str, tol: float) -> None:
+    with torch.no_grad():
+        eager = _tensor(petl(**inputs))
+        compiled = torch.compile(petl, backend=backend, fullgraph=True)
+        torch.testing.assert_close(_tensor(compiled(**inputs)), eager, rtol=tol, atol=tol)
+    want, got = _grads(petl, inputs, petl), _grads(petl, inputs, compiled)
+    assert want and got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=tol, atol=tol, msg=name)
+
+
 @pytest.mark.parametrize(("case", "method"), CELLS, ids=["-".join(c) for c in CELLS])
 def test_every_method_compiles_to_one_graph(case, method):
     petl, inputs = _model_and_inputs(case, method)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(petl)(**inputs)
     assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
-    with torch.no_grad():
-        eager = _tensor(petl(**inputs))
-        compiled = _tensor(torch.compile(petl, backend="aot_eager", fullgraph=True)(**inputs))
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    _same_step(petl, inputs, "aot_eager", 1e-5)
+
+
+INDUCTOR_CELLS = [(c, m) for c, m in CELLS if c != "llama"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "method"), INDUCTOR_CELLS, ids=["-".join(c) for c in INDUCTOR_CELLS]
+)
+def test_every_method_trains_the_same_compiled_by_inductor(case, method):
+    petl, inputs = _model_and_inputs(case, method)
+    torch._dynamo.reset()
+    _same_step(petl, inputs, "inductor", 1e-4)
