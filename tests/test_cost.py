@@ -228,13 +228,15 @@ def _added(method: str, depth: int, op: str) -> int:
     return ours - count(case, FLOOR).by_op().get(op, {}).get("calls", 0)
 
 
-@pytest.mark.parametrize("method", ["sas", "lora"])
+@pytest.mark.parametrize("method", ["sas", "lora", "prefix"])
 def test_a_method_under_bf16_autocast_adds_no_cast_per_block_beyond_its_own_tensors(method):
     """SaS casts its generated scales and shifts and its shared pair once per forward for all
-    blocks; it reads the layer-norm output in bf16 once, as the floor's q|k|v does. LoRA casts its
-    input once for the layer, A and B. Unfolded, neither adds an activation-sized cast."""
+    blocks; it reads the layer-norm output in bf16 once, as the floor's q|k|v does. Prefix tuning
+    casts all blocks' keys and values at once. LoRA casts its input once for the layer, A and B.
+    None adds an activation-sized cast."""
     per_block = (_added(method, 4, "aten._to_copy") - _added(method, 2, "aten._to_copy")) // 2
-    assert per_block == {"sas": 0, "lora": 4}[method]  # LoRA: A and B, forward and backward
+    # LoRA: A and B, forward and backward; SaS and prefix: their tensors for all blocks at once
+    assert per_block == {"sas": 0, "lora": 4, "prefix": 0}[method]
 
 
 def test_bitfit_runs_each_layer_once_with_its_bias_offset():

@@ -26,7 +26,7 @@ from petlkit.config import MethodConfig, check_bool, check_positive_int
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
-from petlkit.methods.placement import CastLinear, follow
+from petlkit.methods.placement import CastLinear, compute_dtype
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -51,7 +51,7 @@ class PrefixConfig(MethodConfig):
 @register_method("prefix")
 class Prefix(Method):
     config_cls = PrefixConfig
-    transient = ("_kv",)
+    transient = ("_kv", "_per_block")
     merge_refusal = "prefix tuning adds attention tokens, so it cannot fold into weights"
 
     def attach(self, model: nn.Module) -> None:
@@ -70,6 +70,7 @@ class Prefix(Method):
         if cfg.gated:
             self.gates = nn.ModuleList(Gate(width, causal=layout.causal) for _ in range(depth))
         self._kv: torch.Tensor | None = None
+        self._per_block: dict = {}  # (dtype, device) → the blocks' (key, value), this forward
         encoder = get_module(model, layout.encoder) if layout.encoder else model
         self._handles = [encoder.register_forward_pre_hook(self._refresh)]
         self._handles += [
@@ -97,6 +98,7 @@ class Prefix(Method):
     def _refresh(self, module: nn.Module, args: tuple) -> None:
         """Root pre-hook: compute all blocks' prefixes once per forward."""
         self._kv = self.key_values() if self.enabled else None
+        self._per_block = {}
 
     def _block_kv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """(keys, values) of block `index`'s prefix for attention input x. Gated on an encoder,
@@ -106,9 +108,7 @@ class Prefix(Method):
         third item, log G (batch, 1, queries, 1), that the attention adds to the prefix logits."""
         if not self.enabled:
             return None
-        if self._kv is None:
-            self._kv = self.key_values()
-        key, value = follow(self._kv[index], x)
+        key, value = self._block_key_values(x)[index]
         batch = x.shape[0]
         key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
         if self.config.gated and self.layout.causal:  # per query: see _block_kv's docstring
@@ -119,6 +119,18 @@ class Prefix(Method):
             key, value = key * g, value * g
         return key, value
 
+    def _block_key_values(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's (key, value) in the dtype the attention computes in (bf16 under
+        autocast, where x, a layer-norm output, is float32), cast once per forward for all blocks
+        and split with one unbind (whose backward is one stack)."""
+        key = (compute_dtype(x), x.device)
+        if key not in self._per_block:
+            if self._kv is None:
+                self._kv = self.key_values()
+            blocks = self._kv.to(device=x.device, dtype=key[0]).unbind(0)
+            self._per_block[key] = [(kv[0], kv[1]) for kv in blocks]
+        return self._per_block[key]
+
     @torch.no_grad()
     def drop_reparameterization(self) -> None:
         """Replace the embedding + MLP by the values they produce (outputs unchanged)."""
@@ -128,7 +140,7 @@ class Prefix(Method):
         del self.embedding, self.mlp
         self.prefix = nn.Parameter(values)
         self.config = self.config.replace(reparameterize=False)
-        self._kv = None
+        self._kv, self._per_block = None, {}
 
     def export(self, model: nn.Module) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
         training_only = ("method.embedding", "method.mlp.")
