@@ -268,3 +268,47 @@ def test_bitfit_on_a_wrapped_layer_adds_its_offset_to_the_output():
         qkv.bias_delta.fill_(0.5)
     x = torch.randn(2, 5, qkv.weight.shape[1])
     torch.testing.assert_close(qkv(x), qkv.base_layer(x) + 0.5)
+
+
+# -- the command ----------------------------------------------------------------------------
+def _cost(capsys, *args: str) -> tuple[int, str, str]:
+    from petlkit.cli import main
+
+    code = main(["cost", "--backbone", "vit-tiny", "--batch", "2", "--size", "32", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    cells = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    return {c[0].strip(): [x.strip() for x in c[1:]] for c in cells if len(c) == 12}
+
+
+def test_cost_prints_the_floor_each_method_its_folded_form_and_the_ops_it_adds(capsys):
+    code, out, _ = _cost(capsys, "--methods", "lora", "prompt", "--ops", "lora")
+    rows = _rows(out)
+    assert code == 0 and set(rows) == {"method", "floor", "lora", "lora folded", "prompt"}
+    assert rows["floor"][1] == rows["floor"][6] == rows["floor"][8] == "1.00"  # ÷ floor columns
+    assert fit_ground_truth().describe() in out
+    assert "lora − floor, by op" in out and "| aten.mm |" in out
+
+
+def test_cost_without_folded_forms_and_with_method_fields(capsys):
+    _, plain, _ = _cost(capsys, "--methods", "lora", "--no-folded")
+    _, wider, _ = _cost(capsys, "--methods", "lora", "--no-folded", "--method-arg",
+                        'targets=["qkv", "proj", "fc1", "fc2"]')  # fmt: skip
+    assert set(_rows(plain)) == {"method", "floor", "lora"}
+    calls = [int(_rows(o)["lora"][0].replace(",", "")) for o in (plain, wider)]
+    assert calls[1] > calls[0]  # the field reached the method: more layers adapted
+
+
+def test_cost_says_which_methods_do_not_apply_and_refuses_unknown_names(capsys):
+    from petlkit.cli import main
+
+    code = main(["cost", "--backbone", "minilm-l6", "--batch", "2", "--size", "8", "--methods",
+                 "vpt", "--no-folded"])  # fmt: skip
+    out, _ = capsys.readouterr()
+    assert code == 0 and "not applicable: vpt:" in out
+    for args in (["--methods", "nope"], ["--methods", "lora", "--ops", "sas"]):
+        code, out, err = _cost(capsys, *args)
+        assert code == 2 and out == "" and err.startswith("petlkit: error: --")

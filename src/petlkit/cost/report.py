@@ -86,10 +86,27 @@ def op_difference(method: Row, floor: Row, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def _check_names(methods: list[str] | None, ops: list[str] | None) -> None:
+    """Refuse unknown method and row names before anything is counted."""
+    from petlkit.registry import method_names
+
+    known = method_names()
+    for method in methods or []:
+        if method not in known:
+            raise PetlError(f"--methods {method!r} is not a method; valid: {known}")
+    rows = {FLOOR, *(methods or known)}
+    rows |= {f"{m} folded" for m in rows}
+    for name in ops or []:
+        if name not in rows:
+            raise PetlError(f"--ops {name!r} names no row; rows: {FLOOR!r}, a counted method "
+                            "or '<method> folded'")  # fmt: skip
+
+
 def report(backbone: str, batch: int, size: int, methods: list[str] | None = None,
            kwargs: dict | None = None, dtype: str = "bf16", folded: bool = True,
            ops: list[str] | None = None) -> str:  # fmt: skip
     """The whole printout of `petlkit cost`."""
+    _check_names(methods, ops)
     fit = fit_ground_truth()
     case = build_case(backbone, batch, size)
     rows, skipped = count_methods(case, methods or default_methods(), kwargs or {},
