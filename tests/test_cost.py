@@ -312,3 +312,11 @@ def test_cost_says_which_methods_do_not_apply_and_refuses_unknown_names(capsys):
     for args in (["--methods", "nope"], ["--methods", "lora", "--ops", "sas"]):
         code, out, err = _cost(capsys, *args)
         assert code == 2 and out == "" and err.startswith("petlkit: error: --")
+
+
+@pytest.mark.parametrize("method", ["vpt", "prompt"])
+def test_prompt_tokens_add_no_zero_filled_copy_of_the_sequence_in_backward(method):
+    """Tokens go in and out through a split (its backward: one concatenation), and deep VPT's
+    per-block prompts come from one unbind (its backward: one stack)."""
+    for op in ("aten.slice_backward", "aten.select_backward"):
+        assert _added(method, 4, op) == 0, op

@@ -88,18 +88,25 @@ def _vit_prompts(model: nn.Module, make: TokenMaker, per_block: BlockTokenMaker 
         inserted[0] = 0 if tokens is None else tokens.shape[1]
         if tokens is None:
             return x
-        return torch.cat([x[:, :k], tokens.to(x.dtype), x[:, k:]], dim=1)
+        front, rest = x.split([k, x.shape[1] - k], dim=1)
+        return torch.cat([front, tokens.to(x.dtype), rest], dim=1)
 
+    # split, not slices: a split's backward is one concatenation of the pieces' gradients, where
+    # each slice's would be a zero-filled copy of the whole sequence and an add to join them
     def replace(index: int, x: torch.Tensor) -> torch.Tensor:
         n = inserted[0]
         tokens = per_block(index, x) if n else None
         if tokens is None:
             return x
-        return torch.cat([x[:, :k], tokens.to(x.dtype), x[:, k + n :]], dim=1)
+        front, _, rest = x.split([k, n, x.shape[1] - k - n], dim=1)
+        return torch.cat([front, tokens.to(x.dtype), rest], dim=1)
 
     def final(x: torch.Tensor) -> torch.Tensor:  # prompts out before norm and pooling
         n = inserted[0]
-        return torch.cat([x[:, :k], x[:, k + n :]], dim=1) if n else x
+        if not n:
+            return x
+        front, _, rest = x.split([k, n, x.shape[1] - k - n], dim=1)
+        return torch.cat([front, rest], dim=1)
 
     wanted = {"embed": embed, "final": final}
     if per_block is not None:

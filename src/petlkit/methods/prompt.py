@@ -114,6 +114,7 @@ class VPTConfig(MethodConfig):
 @register_method("vpt")
 class VPT(Method):
     config_cls = VPTConfig
+    transient = ("_blocks",)
     default_lr = 1e-2
     merge_refusal = NO_MERGE
 
@@ -141,10 +142,15 @@ class VPT(Method):
         self._handle.remove()
 
     def _expand(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(follow(self.prompts[index], x).expand(x.shape[0], -1, -1))
+        return self.dropout(self._blocks[index].expand(x.shape[0], -1, -1))
 
     def _first_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._expand(0, x) if self.enabled else None
+        """The embedding's hook, first in every forward: all blocks' prompts cast once and split
+        with one unbind (whose backward is one stack, not a zero-filled copy per block)."""
+        if not self.enabled:
+            return None
+        self._blocks = follow(self.prompts, x).unbind(0)
+        return self._expand(0, x)
 
     def _block_tokens(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         return self._expand(index, x) if self.enabled else None
