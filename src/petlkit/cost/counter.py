@@ -163,8 +163,8 @@ class OpCounter(TorchDispatchMode):
 
     def _record(self, func, packet, args, kwargs, out) -> None:
         flops = gemm_flops(func, args, kwargs, out)
-        if func.is_view or packet in NO_KERNEL:
-            kernels = 0
+        if func.is_view or packet in NO_KERNEL or not _tensors((args, kwargs, out)):
+            kernels = 0  # views, allocations, and ops on no tensor at all (promote_types)
         elif packet.__name__.startswith("_foreach_"):
             kernels = math.ceil(len(args[0]) / FOREACH_TENSORS_PER_KERNEL)
         else:

@@ -9,6 +9,7 @@ projection built with `qkv_bias=False`) an offset, which merging turns into a ne
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from petlkit.config import MethodConfig, check_bool
 from petlkit.errors import TargetError
 from petlkit.methods.base import Method, Tuner, innermost
-from petlkit.methods.folding import fold_refusal
+from petlkit.methods.folding import fold_refusal, run_with
 from petlkit.methods.linears import Conv1D
 from petlkit.methods.placement import follow
 from petlkit.methods.targeting import find_targets, get_module
@@ -36,12 +37,66 @@ def _out_features(module: nn.Module) -> int:
     return module.normalized_shape[-1]
 
 
+class BiasGroup:
+    """The biases b + δ of a BitFit's layers, formed for all of them in one foreach add (not one
+    add kernel per layer), once per forward of the model: hooks on the model open the group
+    before its forward and empty it after (a foreach add's backward keeps its inputs, so its
+    sums must not outlive the forward). A layer run outside the model's forward forms its own.
+    A layer joins on its first forward. Copies and pickles start empty."""
+
+    def __init__(self) -> None:
+        self.members: weakref.WeakSet = weakref.WeakSet()  # layers that ran in a forward
+        self.totals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # this forward's
+        self.active = False
+
+    def begin(self, module: nn.Module, args: tuple) -> None:
+        self.totals.clear()
+        self.active = True
+
+    def end(self, module: nn.Module, args: tuple, output) -> None:
+        self.totals.clear()
+        self.active = False
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo: dict) -> BiasGroup:
+        return BiasGroup()
+
+    def bias(self, tuner: BiasTuner) -> torch.Tensor:
+        made = self.totals.get(tuner)
+        if made is not None:
+            return made
+        self.members.add(tuner)
+        members = list(self.members)
+        layers = [innermost(t.base_layer) for t in members]
+        with_bias = [i for i, layer in enumerate(layers) if layer.bias is not None]
+        bases = [layers[i].bias.to(_wide(layers[i].bias)) for i in with_bias]
+        deltas = [members[i].bias_delta.to(layers[i].bias.device, _wide(layers[i].bias))
+                  for i in with_bias]  # fmt: skip
+        sums = torch._foreach_add(bases, deltas) if bases else []
+        made = dict(zip(with_bias, sums, strict=True))
+        for i, (member, layer) in enumerate(zip(members, layers, strict=True)):
+            total = made.get(i, member.bias_delta)
+            bias = total.to(device=layer.weight.device, dtype=layer.weight.dtype)
+            self.totals[member] = bias
+        return self.totals[tuner]
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 class BiasTuner(Tuner):
-    def __init__(self, base_layer: nn.Module, owner: str) -> None:
+    def __init__(self, base_layer: nn.Module, owner: str, group: BiasGroup | None = None):
         super().__init__(base_layer, owner)
         inner = innermost(base_layer)
         self.bias_delta = nn.Parameter(torch.zeros(_out_features(inner)))
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
+        self.__dict__["_group"] = group  # shared by the method's layers, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -49,7 +104,11 @@ class BiasTuner(Tuner):
         if self.folded or fold_refusal(self.base_layer) is None:
             # the layer run once with bias b + δ (bias-sized work): folded or not, no pass over
             # its output forward and none backward beyond the bias gradient the layer forms
-            return self.forward_folded(x)
+            group = self._group
+            if group is None or not group.active or torch.compiler.is_compiling():
+                return self.forward_folded(x)
+            layer = self.base_layer
+            return run_with(layer, x, layer.weight, group.bias(self))
         out = self.base_layer(x)  # a wrapped layer (methods stacked): δ added to its output
         delta = follow(self.bias_delta, out)
         if self._channel_dim == 1:
@@ -90,5 +149,14 @@ class BitFit(Method):
                 "linears and norms are bias-free, as in LLaMA-style decoders), so there is nothing "
                 "to tune; pass add_missing=true to give each targeted layer a bias offset"
             )
+        self._group = group = BiasGroup()
         for name in names:
-            self.wrap(model, name, lambda base: BiasTuner(base, self.name))
+            self.wrap(model, name, lambda base: BiasTuner(base, self.name, group))
+        self._handles = [model.register_forward_pre_hook(group.begin),
+                         model.register_forward_hook(group.end)]  # fmt: skip
+
+    def detach(self, model: nn.Module) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
+        super().detach(model)

@@ -46,7 +46,13 @@ def run_folded(
 ) -> torch.Tensor:
     """`layer(x)` computed with its weight and bias plus (d_weight, d_bias), in one call."""
     weight = folded(layer.weight, d_weight, layer.weight)
-    bias = folded(layer.bias, d_bias, layer.weight)
+    return run_with(layer, x, weight, folded(layer.bias, d_bias, layer.weight))
+
+
+def run_with(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`layer(x)` computed with the given weight and bias in place of its own."""
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
     if isinstance(layer, nn.LayerNorm):
