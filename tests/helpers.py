@@ -92,3 +92,25 @@ def run_results(folder) -> dict:
     results = json.loads((Path(folder) / "results.json").read_text())
     results.pop("peak_memory_mb", None)
     return results
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer LLaMA decoder, random weights from `seed`, the MiniLM tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=16, num_attention_heads=4,
+                 num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(vocab_size=30522, **shape)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """`tiny_llama()` and the MiniLM tokenizer saved as a transformers folder."""
+    from transformers import AutoTokenizer
+
+    from petlkit.backbones.registry import minilm_path
+
+    tiny_llama().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
+    return folder

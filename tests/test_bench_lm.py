@@ -8,32 +8,18 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from petlkit.backbones.registry import minilm_path
 from petlkit.bench.grid import SELECTION, read_records, run_grid
 from petlkit.bench.presets import PRESETS, MethodEntry, Preset, get_presets
 from petlkit.bench.report import ranking_rows, write_report
 from petlkit.bench.summary import Summary
 from petlkit.errors import PetlError
+from tests.helpers import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-bench")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bench"))
 
 
 @pytest.fixture(scope="module")

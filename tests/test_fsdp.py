@@ -19,6 +19,7 @@ from petlkit.errors import ConfigError, PetlError
 from petlkit.io import read_safetensors
 from petlkit.train import sharding
 from petlkit.train.config import TrainConfig
+from tests.helpers import save_tiny_llama
 from tests.test_trainer import ROOT, _final_params, _lines, _run
 from tests.train_job import CONFIG
 
@@ -80,22 +81,9 @@ def test_a_killed_sharded_run_resumes_exactly(sharded, tmp_path):
 
 
 def test_the_cli_shards_a_decoder_and_writes_its_adapter(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from petlkit.backbones.registry import minilm_path
 
     folder, data = tmp_path / "llama", tmp_path / "data"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
+    save_tiny_llama(folder)
     data.mkdir()
     rows = [{"prompt": f"question {i} is", "completion": " answer" * (1 + i % 3)}
             for i in range(12)]  # fmt: skip

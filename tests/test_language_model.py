@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import petlkit
 import petlkit.run
@@ -23,7 +23,7 @@ from petlkit.tasks.metrics import selection_value
 from petlkit.train import language_model as lm
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
-from tests.helpers import nothing_written, one_line_error
+from tests.helpers import nothing_written, one_line_error, tiny_llama
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
@@ -37,26 +37,13 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tiny-llama-lm")
-    torch.manual_seed(0)
-    LlamaForCausalLM(_config()).save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def _config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-
-
 def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(_config()).eval()
+    return tiny_llama(seed).eval()
 
 
 def _files(folder, rows, splits=("train", "val", "test")):

@@ -11,7 +11,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     get_cosine_schedule_with_warmup,
 )
@@ -21,6 +20,7 @@ from petlkit.interop.peft import import_peft_lora
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
+from tests.helpers import tiny_llama
 
 CONFIG = TrainConfig(
     steps=6,
@@ -36,16 +36,7 @@ CONFIG = TrainConfig(
 
 
 def _base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama()
 
 
 def test_petlkit_trains_a_peft_lora_step_for_step_as_peft_does(tmp_path):
