@@ -117,7 +117,7 @@ class LoRALinear(Tuner):
         q|k|v order (three pieces); a per-head layout (GPT-NeoX) then takes its rows in one
         gather rather than one piece per head."""
         if self.parts is None:
-            return self.lora_B[0]
+            return self.lora_B.view(-1, self.r)  # a view: its backward launches nothing
         n, r = len(self.parts), self.r
         pieces = []
         for part in range(3):
@@ -137,14 +137,15 @@ class LoRALinear(Tuner):
         x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
         out = self.base_layer(x)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
-        if self.gate is None:
-            h = h * self.scaling
-        else:  # one gate per adapted projection, (batch, positions, n_parts), on its rank block
-            g = self.gate.per_position(x).to(h.dtype)
+        scaling = self.scaling
+        if self.gate is not None:  # one gate per adapted projection, on its rank block
+            g = self.gate.per_position(x).to(h.dtype)  # (batch, positions or 1, n_parts)
             h = (h.unflatten(-1, (g.shape[-1], self.r)) * g.unsqueeze(-1)).flatten(-2)
+            scaling = 1.0
         up = follow(self.up_matrix(), h)
-        # out + h·Bᵀ in one GEMM that reads `out` as its addend (no separate pass over it)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
+        # out + s·h·Bᵀ in one GEMM that reads `out` as its addend and scales in its epilogue
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(),
+                           alpha=scaling)  # fmt: skip
         return flat.view(out.shape)
 
     def delta(self) -> tuple[torch.Tensor, None]:
