@@ -9,10 +9,14 @@ G(h)_t = σ(W_G·h_t + b_G) (`causal=True`; a documented adaptation, docs/method
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from petlkit.methods.placement import CastLinear, compute_input
+from petlkit.methods.placement import CastLinear, compute_input, follow
 
 
 class Gate(nn.Module):
@@ -25,7 +29,12 @@ class Gate(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, width) → (batch, outputs); causal: (batch, tokens, outputs)."""
-        g = torch.sigmoid(self.linear(compute_input(h)))
+        h = compute_input(h)
+        group = self.__dict__.get("_group")
+        together = None if group is None else group.output(self, h)
+        if together is not None:
+            return together
+        g = torch.sigmoid(self.linear(h))
         return g if self.causal else g.mean(dim=1)
 
     def per_position(self, h: torch.Tensor) -> torch.Tensor:
@@ -37,3 +46,62 @@ class Gate(nn.Module):
 def gate_count(width: int, outputs: int = 1) -> int:
     """Parameters of one gate."""
     return (width + 1) * outputs
+
+
+class GateGroup:
+    """Gates that read one tensor (UniPELT's LoRA gates on q and v and its prefix gate all read a
+    block's attention input), computed as one gate with their weights stacked: one GEMM, one
+    sigmoid and one mean for all of them, forward and backward, where each alone costs its own.
+    The same function: each gate's outputs are its columns. Used inside a forward of the model
+    (`begin` and `end` are its hooks: the result keeps autograd history, which must not outlive
+    the forward) and inside a backward (activation checkpointing recomputes the forward there,
+    and must save what the forward saved); a gate called elsewhere, or on another tensor,
+    computes alone."""
+
+    def __init__(self, gates: Sequence[Gate]) -> None:
+        if len({g.causal for g in gates}) != 1:
+            raise ValueError("a gate group needs gates of one kind (all causal or none)")
+        self.gates = list(gates)
+        self.active = False
+        self._forget()
+        for gate in self.gates:
+            gate.__dict__["_group"] = self
+
+    def release(self) -> None:
+        for gate in self.gates:
+            gate.__dict__.pop("_group", None)
+
+    def _forget(self) -> None:
+        self._source, self._state, self._columns = None, None, {}
+
+    def begin(self, module: nn.Module, args: tuple) -> None:
+        self._forget()
+        self.active = True
+
+    def end(self, module: nn.Module, args: tuple, output) -> None:
+        self._forget()
+        self.active = False
+
+    def output(self, gate: Gate, h: torch.Tensor) -> torch.Tensor | None:
+        """`gate(h)` from the group's one computation, or None: compute alone."""
+        if torch.compiler.is_compiling() or not (self.active or _in_backward()):
+            return None
+        state = (h._version, torch.is_grad_enabled())
+        if self._source is None or (self._source() is not h and gate is self.gates[0]):
+            weight = torch.cat([g.linear.weight for g in self.gates])
+            bias = torch.cat([g.linear.bias for g in self.gates])
+            together = torch.sigmoid(F.linear(h, follow(weight, h), follow(bias, h)))
+            if not gate.causal:
+                together = together.mean(dim=1)
+            sizes = [g.linear.out_features for g in self.gates]
+            columns = together.split(sizes, dim=-1)
+            self._columns = {id(g): c for g, c in zip(self.gates, columns, strict=True)}
+            self._source, self._state = weakref.ref(h), state
+        if self._source() is not h or self._state != state:
+            return None
+        return self._columns.get(id(gate))
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward (where checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1

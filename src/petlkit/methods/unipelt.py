@@ -25,8 +25,10 @@ from petlkit.config import (
     check_range,
 )
 from petlkit.errors import ConfigError
+from petlkit.layout import layout_of
 from petlkit.methods.adapter import ACTIVATIONS, AdapterConfig
 from petlkit.methods.base import Method
+from petlkit.methods.gate import GateGroup
 from petlkit.methods.lora import LoRAConfig
 from petlkit.methods.prefix import PrefixConfig
 from petlkit.methods.prompt import PromptConfig
@@ -119,8 +121,41 @@ class UniPELT(Method):
             (f"its {k} part: {p.merge_refusal}" for k, p in self.parts.items() if p.merge_refusal),
             None,
         )
+        self._group_gates(model)
+
+    def _group_gates(self, model: nn.Module) -> None:
+        """One GateGroup per block for the gates that read its attention input (the LoRA gates
+        of q, v or q|k|v and the prefix gate): one batched gate per block (methods/gate.py)."""
+        self._groups: list[GateGroup] = []
+        self._handles: list = []
+        if not self.config.gated or "prefix" not in self.parts:
+            return
+        lora = self.parts["lora"].tuners(model) if "lora" in self.parts else []
+        lora_gates = {name: tuner.gate for name, tuner in lora if tuner.gate is not None}
+        prefix = self.parts["prefix"]
+        for index, block in enumerate(layout_of(model).blocks):
+            _, linears = block.site("attn_in")
+            gates = [lora_gates[n] for n in linears if n in lora_gates] + [prefix.gates[index]]
+            if len(gates) > 1:
+                self._groups.append(GateGroup(gates))
+        if self._groups:
+            self._handles = [model.register_forward_pre_hook(self._begin),
+                             model.register_forward_hook(self._end)]  # fmt: skip
+
+    def _begin(self, module: nn.Module, args: tuple) -> None:
+        for group in self._groups:
+            group.begin(module, args)
+
+    def _end(self, module: nn.Module, args: tuple, output) -> None:
+        for group in self._groups:
+            group.end(module, args, output)
 
     def detach(self, model: nn.Module) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        for group in getattr(self, "_groups", []):
+            group.release()
+        self._handles, self._groups = [], []
         for part in reversed(list(self.parts.values())):
             part.detach(model)
 
