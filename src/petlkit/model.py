@@ -16,7 +16,13 @@ from petlkit.errors import NotFoldableError, PetlError
 from petlkit.families import ModelLayout
 from petlkit.layout import head_names, layout_or_none, set_heads, use_layout
 from petlkit.methods.base import Method
-from petlkit.methods.placement import backbone_anchor, parse_dtype, place, place_head
+from petlkit.methods.placement import (
+    TrainedCasts,
+    backbone_anchor,
+    parse_dtype,
+    place,
+    place_head,
+)
 from petlkit.registry import make_config, method_class
 
 
@@ -73,6 +79,8 @@ class PetlModel(nn.Module):
         self.trained_dtype = parse_dtype(trained_dtype)
         self.methods = nn.ModuleDict()
         self.active: list[str] = []
+        self._casts = TrainedCasts(self._trained_parameters)  # one cast of them per forward
+        self._cast_hooks: list = []
 
     # -- methods -----------------------------------------------------------------------------
     def add_method(self, config: MethodConfig, name: str = "default") -> Method:
@@ -163,7 +171,28 @@ class PetlModel(nn.Module):
             for n, p in self.model.get_submodule(h).named_parameters()
         }
 
+    def _trained_parameters(self) -> list[nn.Parameter]:
+        """The active methods' trained parameters (head excluded)."""
+        methods = [self.methods[name] for name in self.active]
+        return [p for method in methods for p in method.trainable(self.model).values()]
+
+    def _sync_casts(self) -> None:
+        """The casts' hooks are on the model while an active method is unmerged (a merged or
+        bare model keeps no hook of petlkit's)."""
+        self._casts.stale()
+        wanted = any(not self.methods[name].merged for name in self.active)
+        if wanted and not self._cast_hooks:
+            self._cast_hooks = [
+                self.model.register_forward_pre_hook(self._casts.begin),
+                self.model.register_forward_hook(self._casts.end, always_call=True),
+            ]
+        elif not wanted:
+            for handle in self._cast_hooks:
+                handle.remove()
+            self._cast_hooks = []
+
     def _apply_trainability(self) -> None:
+        self._sync_casts()
         for p in self.parameters():
             p.requires_grad_(False)
         for name in self.active:
@@ -196,11 +225,13 @@ class PetlModel(nn.Module):
             self.methods[name].check_mergeable()
         for name in self._merge_order():
             self.methods[name].merge(self.model)
+        self._sync_casts()
 
     def unmerge(self) -> None:
         """Undo `merge()`: the original weights come back bit for bit."""
         for name in reversed(self._merge_order()):
             self.methods[name].unmerge(self.model)
+        self._sync_casts()
 
     def _merge_order(self) -> list[str]:
         """Wrappers in attach order (inner first); then the methods that fold into the linears

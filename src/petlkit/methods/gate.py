@@ -88,9 +88,9 @@ class GateGroup:
             return None
         state = (h._version, torch.is_grad_enabled())
         if self._source is None or (self._source() is not h and gate is self.gates[0]):
-            weight = torch.cat([g.linear.weight for g in self.gates])
-            bias = torch.cat([g.linear.bias for g in self.gates])
-            together = torch.sigmoid(F.linear(h, follow(weight, h), follow(bias, h)))
+            weight = torch.cat([follow(g.linear.weight, h) for g in self.gates])
+            bias = torch.cat([follow(g.linear.bias, h) for g in self.gates])
+            together = torch.sigmoid(F.linear(h, weight, bias))
             if not gate.causal:
                 together = together.mean(dim=1)
             sizes = [g.linear.out_features for g in self.gates]

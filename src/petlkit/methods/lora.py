@@ -105,29 +105,30 @@ class LoRALinear(Tuner):
     def _part_rows(self, part: int) -> int:
         return sum(rows for p, _, rows in self.segments if p == part)
 
-    def _part_up(self, i: int) -> torch.Tensor:
-        if self.lora_B.dim() == 3:
-            return self.lora_B[i]
-        return self.lora_B[self._offsets[i] : self._offsets[i + 1]]
+    def _part_up(self, up: torch.Tensor, i: int) -> torch.Tensor:
+        if up.dim() == 3:
+            return up[i]
+        return up[self._offsets[i] : self._offsets[i + 1]]
 
-    def up_matrix(self) -> torch.Tensor:
+    def up_matrix(self, up: torch.Tensor | None = None) -> torch.Tensor:
         """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
         its rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per forward
         from the parameters (out·n·r numbers), so the update is two matmuls per token. Built in
         q|k|v order (three pieces); a per-head layout (GPT-NeoX) then takes its rows in one
-        gather rather than one piece per head."""
+        gather rather than one piece per head. `up`: lora_B in the dtype to build in."""
+        up = self.lora_B if up is None else up
         if self.parts is None:
-            return self.lora_B.view(-1, self.r)  # a view: its backward launches nothing
+            return up.view(-1, self.r)  # a view: its backward launches nothing
         n, r = len(self.parts), self.r
         pieces = []
         for part in range(3):
             if part in self.parts:
                 i = self.parts.index(part)
-                pieces.append(F.pad(self._part_up(i), (i * r, (n - 1 - i) * r)))
+                pieces.append(F.pad(self._part_up(up, i), (i * r, (n - 1 - i) * r)))
             else:
-                pieces.append(self.lora_B.new_zeros(self._part_rows(part), n * r))
-        up = torch.cat(pieces)
-        return up if self._row_order is None else up.index_select(0, self._row_order)
+                pieces.append(up.new_zeros(self._part_rows(part), n * r))
+        matrix = torch.cat(pieces)
+        return matrix if self._row_order is None else matrix.index_select(0, self._row_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.folded:
@@ -142,7 +143,7 @@ class LoRALinear(Tuner):
             g = self.gate.per_position(x).to(h.dtype)  # (batch, positions or 1, n_parts)
             h = (h.unflatten(-1, (g.shape[-1], self.r)) * g.unsqueeze(-1)).flatten(-2)
             scaling = 1.0
-        up = follow(self.up_matrix(), h)
+        up = self.up_matrix(follow(self.lora_B, h))  # built in h's dtype from B's one cast
         # out + s·h·Bᵀ in one GEMM that reads `out` as its addend and scales in its epilogue
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(),
                            alpha=scaling)  # fmt: skip

@@ -18,6 +18,7 @@ The rule (docs/reliability.md, "Devices and dtypes"):
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -39,8 +40,129 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def follow(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`t` on x's device in x's dtype (the same tensor when it already is)."""
+    """`t` on x's device in x's dtype (the same tensor when it already is); a trained parameter
+    comes from the forward's `TrainedCasts` when one is open (one cast for all of them)."""
+    if t.dtype == x.dtype and t.device == x.device:
+        return t
+    if _OPEN.casts and not torch.compiler.is_compiling():
+        made = _OPEN.casts[-1].lookup(t, x)
+        if made is not None:
+            return made
     return t.to(device=x.device, dtype=x.dtype)
+
+
+class _Open(threading.local):
+    casts: tuple = ()
+
+
+_OPEN = _Open()
+
+
+class TrainedCasts:
+    """The low-precision copies of a model's trained parameters for one forward, made for all of
+    them at once: the first parameter a forward asks for in another dtype (bf16 under autocast)
+    casts every trained parameter on that device with one foreach copy, and the backward returns
+    their gradients with one more, where casting each where it is read costs two kernels per
+    parameter (an adapter's four, a LoRA pair's two, per block). Hooks on the model open the
+    casts before its forward and drop them after (they carry autograd history). A parameter
+    read outside the model's forward (activation checkpointing recomputes in the backward) or
+    unknown to `trained` (listed again at the next forward) is cast where it is read, as before;
+    a listed parameter a forward did not read is not cast by the next (prefix tuning's
+    reparameterisation computes in float32). Sharded (DTensor) parameters are never listed:
+    FSDP swaps in their gathered copies itself. Copies and pickles start empty."""
+
+    def __init__(self, trained) -> None:
+        self.trained = trained  # () -> the trained parameters, listed again when stale
+        self._params: list[torch.Tensor] | None = None
+        self._tables: dict = {}
+        self._read: set[int] = set()  # the listed parameters this forward read
+        self._missed = False  # this forward read a trained parameter that was not listed
+
+    def __getstate__(self) -> dict:
+        return {"trained": self.trained}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["trained"])
+
+    def __deepcopy__(self, memo: dict) -> TrainedCasts:
+        return TrainedCasts(copy.deepcopy(self.trained, memo))
+
+    def stale(self) -> None:
+        """The trained parameters changed (a method added, removed or switched): list again."""
+        self._params = None
+
+    def begin(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():  # the compiler fuses each cast into its reader
+            return
+        self._tables, self._read, self._missed = {}, set(), False
+        _OPEN.casts = (*_OPEN.casts, self)
+
+    def end(self, module: nn.Module, args: tuple, output) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self._missed:  # a trained parameter that was not listed: list them all again
+            self._params = None
+        elif self._tables and self._params:  # the next forward casts only what this one read
+            self._params = [p for p in self._params if id(p) in self._read]
+        self._tables, self._read, self._missed = {}, set(), False
+        _OPEN.casts = tuple(c for c in _OPEN.casts if c is not self)
+
+    def lookup(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """t in x's dtype from this forward's casts, or None (not a listed parameter)."""
+        key = (x.dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        table = self._tables.get(key)
+        if table is None:
+            if self._params is None:
+                listed = [p for p in self.trained() if p.is_floating_point()]
+                self._params = [] if any(_sharded(p) for p in listed) else listed
+            table = self._tables[key] = self._cast_all(x.dtype, x.device)
+        made = table.get(id(t))
+        if made is None:
+            if isinstance(t, nn.Parameter) and t.requires_grad and self._params:
+                self._missed = True
+            return None
+        self._read.add(id(t))
+        return made[1]
+
+    def _cast_all(self, dtype: torch.dtype, device: torch.device) -> dict:
+        params = [p for p in self._params
+                  if p.device == device and p.dtype != dtype and p.requires_grad]  # fmt: skip
+        if not params:
+            return {}
+        made = _CastAll.apply(dtype, *params)
+        return {id(p): (p, m) for p, m in zip(params, made, strict=True)}
+
+
+class _CastAll(torch.autograd.Function):
+    """Tensors cast to `dtype` by one foreach copy, their gradients cast back by one."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused copy's gradient stays None, not zeros
+        ctx.dtypes = [t.dtype for t in tensors]
+        made = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in tensors]
+        torch._foreach_copy_(made, list(tensors))
+        return tuple(made)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        used = [i for i, g in enumerate(grads) if g is not None]
+        back = [torch.empty(grads[i].shape, dtype=ctx.dtypes[i], device=grads[i].device)
+                for i in used]  # fmt: skip
+        if used:
+            torch._foreach_copy_(back, [grads[i] for i in used])
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        for i, g in zip(used, back, strict=True):
+            out[i] = g
+        return (None, *out)
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed has no sharded tensors
+        return False
+    return isinstance(t, DTensor)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

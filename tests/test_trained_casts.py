@@ -1,0 +1,192 @@
+"""A forward casts every trained parameter to the compute dtype at once (methods/placement.py,
+TrainedCasts): the same outputs and gradients as casting each where it is read, one foreach copy
+each way, and never a stale or foreign copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import petlkit
+from petlkit.methods.placement import _OPEN, TrainedCasts, follow
+
+BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _perturbed(case, method: str, **fields):
+    petl = petlkit.attach(case.make(), method, **fields)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in petl.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return petl
+
+
+def _each_alone(petl):
+    for handle in petl._cast_hooks:
+        handle.remove()
+    petl._cast_hooks = ["removed"]  # keep _sync_casts from adding them back
+    return petl
+
+
+def _step(petl, case):
+    petl.zero_grad(set_to_none=True)
+    with torch.autocast(**BF16):
+        out = petl(**case.inputs)
+        out = getattr(out, "logits", out)
+    out.float().square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in petl.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora", "unipelt", "ssf", "prompt"])
+@pytest.mark.parametrize("kind", ["vit_case", "bert_case"])
+def test_casting_all_at_once_gives_each_casts_outputs_and_gradients(kind, method, request):
+    case = request.getfixturevalue(kind)
+    out, grads = _step(_perturbed(case, method), case)
+    want_out, want = _step(_each_alone(_perturbed(case, method)), case)
+    assert torch.equal(out, want_out)
+    assert grads.keys() == want.keys() and grads
+    for name, grad in want.items():
+        assert grads[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads[name], grad, msg=name, rtol=0, atol=0)
+
+
+def test_one_copy_casts_every_parameter_each_way(vit_case):
+    petl = _perturbed(vit_case, "adapter")
+    trained = sum(p.requires_grad for p in petl.methods["default"].parameters())
+    with _Ops() as seen:
+        _step(petl, vit_case)
+    assert seen.ops.count("_foreach_copy_") == 2  # forward and backward
+    alone = _each_alone(_perturbed(vit_case, "adapter"))
+    with _Ops() as each:
+        _step(alone, vit_case)
+    assert each.ops.count("_foreach_copy_") == 0
+    assert each.ops.count("_to_copy") - seen.ops.count("_to_copy") == 2 * trained
+
+
+def test_an_unused_parameter_gets_no_gradient_and_casts_close_after_a_failure(vit_case):
+    petl = _perturbed(vit_case, "lora")
+    first = next(p for n, p in petl.named_parameters() if "lora_A" in n)
+    tuner = next(m for m in petl.modules() if getattr(m, "lora_A", None) is first)
+    tuner.enabled = False  # its pair is cast with the others but never read
+    _, grads = _step(petl, vit_case)
+    assert first.grad is None and grads
+    bad = dict(vit_case.inputs)
+    bad[next(iter(bad))] = torch.randn(2, 5)  # the wrong shape: the forward raises
+    with pytest.raises(RuntimeError), torch.autocast(**BF16):
+        petl(**bad)
+    assert _OPEN.casts == ()  # the failed forward closed its casts
+
+
+def _param_casts(petl, case) -> int:
+    """Casts of single parameters (not the foreach copy) in one training step."""
+    with _Ops() as seen:
+        _step(petl, case)
+    return seen.ops.count("_to_copy")
+
+
+def test_a_method_added_later_and_a_copy_cast_their_own_parameters(vit_case):
+    petl = _perturbed(vit_case, "lora")
+    _step(petl, vit_case)
+    petl.add_method(petlkit.make_config("adapter"), name="second")
+    petl.set_active("default", "second")
+    trained = sum(len(m.trainable(petl.model)) for m in petl.methods.values())
+    alone = _each_alone(copy.deepcopy(petl))
+    assert _param_casts(alone, vit_case) - _param_casts(petl, vit_case) == 2 * trained
+    _, grads = _step(petl, vit_case)
+    _, want = _step(_each_alone(copy.deepcopy(petl)), vit_case)
+    assert grads.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, msg=name, rtol=0, atol=0)
+    twin = copy.deepcopy(petl)
+    assert _param_casts(twin, vit_case) == _param_casts(petl, vit_case)  # its own list
+    petl.zero_grad(set_to_none=True)
+    _step(twin, vit_case)
+    assert not petl._casts._tables and not twin._casts._tables  # nothing kept after a forward
+    assert all(p.grad is None for p in petl.parameters())  # the copy trained its own tensors
+    assert any(p.grad is not None for p in twin.parameters())
+
+
+def test_hooks_only_while_an_unmerged_method_is_active(vit_case):
+    model = vit_case.make()
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    petl = petlkit.attach(model, "lora")
+    assert len(model._forward_pre_hooks) > hooks[0]
+    petl.merge()
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    petl.unmerge()
+    assert len(model._forward_pre_hooks) > hooks[0]
+    petl.remove_method("default")
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+
+
+def test_checkpointing_recasts_in_the_backward(vit_case):
+    petl = _perturbed(vit_case, "adapter").train()
+    want_out, want = _step(_each_alone(_perturbed(vit_case, "adapter")).train(), vit_case)
+    petl.model.set_activation_checkpointing(True)
+    out, grads = _step(petl, vit_case)
+    torch.testing.assert_close(out, want_out)
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def test_a_replaced_parameter_is_listed_again_at_the_next_forward(vit_case):
+    petl = _perturbed(vit_case, "lora")
+    listed = _param_casts(petl, vit_case)
+    tuner = next(m for m in petl.modules() if hasattr(m, "lora_A"))
+    tuner.lora_A = torch.nn.Parameter(tuner.lora_A.detach().clone())  # as to_empty would
+    assert _param_casts(petl, vit_case) == listed + 2  # read where it is, and noticed
+    assert _param_casts(petl, vit_case) == listed
+    assert tuner.lora_A.grad is not None
+
+
+def test_casts_made_without_gradients_are_not_reused_with_them():
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    casts = TrainedCasts(lambda: [weight])
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    casts.begin(None, ())
+    try:
+        with torch.no_grad():
+            untracked = follow(weight, x)
+        tracked = follow(weight, x)
+        assert follow(weight, x) is tracked and tracked.dtype == torch.bfloat16
+    finally:
+        casts.end(None, (), None)
+    assert untracked.grad_fn is None and tracked.grad_fn is not None
+    assert follow(weight, x) is not tracked  # closed: cast where it is read
+    assert torch.equal(tracked, weight.detach().to(torch.bfloat16))
+
+
+def test_a_parameter_a_forward_did_not_read_is_not_cast_by_the_next():
+    read, unread = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    casts = TrainedCasts(lambda: [read, unread])
+    x = torch.randn(2, dtype=torch.bfloat16)
+    with _Ops() as first:
+        casts.begin(None, ())
+        follow(read, x)
+        casts.end(None, (), None)
+    with _Ops() as second:
+        casts.begin(None, ())
+        follow(read, x)
+        casts.end(None, (), None)
+    assert first.ops.count("empty") == 2 and second.ops.count("empty") == 1
+    casts.begin(None, ())
+    assert follow(unread, x) is not follow(unread, x)  # read anyway: cast where it is read
+    casts.end(None, (), None)
+    casts.begin(None, ())
+    assert follow(unread, x) is follow(unread, x)  # and listed again
+    casts.end(None, (), None)
