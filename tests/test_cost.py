@@ -229,15 +229,18 @@ def _added(method: str, depth: int, op: str) -> int:
     return ours - count(case, FLOOR).by_op().get(op, {}).get("calls", 0)
 
 
-@pytest.mark.parametrize("method", ["sas", "lora", "prefix"])
+@pytest.mark.parametrize("method", ["sas", "lora", "prefix", "adapter", "unipelt"])
 def test_a_method_under_bf16_autocast_adds_no_cast_per_block_beyond_its_own_tensors(method):
-    """SaS casts its generated scales and shifts and its shared pair once per forward for all
-    blocks; it reads the layer-norm output in bf16 once, as the floor's q|k|v does. Prefix tuning
-    casts all blocks' keys and values at once. LoRA casts its input once for the layer, A and B.
-    None adds an activation-sized cast."""
+    """Trained parameters are cast for all blocks at once (one foreach copy each way, not a cast
+    per parameter); SaS casts its generated scales and shifts once per forward for all blocks;
+    prefix tuning casts all blocks' keys and values at once; an input read by several parts
+    (LoRA's layer, A and gate) is cast once, as the floor casts it. Only an adapter on a pre-norm
+    ViT's float32 residual stream casts its input and the gradient it returns (nothing in the
+    floor reads the stream in bf16; the fused adapter adds the gradient in float32 without a cast
+    back); UniPELT's gated adapter, unfused, also casts the gradient its input gets back."""
     per_block = (_added(method, 4, "aten._to_copy") - _added(method, 2, "aten._to_copy")) // 2
-    # LoRA: A and B, forward and backward; SaS and prefix: their tensors for all blocks at once
-    assert per_block == {"sas": 0, "lora": 4, "prefix": 0}[method]
+    assert per_block == {"adapter": 2, "unipelt": 3}.get(method, 0)
+    assert _added(method, 2, "aten._foreach_copy_") == (0 if method == "prefix" else 2)
 
 
 def test_bitfit_runs_each_layer_once_with_its_bias_offset():

@@ -52,6 +52,8 @@ def gemm_flops(func, args, kwargs, out) -> int | None:
         return _attention_flops(args[0], args[1], backward=False)
     if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
         return _attention_flops(args[1], args[2], backward=True)
+    if packet is aten._addmm_activation:  # addmm with its activation in the GEMM's epilogue
+        packet, kwargs = aten.addmm, {k: v for k, v in kwargs.items() if k != "use_gelu"}
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=out))
     return None

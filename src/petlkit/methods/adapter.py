@@ -31,7 +31,8 @@ from petlkit.config import (
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
-from petlkit.methods.placement import CastLinear, compute_input
+from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input
+from petlkit.methods.residual_adapter import ResidualBottleneck
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -64,6 +65,18 @@ class Bottleneck(nn.Module):
             update = update * self.gate.per_position(x)  # (batch, positions or 1, 1)
         return update
 
+    def residual(self, y: torch.Tensor) -> torch.Tensor:
+        """y + A(y); ungated ReLU adapters without dropout run as one fused node
+        (residual_adapter.py: the same function, fewer kernels)."""
+        fusable = (self.gate is None and isinstance(self.act, nn.ReLU)
+                   and isinstance(self.dropout, nn.Identity) and y.is_floating_point()
+                   and not torch.compiler.is_compiling())  # fmt: skip
+        if not fusable:
+            return y + self(y)
+        dtype = compute_dtype(y)
+        weights = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        return ResidualBottleneck.apply(y, dtype, *(cast_to(t, dtype, y.device) for t in weights))
+
 
 class AdapterTuner(Tuner):
     """Houlsby: h → h + A(h) on a sublayer's output projection."""
@@ -74,7 +87,7 @@ class AdapterTuner(Tuner):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        return h + self.adapter(h) if self.enabled else h
+        return self.adapter.residual(h) if self.enabled else h
 
 
 class PostNormAdapterTuner(Tuner):
@@ -144,8 +157,8 @@ class Adapter(Method):
             return None
         if isinstance(output, tuple):  # transformers blocks may return (hidden, extras...)
             y = output[0]
-            return (y + self.block_adapters[index](y), *output[1:])
-        return output + self.block_adapters[index](output)
+            return (self.block_adapters[index].residual(y), *output[1:])
+        return self.block_adapters[index].residual(output)
 
     def detach(self, model: nn.Module) -> None:
         for handle in self._handles:

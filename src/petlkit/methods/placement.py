@@ -40,15 +40,20 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def follow(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`t` on x's device in x's dtype (the same tensor when it already is); a trained parameter
+    """`t` on x's device in x's dtype (the same tensor when it already is)."""
+    return cast_to(t, x.dtype, x.device)
+
+
+def cast_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`t` in `dtype` on `device` (the same tensor when it already is); a trained parameter
     comes from the forward's `TrainedCasts` when one is open (one cast for all of them)."""
-    if t.dtype == x.dtype and t.device == x.device:
+    if t.dtype == dtype and t.device == device:
         return t
     if _OPEN.casts and not torch.compiler.is_compiling():
-        made = _OPEN.casts[-1].lookup(t, x)
+        made = _OPEN.casts[-1].lookup(t, dtype, device)
         if made is not None:
             return made
-    return t.to(device=x.device, dtype=x.dtype)
+    return t.to(device=device, dtype=dtype)
 
 
 class _Open(threading.local):
@@ -107,15 +112,15 @@ class TrainedCasts:
         self._tables, self._read, self._missed = {}, set(), False
         _OPEN.casts = tuple(c for c in _OPEN.casts if c is not self)
 
-    def lookup(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """t in x's dtype from this forward's casts, or None (not a listed parameter)."""
-        key = (x.dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    def lookup(self, t: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        """t in `dtype` on `device` from this forward's casts, or None (not a listed one)."""
+        key = (dtype, device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         table = self._tables.get(key)
         if table is None:
             if self._params is None:
                 listed = [p for p in self.trained() if p.is_floating_point()]
                 self._params = [] if any(_sharded(p) for p in listed) else listed
-            table = self._tables[key] = self._cast_all(x.dtype, x.device)
+            table = self._tables[key] = self._cast_all(dtype, device)
         made = table.get(id(t))
         if made is None:
             if isinstance(t, nn.Parameter) and t.requires_grad and self._params:

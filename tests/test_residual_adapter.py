@@ -1,0 +1,86 @@
+"""An adapter added to the tensor it reads runs as one fused node (methods/residual_adapter.py):
+the same outputs and gradients as the adapter's modules under autograd, in float32 and under
+bf16 autocast, and the plain path wherever the fused one does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import petlkit
+from petlkit.cost.counter import gemm_flops
+from petlkit.methods.adapter import AdapterConfig, Bottleneck
+
+BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
+
+
+def _bottleneck(**fields) -> Bottleneck:
+    torch.manual_seed(0)
+    adapter = Bottleneck(16, AdapterConfig(reduction_factor=4, **fields))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return adapter
+
+
+def _run(adapter, y, fused: bool, autocast: bool):
+    adapter.zero_grad(set_to_none=True)
+    y = y.detach().clone().requires_grad_(True)
+    with torch.autocast(**BF16, enabled=autocast):
+        out = adapter.residual(y) if fused else y + adapter(y)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    return out.detach(), y.grad, {n: p.grad for n, p in adapter.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_adapter_gives_the_modules_outputs_and_gradients(dtype, autocast):
+    adapter = _bottleneck()
+    y = torch.randn(3, 5, 16).to(dtype)
+    out, grad_y, grads = _run(adapter, y, True, autocast)
+    want_out, want_y, want = _run(adapter, y, False, autocast)
+    assert out.dtype == want_out.dtype and grad_y.dtype == dtype
+    exact = {"rtol": 0, "atol": 0} if autocast or dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, want_out, **exact)
+    torch.testing.assert_close(grad_y, want_y, **exact)
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, msg=name, **exact)
+
+
+@pytest.mark.parametrize("fields", [{"non_linearity": "gelu"}, {"dropout": 0.5}, {"gated": True}])
+def test_adapters_the_fused_node_does_not_cover_take_the_plain_path(fields, monkeypatch):
+    import petlkit.methods.adapter as adapter_module
+
+    def refuse(*args):
+        raise AssertionError("the fused node ran")
+
+    monkeypatch.setattr(adapter_module.ResidualBottleneck, "apply", refuse)
+    adapter = _bottleneck(**fields).eval()
+    y = torch.randn(2, 4, 16)
+    torch.testing.assert_close(adapter.residual(y), y + adapter(y))
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_a_vit_trains_through_the_fused_adapter(vit_case, placement, monkeypatch):
+    import petlkit.methods.adapter as adapter_module
+
+    calls = []
+    original = adapter_module.ResidualBottleneck.apply
+    monkeypatch.setattr(adapter_module.ResidualBottleneck, "apply",
+                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
+    petl = petlkit.attach(vit_case.make(), "adapter", placement=placement)
+    with torch.autocast(**BF16):
+        out = petl(**vit_case.inputs)
+    out.float().square().mean().backward()
+    depth = len(petl.model.blocks)
+    assert len(calls) == depth * (2 if placement == "houlsby" else 1)
+    ups = [p for n, p in petl.named_parameters() if n.endswith("up.weight")]
+    assert ups and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
+
+
+def test_the_counter_counts_the_epilogue_gemm_as_a_gemm():
+    bias, x, w = torch.randn(8), torch.randn(5, 4), torch.randn(8, 4)
+    out = torch._addmm_activation(bias, x, w.t())
+    plain = gemm_flops(torch.ops.aten.addmm.default, (bias, x, w.t()), {}, out)
+    fused = gemm_flops(torch.ops.aten._addmm_activation.default, (bias, x, w.t()), {}, out)
+    assert fused == plain == 2 * 5 * 4 * 8
