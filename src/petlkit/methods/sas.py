@@ -32,6 +32,7 @@ from petlkit.methods.base import Method, Tuner
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
 from petlkit.methods.placement import CastLinear, compute_input, follow
+from petlkit.methods.sas_site import SiteTransform
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -188,18 +189,26 @@ class SaS(Method):
 
     def transform(self, site: str, index: int, x: torch.Tensor) -> torch.Tensor:
         """x + x⊙a_l + b_l + s·(x·down)·up in the dtype the site's linears compute in: three
-        kernels (addcmul, the rank-r product, addmm adding the second GEMM to the first term)."""
+        kernels (addcmul, the rank-r product, addmm adding the second GEMM to the first term);
+        with both modules and no dropout, one autograd node (sas_site.py, a cheaper backward)."""
         x = compute_input(x)
         scale, shift, down, up = self._layer_tensors(site, x)
         flat = x.reshape(-1, x.shape[-1])
+        if (scale is not None and down is not None and isinstance(self.dropout, nn.Identity)
+                and not torch.compiler.is_compiling()):  # fmt: skip
+            y = SiteTransform.apply(flat, scale[index], shift[index], down[index], up[index],
+                                    self.config.scale)  # fmt: skip
+            return y.view(x.shape)
         y = flat if scale is None else torch.addcmul(shift[index], flat, scale[index])
         if down is not None:
-            y = torch.addmm(y, self.dropout(flat) @ down, up, alpha=self.config.scale)
+            y = torch.addmm(y, self.dropout(flat) @ down[index], up[index], alpha=self.config.scale)
         return y.view(x.shape)
 
     def _layer_tensors(self, site: str, x: torch.Tensor) -> tuple:
-        """Per block: (1 + a_l, b_l), and the shared (down, up), in x's dtype and device, cast
-        once per forward for all blocks (not once per block) and split with one unbind."""
+        """Per block: (1 + a_l, b_l) and the shared (down, up), in x's dtype and device, cast
+        once per forward for all blocks (not once per block) and split with one unbind; each
+        block reads its own view of the shared pair, so their gradients meet in one stack and
+        one sum, not one add per block."""
         key = (site, x.dtype, x.device)
         if key not in self._per_layer:
             sm = self.site_modules[site]
@@ -210,7 +219,9 @@ class SaS(Method):
                 a, b = self._cache[site]
                 scale, shift = follow(1.0 + a, x).unbind(0), follow(b, x).unbind(0)
             if self.config.shared:
-                down, up = follow(sm.down, x), follow(sm.up, x)
+                depth = len(self.layout.blocks)
+                down, up = (follow(t, x).expand(depth, *t.shape).unbind(0)
+                            for t in (sm.down, sm.up))  # fmt: skip
             self._per_layer[key] = (scale, shift, down, up)
         return self._per_layer[key]
 
