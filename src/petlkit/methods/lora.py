@@ -52,6 +52,29 @@ def qkv_segments(layout) -> list[Segment]:
     return [(0, 0, heads * d), (1, 0, kv * d), (2, 0, kv * d)]
 
 
+class _PartsUp(torch.autograd.Function):
+    """The parts' up-projections in one zero matrix (rows of q|k|v, n·r): part i's B (`up[i]`,
+    or its rows of a 2-D `up`) at its output rows and its own rank columns. One fill and one
+    copy per part forward, one stack (or cat) of the blocks backward: autograd's pads, selects
+    and cat launch a zero-filled copy per part each way."""
+
+    @staticmethod
+    def forward(ctx, up, blocks, rows: int, r: int):  # noqa: D102 (torch's interface)
+        ctx.blocks, ctx.r, ctx.stacked = blocks, r, up.dim() == 3
+        matrix = up.new_zeros(rows, len(blocks) * r)
+        for i, (start, end, first, last) in enumerate(blocks):
+            part = up[i] if ctx.stacked else up[first:last]
+            matrix[start:end, i * r : (i + 1) * r] = part
+        return matrix
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        r = ctx.r
+        pieces = [grad[start:end, i * r : (i + 1) * r]
+                  for i, (start, end, _, _) in enumerate(ctx.blocks)]  # fmt: skip
+        return (torch.stack(pieces) if ctx.stacked else torch.cat(pieces)), None, None, None
+
+
 class LoRALinear(Tuner):
     """`parts` selects parts of a fused output laid out as `segments` (None: the whole output
     is one part)."""
@@ -105,11 +128,6 @@ class LoRALinear(Tuner):
     def _part_rows(self, part: int) -> int:
         return sum(rows for p, _, rows in self.segments if p == part)
 
-    def _part_up(self, up: torch.Tensor, i: int) -> torch.Tensor:
-        if up.dim() == 3:
-            return up[i]
-        return up[self._offsets[i] : self._offsets[i + 1]]
-
     def up_matrix(self, up: torch.Tensor | None = None) -> torch.Tensor:
         """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
         its rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per forward
@@ -119,15 +137,10 @@ class LoRALinear(Tuner):
         up = self.lora_B if up is None else up
         if self.parts is None:
             return up.view(-1, self.r)  # a view: its backward launches nothing
-        n, r = len(self.parts), self.r
-        pieces = []
-        for part in range(3):
-            if part in self.parts:
-                i = self.parts.index(part)
-                pieces.append(F.pad(self._part_up(up, i), (i * r, (n - 1 - i) * r)))
-            else:
-                pieces.append(up.new_zeros(self._part_rows(part), n * r))
-        matrix = torch.cat(pieces)
+        first = [sum(self._part_rows(p) for p in range(part)) for part in range(4)]
+        blocks = tuple((first[part], first[part + 1], self._offsets[i], self._offsets[i + 1])
+                       for i, part in enumerate(self.parts))  # fmt: skip
+        matrix = _PartsUp.apply(up, blocks, first[3], self.r)
         return matrix if self._row_order is None else matrix.index_select(0, self._row_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class Prefix(Method):
         if cfg.gated:
             self.gates = nn.ModuleList(Gate(width, causal=layout.causal) for _ in range(depth))
         self._kv: torch.Tensor | None = None
-        self._per_block: dict = {}  # (dtype, device) → the blocks' (key, value), this forward
+        self._per_block: dict = {}  # (dtype, device) → the blocks' keys and values, this forward
         encoder = get_module(model, layout.encoder) if layout.encoder else model
         self._handles = [encoder.register_forward_pre_hook(self._refresh)]
         self._handles += [
@@ -108,27 +108,29 @@ class Prefix(Method):
         third item, log G (batch, 1, queries, 1), that the attention adds to the prefix logits."""
         if not self.enabled:
             return None
-        key, value = self._block_key_values(x)[index]
+        kv = self._block_key_values(x)[index]  # (2, kv heads, length, head_dim)
         batch = x.shape[0]
+        if self.config.gated and not self.layout.causal:  # keys and values gated in one product
+            g = self.gates[index](x).view(batch, 1, 1, 1, 1).to(kv.dtype)
+            key, value = (kv * g).unbind(1)
+            return key, value
+        key, value = kv.unbind(0)
         key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
-        if self.config.gated and self.layout.causal:  # per query: see _block_kv's docstring
+        if self.config.gated:  # causal: per query, see _block_kv's docstring
             g = self.gates[index](x).to(torch.float32)  # (batch, queries, 1)
             return key, value, g.clamp_min(1e-30).log().view(batch, 1, -1, 1)
-        if self.config.gated:
-            g = self.gates[index](x).view(batch, 1, 1, 1).to(key.dtype)
-            key, value = key * g, value * g
         return key, value
 
-    def _block_key_values(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every block's (key, value) in the dtype the attention computes in (bf16 under
-        autocast, where x, a layer-norm output, is float32), cast once per forward for all blocks
-        and split with one unbind (whose backward is one stack)."""
+    def _block_key_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's keys and values, (2, kv heads, length, head_dim), in the dtype the
+        attention computes in (bf16 under autocast, where x, a layer-norm output, is float32),
+        cast once per forward for all blocks and split with one unbind (whose backward is one
+        stack)."""
         key = (compute_dtype(x), x.device)
         if key not in self._per_block:
             if self._kv is None:
                 self._kv = self.key_values()
-            blocks = self._kv.to(device=x.device, dtype=key[0]).unbind(0)
-            self._per_block[key] = [(kv[0], kv[1]) for kv in blocks]
+            self._per_block[key] = list(self._kv.to(device=x.device, dtype=key[0]).unbind(0))
         return self._per_block[key]
 
     @torch.no_grad()
