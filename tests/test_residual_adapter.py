@@ -14,9 +14,9 @@ from petlkit.methods.adapter import AdapterConfig, Bottleneck
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
 
-def _bottleneck(**fields) -> Bottleneck:
+def _bottleneck(causal: bool = False, **fields) -> Bottleneck:
     torch.manual_seed(0)
-    adapter = Bottleneck(16, AdapterConfig(reduction_factor=4, **fields))
+    adapter = Bottleneck(16, AdapterConfig(reduction_factor=4, **fields), causal=causal)
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -47,7 +47,38 @@ def test_the_fused_adapter_gives_the_modules_outputs_and_gradients(dtype, autoca
         torch.testing.assert_close(grads[name], grad, msg=name, **exact)
 
 
-@pytest.mark.parametrize("fields", [{"non_linearity": "gelu"}, {"dropout": 0.5}, {"gated": True}])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_gated_adapter_gives_the_modules_outputs_and_gradients(dtype, autocast, causal):
+    """Under autocast a float32 input is recovered from the output in the backward (to float32
+    rounding, then cast), so gradients agree to bf16 rounding there; elsewhere to float32's."""
+    adapter = _bottleneck(causal=causal, gated=True)
+    y = torch.randn(3, 5, 16).to(dtype)
+    out, grad_y, grads = _run(adapter, y, True, autocast)
+    want_out, want_y, want = _run(adapter, y, False, autocast)
+    assert out.dtype == want_out.dtype and grad_y.dtype == dtype
+    low = autocast or dtype == torch.bfloat16
+    close = {"rtol": 2e-2, "atol": 2e-2} if low else {}
+    torch.testing.assert_close(out, want_out, **close)
+    torch.testing.assert_close(grad_y, want_y, **close)
+    assert grads.keys() == want.keys() and "gate.linear.weight" in grads
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, msg=name, **close)
+
+
+def test_the_fused_gated_adapter_keeps_nothing_of_its_inputs_size_for_a_float32_input():
+    adapter = _bottleneck(gated=True)
+    y = torch.randn(4, 6, 16, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autocast(**BF16):
+            out = adapter.residual(y)
+    big = [t for t in kept if t.numel() == y.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()  # the output, kept anyway
+
+
+@pytest.mark.parametrize("fields", [{"non_linearity": "gelu"}, {"dropout": 0.5}])
 def test_adapters_the_fused_node_does_not_cover_take_the_plain_path(fields, monkeypatch):
     import petlkit.methods.adapter as adapter_module
 
@@ -84,3 +115,12 @@ def test_the_counter_counts_the_epilogue_gemm_as_a_gemm():
     plain = gemm_flops(torch.ops.aten.addmm.default, (bias, x, w.t()), {}, out)
     fused = gemm_flops(torch.ops.aten._addmm_activation.default, (bias, x, w.t()), {}, out)
     assert fused == plain == 2 * 5 * 4 * 8
+
+
+def test_the_fused_gated_adapter_keeps_an_input_already_in_the_compute_dtype():
+    adapter = _bottleneck(gated=True).to(torch.bfloat16)
+    y = torch.randn(4, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        adapter.residual(y)
+    assert any(t.data_ptr() == y.data_ptr() for t in kept)  # exact: not recovered from out

@@ -32,7 +32,7 @@ from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input
-from petlkit.methods.residual_adapter import ResidualBottleneck
+from petlkit.methods.residual_adapter import GatedResidualBottleneck, ResidualBottleneck
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -66,16 +66,20 @@ class Bottleneck(nn.Module):
         return update
 
     def residual(self, y: torch.Tensor) -> torch.Tensor:
-        """y + A(y); ungated ReLU adapters without dropout run as one fused node
+        """y + G(y)·A(y); ReLU adapters without dropout, gated or not, run as one fused node
         (residual_adapter.py: the same function, fewer kernels)."""
-        fusable = (self.gate is None and isinstance(self.act, nn.ReLU)
-                   and isinstance(self.dropout, nn.Identity) and y.is_floating_point()
-                   and not torch.compiler.is_compiling())  # fmt: skip
+        fusable = (isinstance(self.act, nn.ReLU) and isinstance(self.dropout, nn.Identity)
+                   and y.is_floating_point() and not torch.compiler.is_compiling())  # fmt: skip
         if not fusable:
             return y + self(y)
         dtype = compute_dtype(y)
-        weights = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
-        return ResidualBottleneck.apply(y, dtype, *(cast_to(t, dtype, y.device) for t in weights))
+        weights = [self.down.weight, self.down.bias, self.up.weight, self.up.bias]
+        if self.gate is not None:
+            weights += [self.gate.linear.weight, self.gate.linear.bias]
+        low = [cast_to(t, dtype, y.device) for t in weights]
+        if self.gate is None:
+            return ResidualBottleneck.apply(y, dtype, *low)
+        return GatedResidualBottleneck.apply(y, dtype, self.gate.causal, *low)
 
 
 class AdapterTuner(Tuner):
