@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petlkit.config import MethodConfig, check_finite
@@ -57,6 +58,8 @@ class SSFTuner(Tuner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.folded:
             return self.forward_folded(x)
+        if self.enabled and type(self.base_layer) is nn.LayerNorm:
+            return self._layer_norm(x)
         out = self.base_layer(x)
         if not self.enabled:
             return out
@@ -66,7 +69,19 @@ class SSFTuner(Tuner):
         shift = follow(self.ssf_shift, out)
         if self._channel_dim == 1:  # a convolution's channels come first: (batch, C, H, W)
             shift, scale = shift.view(-1, 1, 1), scale.view(-1, 1, 1)
-        return torch.addcmul(shift, out, scale)
+        if torch.compiler.is_compiling():  # the compiler fuses the plain form's passes
+            return torch.addcmul(shift, out, scale)
+        return _ScaleShift.apply(out, scale, shift)
+
+    def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
+        function, formed from channel-sized tensors, where scaling the output is a pass over it
+        each way and keeps it for γ's gradient (the norm keeps its input anyway)."""
+        norm = self.base_layer
+        scale, shift = follow(self.ssf_scale, norm.weight), follow(self.ssf_shift, norm.weight)
+        weight = norm.weight * scale
+        bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         base = innermost(self.base_layer)
@@ -84,6 +99,25 @@ class SSFTuner(Tuner):
 
     def fold_refusal(self) -> str | None:
         return fold_refusal(self.base_layer)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """γ ⊙ out + β (one addcmul) with autograd's gradients minus a pass: `addcmul`'s own
+    backward also multiplies `out` by its unit value before γ's product."""
+
+    @staticmethod
+    def forward(ctx, out, scale, shift):  # noqa: D102 (torch's interface)
+        ctx.save_for_backward(out, scale)
+        ctx.shift_shape = shift.shape
+        return torch.addcmul(shift, out, scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out, scale = ctx.saved_tensors
+        grad_out = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = (grad * out).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None
+        grad_shift = grad.sum_to_size(ctx.shift_shape) if ctx.needs_input_grad[2] else None
+        return grad_out, grad_scale, grad_shift
 
 
 def _channels(module: nn.Module) -> int:

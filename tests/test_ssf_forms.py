@@ -1,0 +1,111 @@
+"""SSF's cheaper unfolded forms (methods/ssf.py): on a LayerNorm, the norm run with weight γ ⊙ w
+and bias γ ⊙ b + β; elsewhere one node for γ ⊙ out + β. Both give the plain form's outputs and
+gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import petlkit
+from petlkit.methods.ssf import SSFTuner
+
+
+def _tuner(layer: nn.Module, dtype=torch.float32) -> SSFTuner:
+    torch.manual_seed(0)
+    tuner = SSFTuner(layer, "t", std=0.3).to(dtype)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return tuner
+
+
+def _plain(tuner: SSFTuner, x: torch.Tensor) -> torch.Tensor:
+    out = tuner.base_layer(x)
+    shape = (-1, 1, 1) if isinstance(tuner.base_layer, nn.Conv2d) else (-1,)
+    return out * tuner.ssf_scale.view(shape) + tuner.ssf_shift.view(shape)
+
+
+def _grads(tuner, x, fn):
+    tuner.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (out.float() * torch.linspace(-1, 2, out.numel()).view(out.shape)).sum().backward()
+    return out.detach(), [x.grad, tuner.ssf_scale.grad, tuner.ssf_shift.grad]
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.LayerNorm(8), (3, 5, 8)),
+        (nn.LayerNorm(8, bias=False), (3, 5, 8)),
+        (nn.Linear(6, 8), (3, 5, 6)),
+        (nn.Conv2d(3, 8, 2), (2, 3, 5, 5)),
+    ],
+)
+def test_the_unfolded_forms_give_the_plain_forms_outputs_and_gradients(layer, shape):
+    tuner = _tuner(layer)
+    with torch.no_grad():  # a trained norm's affine is not the identity
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(shape)
+    out, grads = _grads(tuner, x, tuner)
+    want_out, want = _grads(tuner, x, lambda t: _plain(tuner, t))
+    torch.testing.assert_close(out, want_out)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_linears_scale_and_shift_in_bf16_match_autograd_bit_for_bit():
+    tuner = _tuner(nn.Linear(6, 8), torch.bfloat16)
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+
+    def addcmul(t):
+        return torch.addcmul(tuner.ssf_shift, tuner.base_layer(t), tuner.ssf_scale)
+
+    out, grads = _grads(tuner, x, tuner)
+    want_out, want = _grads(tuner, x, addcmul)
+    assert torch.equal(out, want_out)
+    for got, expected in zip(grads, want, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_ssf_on_a_vit_under_autocast_trains_every_scale_and_shift(vit_case):
+    petl = petlkit.attach(vit_case.make(), "ssf")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = petl(**vit_case.inputs)
+    out.float().square().mean().backward()
+    trained = {n: p for n, p in petl.named_parameters() if "ssf_" in n}
+    norms = [n for n in trained if "norm" in n]
+    assert norms and all(trained[n].grad is not None for n in trained)
+    assert all(trained[n].grad.abs().sum() > 0 for n in norms)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []  # (op, elements of its largest tensor argument)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_a_layer_norm_nothing_passes_over_the_output():
+    tuner = _tuner(nn.LayerNorm(8))
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    with _Ops() as seen:
+        tuner(x).sum().backward()
+    big = {name for name, size in seen.ops if size == x.numel()}
+    assert "native_layer_norm" in big and not {"addcmul", "mul", "add"} & big
+
+
+def test_a_linears_scale_costs_two_products_backward():
+    tuner = _tuner(nn.Linear(6, 8))
+    x = torch.randn(3, 5, 6, requires_grad=True)  # the output's gradient and γ's: one product each
+    out = tuner(x)
+    with _Ops() as seen:
+        out.sum().backward()
+    assert [name for name, size in seen.ops if size == out.numel()].count("mul") == 2
