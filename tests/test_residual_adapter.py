@@ -71,9 +71,9 @@ def test_the_fused_gated_adapter_keeps_nothing_of_its_inputs_size_for_a_float32_
     adapter = _bottleneck(gated=True)
     y = torch.randn(4, 6, 16, requires_grad=True)
     kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        with torch.autocast(**BF16):
-            out = adapter.residual(y)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t)
+    with hooks, torch.autocast(**BF16):
+        out = adapter.residual(y)
     big = [t for t in kept if t.numel() == y.numel()]
     assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()  # the output, kept anyway
 
