@@ -34,6 +34,7 @@ from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.linears import LINEARS, as_weight, in_out
+from petlkit.methods.lora_update import LoRAUpdate
 from petlkit.methods.placement import compute_input, follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
@@ -150,6 +151,10 @@ class LoRALinear(Tuner):
             return self.base_layer(x)
         x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
         out = self.base_layer(x)
+        if (self.gate is None and isinstance(self.dropout, nn.Identity)
+                and not torch.compiler.is_compiling()):  # fmt: skip
+            up = self.up_matrix(follow(self.lora_B, x))
+            return LoRAUpdate.apply(x, out, follow(self.lora_A, x), up, self.scaling)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         scaling = self.scaling
         if self.gate is not None:  # one gate per adapted projection, on its rank block

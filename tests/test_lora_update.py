@@ -1,0 +1,79 @@
+"""LoRA's update as one autograd node (methods/lora_update.py): the outputs and gradients of
+F.linear and addmm under autograd; gated or dropout LoRA takes the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import petlkit
+from petlkit.methods.lora_update import LoRAUpdate
+
+
+def _inputs(dtype=torch.float32, x_grad=True):
+    torch.manual_seed(0)
+    x, out = torch.randn(3, 5, 6), torch.randn(3, 5, 8)
+    down, up = torch.randn(4, 6), torch.randn(8, 4)
+    return [t.to(dtype).requires_grad_(x_grad or i > 0) for i, t in enumerate((x, out, down, up))]
+
+
+def _plain(x, out, down, up, scaling):
+    h = torch.nn.functional.linear(x, down)
+    flat = torch.addmm(out.reshape(-1, 8), h.reshape(-1, 4), up.t(), alpha=scaling)
+    return flat.view(out.shape)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_update_node_gives_autograds_outputs_and_gradients(scaling, x_grad, dtype):
+    mine, theirs = _inputs(dtype, x_grad), _inputs(dtype, x_grad)
+    out = LoRAUpdate.apply(*mine, scaling)
+    want = _plain(*theirs, scaling)
+    assert out.dtype == dtype and out.shape == want.shape
+    torch.testing.assert_close(out, want)
+    weight = torch.randn(out.shape).to(dtype)
+    (out * weight).float().sum().backward()
+    (want * weight).float().sum().backward()
+    close = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    for i, (got, expected) in enumerate(zip(mine, theirs, strict=True)):
+        if expected.grad is None:
+            assert got.grad is None and i == 0
+            continue
+        assert got.grad.dtype == dtype
+        torch.testing.assert_close(got.grad, expected.grad, msg=f"input {i}", **close)
+
+
+def _count_node(monkeypatch) -> list:
+    import petlkit.methods.lora as lora_module
+
+    calls: list = []
+    original = lora_module.LoRAUpdate.apply
+    monkeypatch.setattr(lora_module.LoRAUpdate, "apply",
+                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["vit_case", "bert_case"])
+def test_lora_trains_through_the_node_on_fused_and_separate_projections(kind, request, monkeypatch):
+    case = request.getfixturevalue(kind)
+    calls = _count_node(monkeypatch)
+    petl = petlkit.attach(case.make(), "lora")
+    with torch.no_grad():
+        for name, p in petl.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = petl(**case.inputs)
+    getattr(out, "logits", out).float().square().mean().backward()
+    assert calls
+    grads = [p.grad for n, p in petl.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("fields", [{"dropout": 0.1}, {"gated": True}])
+def test_gated_or_dropout_lora_takes_the_plain_path(vit_case, fields, monkeypatch):
+    calls = _count_node(monkeypatch)
+    petl = petlkit.attach(vit_case.make(), "lora", **fields)
+    petl(**vit_case.inputs).float().sum().backward()
+    assert not calls
