@@ -12,6 +12,7 @@ The rule (docs/reliability.md, "Devices and dtypes"):
 - Forwards compute in the activations' dtype: `follow(t, x)` casts a parameter to x's device and
   dtype (a no-op when they already match), `CastLinear` does it for a method's own linears. So a
   method's output keeps the backbone's dtype, and gradients still reach float32 parameters.
+  Inside the model's forward the trained parameters are cast once, all together (`TrainedCasts`).
 - Per-forward tensors (indices, masks) are made from the input (`device=x.device`), never on the
   default device. Merge and unmerge work on the weights' own device (see Method.merge).
 """
