@@ -114,3 +114,17 @@ def save_tiny_llama(folder: Path) -> Path:
     tiny_llama().save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(folder)
     return folder
+
+
+def attached_and_perturbed(case, method: str, **fields):
+    """`method` attached to a fresh model of `case`, its trained tensors moved off their initial
+    values (LoRA's and the adapters' zero up-projections make an untrained method the identity)."""
+    import petlkit
+
+    petl = petlkit.attach(case.make(), method, **fields)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in petl.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return petl

@@ -10,16 +10,11 @@ import torch
 import petlkit
 from petlkit.cost.cases import FLOOR, count
 from petlkit.methods.gate import Gate
+from tests.helpers import attached_and_perturbed
 
 
 def _unipelt(case):
-    petl = petlkit.attach(case.make(), "unipelt")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in petl.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return petl
+    return attached_and_perturbed(case, "unipelt")
 
 
 def _alone(petl):

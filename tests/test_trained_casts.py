@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
 from petlkit.methods.placement import _OPEN, TrainedCasts, follow
+from tests.helpers import attached_and_perturbed
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -24,16 +25,6 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
-
-
-def _perturbed(case, method: str, **fields):
-    petl = petlkit.attach(case.make(), method, **fields)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in petl.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return petl
 
 
 def _each_alone(petl):
@@ -56,8 +47,8 @@ def _step(petl, case):
 @pytest.mark.parametrize("kind", ["vit_case", "bert_case"])
 def test_casting_all_at_once_gives_each_casts_outputs_and_gradients(kind, method, request):
     case = request.getfixturevalue(kind)
-    out, grads = _step(_perturbed(case, method), case)
-    want_out, want = _step(_each_alone(_perturbed(case, method)), case)
+    out, grads = _step(attached_and_perturbed(case, method), case)
+    want_out, want = _step(_each_alone(attached_and_perturbed(case, method)), case)
     assert torch.equal(out, want_out)
     assert grads.keys() == want.keys() and grads
     for name, grad in want.items():
@@ -66,12 +57,12 @@ def test_casting_all_at_once_gives_each_casts_outputs_and_gradients(kind, method
 
 
 def test_one_copy_casts_every_parameter_each_way(vit_case):
-    petl = _perturbed(vit_case, "adapter")
+    petl = attached_and_perturbed(vit_case, "adapter")
     trained = sum(p.requires_grad for p in petl.methods["default"].parameters())
     with _Ops() as seen:
         _step(petl, vit_case)
     assert seen.ops.count("_foreach_copy_") == 2  # forward and backward
-    alone = _each_alone(_perturbed(vit_case, "adapter"))
+    alone = _each_alone(attached_and_perturbed(vit_case, "adapter"))
     with _Ops() as each:
         _step(alone, vit_case)
     assert each.ops.count("_foreach_copy_") == 0
@@ -79,7 +70,7 @@ def test_one_copy_casts_every_parameter_each_way(vit_case):
 
 
 def test_an_unused_parameter_gets_no_gradient_and_casts_close_after_a_failure(vit_case):
-    petl = _perturbed(vit_case, "lora")
+    petl = attached_and_perturbed(vit_case, "lora")
     first = next(p for n, p in petl.named_parameters() if "lora_A" in n)
     tuner = next(m for m in petl.modules() if getattr(m, "lora_A", None) is first)
     tuner.enabled = False  # its pair is cast with the others but never read
@@ -100,7 +91,7 @@ def _param_casts(petl, case) -> int:
 
 
 def test_a_method_added_later_and_a_copy_cast_their_own_parameters(vit_case):
-    petl = _perturbed(vit_case, "lora")
+    petl = attached_and_perturbed(vit_case, "lora")
     _step(petl, vit_case)
     petl.add_method(petlkit.make_config("adapter"), name="second")
     petl.set_active("default", "second")
@@ -135,8 +126,9 @@ def test_hooks_only_while_an_unmerged_method_is_active(vit_case):
 
 
 def test_checkpointing_recasts_in_the_backward(vit_case):
-    petl = _perturbed(vit_case, "adapter").train()
-    want_out, want = _step(_each_alone(_perturbed(vit_case, "adapter")).train(), vit_case)
+    petl = attached_and_perturbed(vit_case, "adapter").train()
+    alone = _each_alone(attached_and_perturbed(vit_case, "adapter")).train()
+    want_out, want = _step(alone, vit_case)
     petl.model.set_activation_checkpointing(True)
     out, grads = _step(petl, vit_case)
     torch.testing.assert_close(out, want_out)
@@ -145,7 +137,7 @@ def test_checkpointing_recasts_in_the_backward(vit_case):
 
 
 def test_a_replaced_parameter_is_listed_again_at_the_next_forward(vit_case):
-    petl = _perturbed(vit_case, "lora")
+    petl = attached_and_perturbed(vit_case, "lora")
     listed = _param_casts(petl, vit_case)
     tuner = next(m for m in petl.modules() if hasattr(m, "lora_A"))
     tuner.lora_A = torch.nn.Parameter(tuner.lora_A.detach().clone())  # as to_empty would
