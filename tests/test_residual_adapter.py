@@ -124,3 +124,16 @@ def test_the_fused_gated_adapter_keeps_an_input_already_in_the_compute_dtype():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         adapter.residual(y)
     assert any(t.data_ptr() == y.data_ptr() for t in kept)  # exact: not recovered from out
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_weight_gradients_come_back_in_the_weights_layout(gated):
+    """Contiguous, as the weights are: the foreach copy that casts them back then takes its fast
+    path on CUDA, and AccumulateGrad keeps them without a copy (a transposed one is copied)."""
+    adapter = _bottleneck(gated=gated)
+    y = torch.randn(2, 5, 16, requires_grad=True)
+    out = adapter.residual(y)
+    weights = [p for n, p in adapter.named_parameters() if n.endswith("weight")]
+    grads = torch.autograd.grad(out.square().sum(), weights)
+    assert len(grads) == (3 if gated else 2)
+    assert all(g.is_contiguous() for g in grads)

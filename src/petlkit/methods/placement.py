@@ -146,15 +146,15 @@ class _CastAll(torch.autograd.Function):
     def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused copy's gradient stays None, not zeros
         ctx.dtypes = [t.dtype for t in tensors]
-        made = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in tensors]
+        made = [torch.empty_like(t, dtype=dtype) for t in tensors]  # equal layouts: fast path
         torch._foreach_copy_(made, list(tensors))
         return tuple(made)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         used = [i for i, g in enumerate(grads) if g is not None]
-        back = [torch.empty(grads[i].shape, dtype=ctx.dtypes[i], device=grads[i].device)
-                for i in used]  # fmt: skip
+        # the gradients' own strides: a foreach copy between equal layouts is one fused launch
+        back = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in used]
         if used:
             torch._foreach_copy_(back, [grads[i] for i in used])
         out: list[torch.Tensor | None] = [None] * len(grads)

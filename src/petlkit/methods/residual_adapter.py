@@ -5,8 +5,9 @@ The same function and gradients as the adapter's modules under autograd, with fe
 fewer passes over the activation (which on a pre-norm ViT is the float32 residual stream):
 the down-projection's bias and ReLU run in the GEMM's epilogue (`_addmm_activation`, one kernel
 on CUDA), and the gradient reaching y through the adapter is added to the one through the
-residual by a single mixed-dtype add (autograd casts it to float32 first and adds again). Each
-gradient is formed with autograd's own formulas, so it rounds as autograd rounds.
+residual by a single mixed-dtype add (autograd casts it to float32 first and adds again).
+Weight gradients are formed in the weights' own (contiguous) layout, so the foreach copy that
+casts them back takes its fast path and AccumulateGrad keeps them without a copy.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ class ResidualBottleneck(torch.autograd.Function):
         low, hidden, w_down, w_up = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         g = g if g.dtype == ctx.dtype else g.to(ctx.dtype)
-        grad_w_up = (hidden.t() @ g).t()
+        grad_w_up = g.t() @ hidden  # contiguous, as the parameter is (see placement._CastAll)
         grad_b_up = g.sum(0)
         grad_hidden = torch.ops.aten.threshold_backward(g @ w_up, hidden, 0)
-        grad_w_down = (low.t() @ grad_hidden).t()
+        grad_w_down = grad_hidden.t() @ low
         grad_b_down = grad_hidden.sum(0)
         grad_y = None
         if ctx.needs_input_grad[0]:
@@ -88,10 +89,10 @@ class GatedResidualBottleneck(torch.autograd.Function):
         else:
             grad_s = (g * update).sum((1, 2), keepdim=True) / shape[1]
         grad_s = torch.ops.aten.sigmoid_backward(grad_s.expand(*shape[:-1], 1).reshape(-1, 1), s)
-        grad_w_up, grad_b_up = (hidden.t() @ grad_update).t(), grad_update.sum(0)
+        grad_w_up, grad_b_up = grad_update.t() @ hidden, grad_update.sum(0)
         grad_hidden = torch.ops.aten.threshold_backward(grad_update @ w_up, hidden, 0)
         grad_both = torch.cat([grad_hidden, grad_s], dim=1)
-        grad_w_both, grad_b_both = (low.t() @ grad_both).t(), grad_both.sum(0)
+        grad_w_both, grad_b_both = grad_both.t() @ low, grad_both.sum(0)
         grad_y = None
         if ctx.needs_input_grad[0]:
             grad_y = grad + (grad_both @ w_both).view(grad.shape)
