@@ -3,6 +3,7 @@ they say, CUDA autocast's policy is followed, and the fit is the one the docs qu
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from petlkit.cost.cases import FLOOR, build_case, count
 from petlkit.cost.counter import OpCounter, StepCount
 from petlkit.cost.cuda_policy import CudaAutocastPolicy
 from petlkit.cost.fit import fit_ground_truth, load
+from petlkit.cost.step import _step as one_step
 from petlkit.cost.step import count_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +131,41 @@ def test_saved_bytes_are_the_activations_kept_for_backward():
     # relu saves its output; cross-entropy its log-softmax (the same size) and a 4-byte total
     # weight; the linear saves x, which the step did not make
     assert c.saved_bytes == 2 * activation + 4
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * grad * x * x
+
+
+def test_a_custom_functions_saved_tensors_are_counted_without_the_hooks_own_calls():
+    """Hooks on saved tensors change the op stream (autograd then detaches what a custom
+    Function unpacks, and not what a node saves of its own output): the counted stream is the
+    one of a step run without them."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    model.weight.requires_grad_(False)
+    x, labels = torch.randn(6, 8), torch.zeros(6, dtype=torch.long)
+
+    def forward(m, b):
+        return _Cube.apply(m(b["x"]))
+
+    counted = count_step(copy.deepcopy(model), {"x": x}, labels, forward, torch.float32, fake=False)
+    plain = StepCount()
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW([twin.bias], lr=1e-6, foreach=True)
+    for counter in (OpCounter(StepCount()), OpCounter(plain)):  # a warm-up, then the step
+        with counter:
+            one_step(twin, {"x": x}, labels, forward, optimizer, torch.float32)
+    assert counted.saved_bytes > 0 and "aten.detach" in plain.stream()
+    assert counted.stream() == plain.stream()
 
 
 # -- CUDA autocast's policy ------------------------------------------------------------------

@@ -109,3 +109,36 @@ def test_a_linears_scale_costs_two_products_backward():
     with _Ops() as seen:
         out.sum().backward()
     assert [name for name, size in seen.ops if size == out.numel()].count("mul") == 2
+
+
+def test_a_linears_scale_and_shift_sum_over_leading_dims_in_one_call_each():
+    tuner = _tuner(nn.Linear(6, 8))
+    loss = tuner(torch.randn(3, 5, 6)).sum()  # x needs no gradient: only SSF's backward runs
+    with _Ops() as seen:
+        loss.backward()
+    names = [name for name, _ in seen.ops]
+    assert names.count("sum") == 2 and "view" not in names, names
+
+
+def test_a_norms_affine_under_ssf_takes_two_ops_backward_and_trains_the_norm_too():
+    tuner = _tuner(nn.LayerNorm(8))
+    x = torch.randn(3, 5, 8)
+    loss = tuner(x).sum()
+    with _Ops() as seen:
+        loss.backward()
+    channel_ops = [name for name, size in seen.ops if size == 8 and name != "detach"]
+    assert sorted(channel_ops) == ["addcmul", "mul"]  # γ's gradient: dw ⊙ w + db ⊙ b
+    for p in tuner.base_layer.parameters():  # BitFit or a full norm trained beside SSF
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for p in tuner.base_layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+
+    def grads(fn):
+        tuner.zero_grad(set_to_none=True)
+        (fn(x) * torch.linspace(-1, 2, x.numel()).view(x.shape)).sum().backward()
+        return [p.grad.clone() for p in (*tuner.base_layer.parameters(), tuner.ssf_scale,
+                                         tuner.ssf_shift)]  # fmt: skip
+
+    for got, want in zip(grads(tuner), grads(lambda t: _plain(tuner, t)), strict=True):
+        torch.testing.assert_close(got, want)

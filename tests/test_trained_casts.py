@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
-from petlkit.methods.placement import _OPEN, TrainedCasts, follow
+from petlkit.methods.placement import _OPEN, TrainedCasts, empty_alike, follow
 from tests.helpers import attached_and_perturbed
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
@@ -21,9 +21,12 @@ class _Ops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.copied: list[int] = []  # tensors per foreach copy
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket.__name__))
+        if self.ops[-1] == "_foreach_copy_":
+            self.copied.append(len(args[0]))
         return func(*args, **(kwargs or {}))
 
 
@@ -175,10 +178,40 @@ def test_a_parameter_a_forward_did_not_read_is_not_cast_by_the_next():
         casts.begin(None, ())
         follow(read, x)
         casts.end(None, (), None)
-    assert first.ops.count("empty_like") == 2 and second.ops.count("empty_like") == 1
+    assert first.copied == [2] and second.copied == [1]
     casts.begin(None, ())
     assert follow(unread, x) is not follow(unread, x)  # read anyway: cast where it is read
     casts.end(None, (), None)
     casts.begin(None, ())
     assert follow(unread, x) is follow(unread, x)  # and listed again
     casts.end(None, (), None)
+
+
+def test_one_dimensional_casts_and_gradients_are_pieces_of_one_allocation(bert_case):
+    petl = attached_and_perturbed(bert_case, "ssf")  # every cast tensor is 1-D
+    with _Ops() as seen:
+        _, grads = _step(petl, bert_case)
+    assert "empty_like" not in seen.ops and seen.ops.count("split_with_sizes") == 2
+    scales = [g for n, g in grads.items() if n.endswith("ssf_scale") and "LayerNorm" not in n]
+    assert len(scales) > 2
+    # AccumulateGrad kept the pieces (a clone would give each its own storage)
+    assert len({g.untyped_storage().data_ptr() for g in scales}) == 1
+    once = {n: g.clone() for n, g in grads.items()}
+    with torch.autocast(**BF16):  # a second step without zeroing: each piece adds its own
+        out = petl(**bert_case.inputs)
+    getattr(out, "logits", out).float().square().mean().backward()
+    for name, param in petl.named_parameters():
+        if name in once:
+            torch.testing.assert_close(param.grad, 2 * once[name], msg=name, rtol=0, atol=0)
+
+
+def test_empty_alike_keeps_shapes_strides_and_dtypes():
+    wide = torch.randn(3, 5).t()  # not contiguous: its own allocation, its strides
+    tensors = [torch.randn(4), wide, torch.randn(6), torch.randn(2, dtype=torch.float16)]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
+    made = empty_alike(tensors, dtypes)
+    for t, m, dtype in zip(tensors, made, dtypes, strict=True):
+        assert (m.shape, m.stride(), m.dtype) == (t.shape, t.stride(), dtype)
+    assert made[0].untyped_storage().data_ptr() == made[2].untyped_storage().data_ptr()
+    assert made[3].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()
+    assert made[1].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()

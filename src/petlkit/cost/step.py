@@ -67,12 +67,13 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
         with OpCounter(StepCount()):  # warm-up; the counter answers the host's reads
             _step(model, batch, labels, forward, optimizer, dtype)
         steps = optimizer.state.values() if optimizer is not None else []
-        counter = OpCounter(count, host={id(state["step"]) for state in steps})
+        host = {id(state["step"]) for state in steps}
         for t in batch.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None
-        with counter, torch.autograd.graph.saved_tensors_hooks(_saved(counter, count), _same):
+        with OpCounter(count, host=host):
             _step(model, batch, labels, forward, optimizer, dtype)
+        _count_saved(count, host, lambda: _step(model, batch, labels, forward, optimizer, dtype))
     return count
 
 
@@ -99,8 +100,11 @@ def _fake_input(value, mode: FakeTensorMode):
     return mode.from_tensor(value.detach()).requires_grad_(value.requires_grad)
 
 
-def _saved(counter: OpCounter, count: StepCount):
-    """Adds up the bytes of step-made storages autograd saves for backward (each once)."""
+def _count_saved(count: StepCount, host: set[int], step: Callable[[], None]) -> None:
+    """The bytes of step-made storages autograd saves for backward (each once), from one more
+    step run apart: the hooks that see them change the op stream (autograd then detaches what
+    a custom Function unpacks, and no longer what a node saves of its own output)."""
+    counter = OpCounter(StepCount(), host=host)
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -110,8 +114,5 @@ def _saved(counter: OpCounter, count: StepCount):
             count.saved_bytes += storage.nbytes()
         return t
 
-    return pack
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()

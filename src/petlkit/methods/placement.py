@@ -146,21 +146,40 @@ class _CastAll(torch.autograd.Function):
     def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused copy's gradient stays None, not zeros
         ctx.dtypes = [t.dtype for t in tensors]
-        made = [torch.empty_like(t, dtype=dtype) for t in tensors]  # equal layouts: fast path
+        made = empty_alike(tensors, [dtype] * len(tensors))
         torch._foreach_copy_(made, list(tensors))
         return tuple(made)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         used = [i for i, g in enumerate(grads) if g is not None]
-        # the gradients' own strides: a foreach copy between equal layouts is one fused launch
-        back = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in used]
+        back = empty_alike([grads[i] for i in used], [ctx.dtypes[i] for i in used])
         if used:
             torch._foreach_copy_(back, [grads[i] for i in used])
         out: list[torch.Tensor | None] = [None] * len(grads)
         for i, g in zip(used, back, strict=True):
             out[i] = g
         return (None, *out)
+
+
+def empty_alike(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """An uninitialised tensor of each one's shape and strides (so that a foreach copy between
+    them is one fused launch on CUDA) in `dtypes[i]`. The 1-D ones of a device and dtype (biases,
+    scales: most of SSF's and BitFit's tensors) are pieces of one allocation, split off by one
+    call, where each alone costs a call of its own (issue #47: BERT-base waits on the host)."""
+    made: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, dtype) in enumerate(zip(tensors, dtypes, strict=True)):
+        if t.dim() == 1 and t.stride(0) == 1:
+            groups.setdefault((t.device, dtype), []).append(i)
+        else:
+            made[i] = torch.empty_like(t, dtype=dtype)
+    for (device, dtype), members in groups.items():
+        sizes = [tensors[i].numel() for i in members]
+        pieces = torch.empty(sum(sizes), dtype=dtype, device=device).split(sizes)
+        for i, piece in zip(members, pieces, strict=True):
+            made[i] = piece
+    return made
 
 
 def _sharded(t: torch.Tensor) -> bool:

@@ -79,8 +79,10 @@ class SSFTuner(Tuner):
         each way and keeps it for γ's gradient (the norm keeps its input anyway)."""
         norm = self.base_layer
         scale, shift = follow(self.ssf_scale, norm.weight), follow(self.ssf_shift, norm.weight)
-        weight = norm.weight * scale
-        bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
+        if norm.bias is None:
+            weight, bias = norm.weight * scale, shift
+        else:
+            weight, bias = _NormAffine.apply(norm.weight, norm.bias, scale, shift)
         return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +117,36 @@ class _ScaleShift(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         out, scale = ctx.saved_tensors
         grad_out = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * out).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.sum_to_size(ctx.shift_shape) if ctx.needs_input_grad[2] else None
+        grad_scale = _sum_to(grad * out, scale.shape) if ctx.needs_input_grad[1] else None
+        grad_shift = _sum_to(grad, ctx.shift_shape) if ctx.needs_input_grad[2] else None
         return grad_out, grad_scale, grad_shift
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """t summed to a per-channel `shape`: over every leading dim of a channels-last t in one
+    call (`sum_to_size` adds a view, an ATen call per site each step); otherwise sum_to_size."""
+    if len(shape) == 1 and t.dim() > 1 and t.shape[-1] == shape[0]:
+        return t.sum(tuple(range(t.dim() - 1)))
+    return t.sum_to_size(shape)
+
+
+class _NormAffine(torch.autograd.Function):
+    """A layer norm's affine under SSF, (w ⊙ γ, b ⊙ γ + β), with γ's gradient dw ⊙ w + db ⊙ b
+    formed by one product and one addcmul (autograd's product and addcmul nodes take four
+    kernels and an add); w and b get theirs (dw ⊙ γ, db ⊙ γ) where they are trained too."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, scale, shift):  # noqa: D102 (torch's interface)
+        ctx.save_for_backward(weight, bias, scale)
+        return weight * scale, torch.addcmul(shift, bias, scale)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):  # noqa: D102
+        weight, bias, scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_scale = torch.addcmul(grad_weight * weight, grad_bias, bias) if needs[2] else None
+        return (grad_weight * scale if needs[0] else None, grad_bias * scale if needs[1] else None,
+                grad_scale, grad_bias)  # fmt: skip
 
 
 def _channels(module: nn.Module) -> int:
