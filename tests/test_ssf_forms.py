@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
-from petlkit.methods.ssf import SSFTuner
+from petlkit.methods.ssf import SSFTuner, _ScaleShift
 
 
 def _tuner(layer: nn.Module, dtype=torch.float32) -> SSFTuner:
@@ -57,18 +57,75 @@ def test_the_unfolded_forms_give_the_plain_forms_outputs_and_gradients(layer, sh
         torch.testing.assert_close(got, expected)
 
 
-def test_a_linears_scale_and_shift_in_bf16_match_autograd_bit_for_bit():
-    tuner = _tuner(nn.Linear(6, 8), torch.bfloat16)
-    x = torch.randn(4, 6, dtype=torch.bfloat16)
+def test_the_scale_shift_node_in_bf16_matches_autograd_bit_for_bit():
+    torch.manual_seed(0)
+    out = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    scale, shift = (torch.randn(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    weights = torch.linspace(-1, 2, out.numel()).view(out.shape)
+
+    def grads(fn):
+        tensors = (out, scale, shift)
+        for t in tensors:
+            t.grad = None
+        y = fn(out, scale, shift)
+        (y.float() * weights).sum().backward()
+        return y.detach(), [t.grad for t in tensors]
+
+    got_y, got = grads(_ScaleShift.apply)
+    want_y, want = grads(lambda o, g, b: torch.addcmul(b, o, g))
+    assert torch.equal(got_y, want_y)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_frozen_linears_scale_in_bf16_matches_autograd_up_to_rounding():
+    tuner = _tuner(nn.Linear(16, 8), torch.bfloat16)
+    x = torch.randn(4, 3, 16, dtype=torch.bfloat16)
 
     def addcmul(t):
         return torch.addcmul(tuner.ssf_shift, tuner.base_layer(t), tuner.ssf_scale)
 
     out, grads = _grads(tuner, x, tuner)
     want_out, want = _grads(tuner, x, addcmul)
-    assert torch.equal(out, want_out)
+    assert torch.equal(out, want_out)  # the same GEMM and addcmul
+    assert torch.equal(grads[1], want[1]) and torch.equal(grads[2], want[2])
+    # x's gradient: γ meets W (not the output's gradient) before the GEMM, one rounding each
+    wide = tuner.to(torch.float64)
+    _, exact = _grads(wide, x.double(), lambda t: addcmul(t))
+    ours, theirs = (g.double() - exact[0] for g in (grads[0], want[0]))
+    assert ours.abs().max() <= 2 * theirs.abs().max() + 1e-3
+
+
+def test_the_fused_form_runs_only_on_a_plain_frozen_linear():
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    for layer, fused in [(nn.Linear(6, 8), True), (nn.Linear(6, 8, bias=False), True),
+                         (nn.Linear(6, 8), False)]:  # fmt: skip
+        tuner = _tuner(layer)
+        if not fused:
+            layer.weight.requires_grad_(True)  # trained too (full fine-tuning beside SSF)
+        out = tuner(x)
+        assert (type(out.grad_fn).__name__ == "_ScaledLinearBackward") is fused
+        out, grads = _grads(tuner, x, tuner)
+        want_out, want = _grads(tuner, x, lambda t, tuner=tuner: _plain(tuner, t))
+        torch.testing.assert_close(out, want_out)
+        for got, expected in zip(grads, want, strict=True):
+            torch.testing.assert_close(got, expected)
+        if not fused:
+            assert layer.weight.grad is not None
+
+
+def test_a_frozen_linear_under_autocast_computes_as_autocast_would():
+    tuner = _tuner(nn.Linear(16, 8))  # float32 weights, float32 input, bf16 autocast
+    x = torch.randn(4, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(tuner, x, tuner)
+        want_out, want = _grads(tuner, x, lambda t: torch.addcmul(
+            tuner.ssf_shift.to(torch.bfloat16), tuner.base_layer(t),
+            tuner.ssf_scale.to(torch.bfloat16)))  # fmt: skip
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want_out)
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32
     for got, expected in zip(grads, want, strict=True):
-        assert torch.equal(got, expected)
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
 def test_ssf_on_a_vit_under_autocast_trains_every_scale_and_shift(vit_case):
@@ -102,18 +159,20 @@ def test_on_a_layer_norm_nothing_passes_over_the_output():
     assert "native_layer_norm" in big and not {"addcmul", "mul", "add"} & big
 
 
-def test_a_linears_scale_costs_two_products_backward():
+def test_a_frozen_linears_scale_costs_one_product_of_the_output_backward():
     tuner = _tuner(nn.Linear(6, 8))
-    x = torch.randn(3, 5, 6, requires_grad=True)  # the output's gradient and γ's: one product each
+    x = torch.randn(3, 5, 6, requires_grad=True)  # γ's gradient only: γ meets W, not the output
     out = tuner(x)
     with _Ops() as seen:
         out.sum().backward()
-    assert [name for name, size in seen.ops if size == out.numel()].count("mul") == 2
+    assert [name for name, size in seen.ops if size == out.numel()].count("mul") == 1
+    assert ("mul", 8 * 6) in seen.ops  # γ ⊙ W
 
 
 def test_a_linears_scale_and_shift_sum_over_leading_dims_in_one_call_each():
-    tuner = _tuner(nn.Linear(6, 8))
-    loss = tuner(torch.randn(3, 5, 6)).sum()  # x needs no gradient: only SSF's backward runs
+    out = torch.randn(3, 5, 8)  # a layer's output that needs no gradient: SSF's backward only
+    scale, shift = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    loss = _ScaleShift.apply(out, scale, shift).sum()
     with _Ops() as seen:
         loss.backward()
     names = [name for name, _ in seen.ops]
@@ -142,3 +201,14 @@ def test_a_norms_affine_under_ssf_takes_two_ops_backward_and_trains_the_norm_too
 
     for got, want in zip(grads(tuner), grads(lambda t: _plain(tuner, t)), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_dtype_mismatch_without_autocast_fails_as_the_bare_layer_does():
+    layer = nn.Linear(6, 8).to(torch.bfloat16)
+    x = torch.randn(2, 6)  # float32 into a bf16 layer, no autocast
+    with pytest.raises(RuntimeError) as bare:
+        layer(x)
+    tuner = SSFTuner(layer.requires_grad_(False), "t", std=0.3)  # its scales in float32
+    with pytest.raises(RuntimeError) as wrapped:
+        tuner(x)
+    assert str(wrapped.value) == str(bare.value)

@@ -21,7 +21,7 @@ from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
-from petlkit.methods.placement import follow
+from petlkit.methods.placement import compute_dtype, compute_input, follow
 from petlkit.methods.targeting import (
     canonical_name,
     find_targets,
@@ -60,6 +60,8 @@ class SSFTuner(Tuner):
             return self.forward_folded(x)
         if self.enabled and type(self.base_layer) is nn.LayerNorm:
             return self._layer_norm(x)
+        if self.enabled and self._scales_a_frozen_linear(x):
+            return self._scaled_linear(x)
         out = self.base_layer(x)
         if not self.enabled:
             return out
@@ -72,6 +74,23 @@ class SSFTuner(Tuner):
         if torch.compiler.is_compiling():  # the compiler fuses the plain form's passes
             return torch.addcmul(shift, out, scale)
         return _ScaleShift.apply(out, scale, shift)
+
+    def _scales_a_frozen_linear(self, x: torch.Tensor) -> bool:
+        """A plain frozen nn.Linear, read in its own dtype or under autocast: `_ScaledLinear`."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or torch.compiler.is_compiling():
+            return False
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        return base.weight.dtype == compute_dtype(x) or torch.is_autocast_enabled(x.device.type)
+
+    def _scaled_linear(self, x: torch.Tensor) -> torch.Tensor:
+        x = compute_input(x)  # the dtype autocast would compute the layer in
+        base = self.base_layer
+        weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
+        return _ScaledLinear.apply(x, weight, bias, scale, shift)
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
@@ -120,6 +139,33 @@ class _ScaleShift(torch.autograd.Function):
         grad_scale = _sum_to(grad * out, scale.shape) if ctx.needs_input_grad[1] else None
         grad_shift = _sum_to(grad, ctx.shift_shape) if ctx.needs_input_grad[2] else None
         return grad_out, grad_scale, grad_shift
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """γ ⊙ (x·Wᵀ + c) + β on a frozen linear: the layer's GEMM and SSF's scale in one node. The
+    gradient reaching x is one GEMM with the scaled weight γ ⊙ W (formed from the weight, out ×
+    in numbers), where the layer's own backward GEMM takes the output's gradient multiplied by γ
+    (a pass over the activation: read, write). γ's gradient reads the layer's output, kept as
+    the two-node form keeps it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift):  # noqa: D102 (torch's interface)
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        ctx.save_for_backward(out, weight, scale)
+        ctx.x_shape = x.shape
+        return torch.addcmul(shift, out, scale).view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out, weight, scale = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ (weight * scale.unsqueeze(1))).view(ctx.x_shape)
+        grad_scale = (g * out).sum(0) if ctx.needs_input_grad[3] else None
+        grad_shift = g.sum(0) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_scale, grad_shift
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
