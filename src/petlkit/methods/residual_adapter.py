@@ -74,30 +74,63 @@ class GatedResidualBottleneck(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         kept, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors
-        rank, shape = ctx.rank, kept.shape
-        update = torch.addmm(b_up, hidden, w_up.t()).view(shape)
-        if ctx.recover:  # y = out − G·A(y) in float32, written in the compute dtype: one pass
-            low = torch.empty(shape, dtype=ctx.dtype, device=kept.device)
-            torch.addcmul(kept, update, gate, value=-1, out=low)
-        else:
-            low = kept
-        low = low.reshape(-1, shape[-1])
+        shape = kept.shape
         g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
-        grad_update = (g * gate).reshape(-1, shape[-1])
+        flat = g.reshape(-1, shape[-1])
         if ctx.causal:
+            update = torch.addmm(b_up, hidden, w_up.t()).view(shape)
+            grad_update = (g * gate).reshape(-1, shape[-1])
             grad_s = (g * update).sum(-1, keepdim=True)
-        else:
-            grad_s = (g * update).sum((1, 2), keepdim=True) / shape[1]
+            grad_w_up, grad_b_up = grad_update.t() @ hidden, grad_update.sum(0)
+            grad_hidden = grad_update @ w_up
+        else:  # one gate per example: its products with g are formed on rank-r tensors
+            update = None
+            grad_s, grad_hidden, grad_w_up, grad_b_up = _per_example(g, flat, gate, hidden,
+                                                                     w_up, b_up)  # fmt: skip
         grad_s = torch.ops.aten.sigmoid_backward(grad_s.expand(*shape[:-1], 1).reshape(-1, 1), s)
-        grad_w_up, grad_b_up = grad_update.t() @ hidden, grad_update.sum(0)
-        grad_hidden = torch.ops.aten.threshold_backward(grad_update @ w_up, hidden, 0)
+        grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)
         grad_both = torch.cat([grad_hidden, grad_s], dim=1)
-        grad_w_both, grad_b_both = grad_both.t() @ low, grad_both.sum(0)
+        grad_w_both, grad_b_both = grad_both.t() @ _input(ctx, kept, hidden, gate, w_up, b_up,
+                                                          update), grad_both.sum(0)  # fmt: skip
         grad_y = None
         if ctx.needs_input_grad[0]:
             grad_y = grad + (grad_both @ w_both).view(grad.shape)
+        rank = ctx.rank
         return (grad_y, None, None, grad_w_both[:rank], grad_b_both[:rank], grad_w_up, grad_b_up,
                 grad_w_both[rank:], grad_b_both[rank:])  # fmt: skip
+
+
+def _per_example(g, flat, gate, hidden, w_up, b_up):
+    """With G one number per example, the gate's gradient Σ_t,d g ⊙ (h·W_upᵀ + b_up) is
+    Σ_t (g·W_up) ⊙ h + (Σ_t g)·b_up, and the up-projection's gradients take G on h: the
+    only passes over g are the GEMM and one sum per example, where forming g ⊙ G and g ⊙ A(y)
+    reads and writes g's size three times more."""
+    batch = g.shape[0]
+    positions = flat.shape[0] // batch
+    g_up = (flat @ w_up).view(batch, positions, -1)  # (batch, positions, r)
+    h = hidden.view(batch, positions, -1)
+    per_example = flat.view(batch, positions, -1).sum(1)  # (batch, width)
+    dots = torch.bmm(g_up.view(batch, 1, -1), h.view(batch, -1, 1)).view(batch)
+    # (dots + per_example·b_up) / positions: the mean's gradient, in one kernel
+    grad_gate = torch.addmv(dots, per_example, b_up, beta=1 / positions, alpha=1 / positions)
+    grad_s = grad_gate.view(batch, *([1] * (g.dim() - 1)))
+    gate = gate.view(batch, 1, 1)
+    gate_h = (h * gate).reshape(-1, h.shape[-1])
+    grad_hidden = (g_up * gate).reshape(-1, h.shape[-1])
+    return grad_s, grad_hidden, flat.t() @ gate_h, gate.reshape(-1) @ per_example
+
+
+def _input(ctx, kept, hidden, gate, w_up, b_up, update):
+    """The adapter's input in the compute dtype, (tokens, width): kept, or recovered as
+    out − G·A(y) from the output (A(y) made again: a rank-r GEMM), to float32 rounding."""
+    shape = kept.shape
+    if not ctx.recover:
+        return kept.reshape(-1, shape[-1])
+    if update is None:
+        update = torch.addmm(b_up, hidden, w_up.t()).view(shape)
+    low = torch.empty(shape, dtype=ctx.dtype, device=kept.device)
+    torch.addcmul(kept, update, gate, value=-1, out=low)
+    return low.reshape(-1, shape[-1])
 
 
 def _no_autocast(x: torch.Tensor):
