@@ -397,3 +397,14 @@ def test_bench_command_prints_the_table(tiny_vit_file, tmp_path, capsys, monkeyp
     assert (
         "these cells ran 3 steps; the preset now trains 6" in (tmp_path / "report.md").read_text()
     )
+
+
+def test_an_untrained_baseline_is_not_another_schedule():
+    """Zero-shot cells train 0 steps by design: a report whose trained cells all ran the preset's
+    schedule carries no note that they ran another one."""
+    from petlkit.bench.command import _other_schedule
+
+    cells = [{"method": "zero-shot", "steps": 0, "shots": None},
+             {"method": "lora", "steps": 100, "shots": None}]  # fmt: skip
+    assert _other_schedule(cells, 100) == ""
+    assert "ran 50 and 100 steps" in _other_schedule([*cells, {"steps": 50, "shots": None}], 100)

@@ -120,6 +120,18 @@ def test_a_table_says_which_seeds_it_averages_and_which_methods_have_fewer(tmp_p
     assert "mean ± std over seeds 0, 1, 2, each method" in text
 
 
+def test_a_zero_shot_baseline_scored_once_is_not_a_short_method(tmp_path):
+    """The base model as it is (0 steps) is scored at one seed by design: the table says so and
+    does not list it among the methods a cut-off grid left short; a trained method still is."""
+    records = [_record("a", "lora", s, 0.8, 10, steps=100) for s in (0, 1, 2)]
+    records += [_record("a", "zero-shot", 0, 0.7, 10, steps=0)]
+    text = write_report(records, tmp_path, "tiny")
+    assert "seeds 0, 1, 2; zero-shot scored once, as it trains nothing, each method" in text
+    records += [_record("a", "sas", 0, 0.8, 10, steps=100)]
+    text = write_report(records, tmp_path, "tiny")
+    assert "zero-shot scored once, as it trains nothing; so far only: sas 0, each" in text
+
+
 def test_a_task_begun_after_the_others_is_named_with_its_seeds(tmp_path):
     """A method complete on one task and part-way on the next (the grid runs task by task) must
     not pass for complete on both: the short task is named with the seeds it has."""
@@ -180,6 +192,17 @@ def test_fewshot_table_has_per_task_rows_a_mean_row_and_seed_spread():
     records[0]["curve"] = [[10, 0.1], [20, 0.1], [30, 0.1], [45, 0.2]]  # rising in its last third
     line = convergence_line(records)
     assert line.startswith("0 of 1 seed-0 runs") and "sas on a, 1-shot (+10.0)" in line
+    assert "nat" not in line  # accuracy: a point is a percentage point
+
+
+def test_a_language_model_convergence_line_says_what_a_point_of_loss_is():
+    """Perplexity tasks are validated on minus the mean token loss: the 2-point plateau rule is
+    in hundredths of a nat there, and the line must say so, not pass it off as accuracy points."""
+    curve = [[25, -3.9], [50, -3.8], [75, -3.7], [100, -3.6]]
+    records = [_record("a", "lora", 0, 40.0, 10, metric="perplexity", curve=curve)]
+    line = convergence_line(records)
+    assert "0 of 1" in line and "lora on a (+20.0)" in line
+    assert "0.01 nat of validation loss" in line
 
 
 def test_a_long_figure_title_sits_above_every_panel_title():

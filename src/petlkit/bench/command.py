@@ -56,7 +56,8 @@ def run_bench(
 
 def _other_schedule(records: list[dict], steps: int | None) -> str:
     """A note for a report rebuilt from cells that ran another schedule than the preset's now."""
-    ran = sorted({r["steps"] for r in records if r.get("shots") is None and "steps" in r})
+    trained = (r for r in records if r.get("shots") is None and r.get("steps"))  # zero-shot: 0
+    ran = sorted({r["steps"] for r in trained})
     if steps is None or not ran or ran == [steps]:
         return ""
     return (f". Note: these cells ran {' and '.join(map(str, ran))} steps; the preset now trains "

@@ -13,6 +13,7 @@ from pathlib import Path
 from petlkit.bench.claims import claims, task_best_rows
 from petlkit.bench.summary import Summary, mean_std, points, verdict
 from petlkit.io import atomic_write
+from petlkit.tasks.metrics import LOWER_IS_BETTER
 
 
 def main_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -193,9 +194,11 @@ def convergence_line(records: list[dict]) -> str | None:
     if not gains:
         return None
     shown = "; ".join(late[:8]) + (f"; and {len(late) - 8} more" if len(late) > 8 else "")
+    loss = all(r["metric"] in LOWER_IS_BETTER for r in records)  # validated on -loss, in nats
+    unit = "; a point here is 0.01 nat of validation loss, about 1 % of perplexity" if loss else ""
     return (f"{len(gains) - len(late)} of {len(gains)} seed-0 runs had plateaued (their best "
             f"validation score in the last third of the schedule is within {PLATEAU_POINTS:g} "
-            f"points of the best before it)" + (f"; still rising: {shown}" if late else "")
+            f"points of the best before it{unit})" + (f"; still rising: {shown}" if late else "")
             + ". Curves: convergence.png.")  # fmt: skip
 
 
@@ -276,7 +279,7 @@ def seeds_phrase(summary: Summary) -> str:
     cells = {(m, t): summary.seeds(m, t) for m in summary.methods for t in summary.tasks}
     every = set().union(*cells.values())
     short = []
-    for method in summary.methods:
+    for method in (m for m in summary.methods if m not in summary.untrained):
         own = [cells[method, task] for task in summary.tasks]
         if all(seeds == own[0] for seeds in own) and own[0] != every:
             short.append(f"{method} {spell(own[0])}")
@@ -284,6 +287,8 @@ def seeds_phrase(summary: Summary) -> str:
         short += [f"{method} on {task} {spell(cells[method, task]) or 'none'}"
                   for task in summary.tasks if cells[method, task] != every]  # fmt: skip
     phrase = f"seed{'s' if len(every) > 1 else ''} {spell(every)}"
+    if summary.untrained:  # the base model as it is: no seed changes its score
+        phrase += f"; {', '.join(summary.untrained)} scored once, as it trains nothing"
     return phrase + (f"; so far only: {'; '.join(short)}" if short else "")
 
 

@@ -55,6 +55,8 @@ class Summary:
             self.scores[r["method"]][r["task"]].append(points(r))
             self.by_seed[r["method"]].setdefault(r["task"], {})[r["seed"]] = points(r)
             self.params[r["method"]] = (r["trainable"], r["percent"])
+        trained = {r["method"] for r in main if r.get("steps", 1) > 0}
+        self.untrained = [m for m in self.methods if m not in trained]  # zero-shot: scored once
         self.fewshot = [r for r in records if r.get("shots") is not None]
         self.dg = [r for r in main if "dg" in r]
 
