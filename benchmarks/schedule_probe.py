@@ -30,7 +30,8 @@ from petlkit.bench.presets import get_presets, narrowed
 from petlkit.bench.report import write_report
 from petlkit.bench.revision import commit
 from petlkit.bench.selection import Choice
-from petlkit.bench.summary import mean_std
+from petlkit.bench.summary import mean_std, points
+from petlkit.tasks.metrics import LOWER_IS_BETTER
 
 
 def seed0_cells(records: list[dict], task: str, fewshot: bool = False,
@@ -43,14 +44,20 @@ def seed0_cells(records: list[dict], task: str, fewshot: bool = False,
 
 
 def seed_spread(records: list[dict], cell: dict) -> str:
-    """The std over seeds (in points) of the records like `cell`, or "–" for one seed."""
+    """The std over seeds of the records like `cell`, in the report's units (points, or
+    perplexity as it is), or "–" for one seed."""
     same = ("task", "method", "shots", "size")
-    scores = [r["score"] for r in records if all(r.get(k) == cell.get(k) for k in same)]
-    return f"{100 * mean_std(scores)[1]:.1f}" if len(scores) > 1 else "–"
+    scores = [points(r) for r in records if all(r.get(k) == cell.get(k) for k in same)]
+    return f"{mean_std(scores)[1]:.1f}" if len(scores) > 1 else "–"
 
 
 def best_val(record: dict) -> str:
-    return f"{100 * max(v for _, v in record['curve']):.1f}" if record.get("curve") else "–"
+    """The best validation score of a run: points, or for a perplexity task the lowest
+    validation loss in nats (validation scores are then the negated loss)."""
+    if not record.get("curve"):
+        return "–"
+    best = max(v for _, v in record["curve"])
+    return f"{-best:.3f}" if record["metric"] in LOWER_IS_BETTER else f"{100 * best:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             done[cell.key] = runner.run_cell(cell, choice)
             append_record(args.output, done[cell.key])
         after = done[cell.key]
-        gain = 100 * (after["score"] - before["score"])
+        gain = points(after) - points(before)  # perplexity: negative is better
         k_cell = f" | {before['shots']}" if args.fewshot else ""
         spread = seed_spread(bench_records, before)
         rows.append(f"| {before['method']}{k_cell} | {before['lr']:g} | {best_val(before)} → "
-                    f"{best_val(after)} | {100 * before['score']:.1f} | "
-                    f"{100 * after['score']:.1f} | {gain:+.1f} | {spread} | "
+                    f"{best_val(after)} | {points(before):.1f} | "
+                    f"{points(after):.1f} | {gain:+.1f} | {spread} | "
                     f"{before['best_step']} → {after['best_step']} |")  # fmt: skip
     write_report(list(done.values()), args.output, f"{preset.name}, {args.steps} steps (probe)")
-    ran = "/".join(str(n) for n in sorted({r["steps"] for r in shorter}))
+    ran = "/".join(str(n) for n in sorted({r["steps"] for r in shorter if r["steps"]}))
     at_k = "" if args.size is None else f", K = {args.size}"
     print(f"\n{args.task}{at_k}, seed 0, the rate chosen at {ran} steps: best validation score "
           f"and test {before['metric']} at {ran} and at {args.steps} steps; the seeds' std at "
-          f"{ran}")  # fmt: skip
+          f"{ran}" + ("; validation as loss in nats" if before["metric"] in LOWER_IS_BETTER
+                      else ""))  # fmt: skip
     k_head, k_rule = (" | K", "|---:") if args.fewshot else ("", "")
     print(f"| method{k_head} | lr | best val (shorter → longer) | test, shorter | test, longer | "
           "change | seeds' std | best step (shorter → longer) |")  # fmt: skip

@@ -64,3 +64,16 @@ def test_the_low_resource_probe_retrains_k_cells_on_the_same_draw_and_reports_va
     before_val = 100 * max(v for _, v in shorter["sas"]["curve"])
     after_val = 100 * max(v for _, v in longer["sas"]["curve"])
     assert f"| {before_val:.1f} → {after_val:.1f} |" in row and f"| {std:.1f} |" in row
+
+
+def test_a_perplexity_probe_reports_perplexity_as_it_is_and_validation_as_loss(probe):
+    """Perplexity is not a fraction: its test score and spread are shown as they are (not × 100)
+    and its validation (the negated loss) as the loss in nats, lowest best."""
+    record = {"metric": "perplexity", "score": 34.617, "curve": [[50, -3.7], [100, -3.516]],
+              "task": "lm", "method": "lora", "shots": None, "size": None}  # fmt: skip
+    other = {**record, "score": 35.617}
+    assert probe.best_val(record) == "3.516"
+    assert probe.seed_spread([record, other], record) == f"{statistics.stdev([34.617, 35.617]):.1f}"
+    accuracy = {**record, "metric": "accuracy", "score": 0.8, "curve": [[50, 0.7], [100, 0.81]]}
+    assert probe.best_val(accuracy) == "81.0"
+    assert probe.seed_spread([accuracy, {**accuracy, "score": 0.9}], accuracy) == "7.1"
