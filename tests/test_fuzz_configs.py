@@ -20,18 +20,18 @@ from tests.conftest import tiny_bert_case, tiny_vit_case
 ANY = st.one_of(
     st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
     st.none(), st.sampled_from(["q", "v", "relu", "pfeiffer", "houlsby", "attn_in", "mlp_in",
-                                "bogus", ""]),
+                                "vocab", "bogus", ""]),
 )  # fmt: skip
 FIELDS = {
     "lora": ["r", "alpha", "dropout", "gated"],
     "adapter": ["reduction_factor", "placement", "non_linearity", "gated", "dropout"],
     "prefix": ["length", "hidden", "reparameterize", "gated"],
-    "prompt": ["length", "init_range", "gated"],
+    "prompt": ["length", "init", "init_range", "gated"],
     "vpt": ["length", "deep", "dropout"],
     "ssf": ["init_std"],
     "sas": ["rank", "embed_dim", "hidden", "scale", "dropout", "shared", "specific"],
     "unipelt": ["gated", "prompt", "prompt_length", "lora_r", "prefix_length", "prefix_hidden",
-                "adapter_reduction"],
+                "adapter_reduction", "prompt_init"],
 }  # fmt: skip
 CASES = {"tiny-bert": tiny_bert_case(), "tiny-vit": tiny_vit_case()}
 
@@ -48,6 +48,7 @@ def configs(draw):
 BACKBONE_REFUSALS = (
     r"^VPT needs the project ViT",
     r"^on a ViT prompts go after the class token",
+    r"^prompt init='vocab' copies word embeddings, and \w+ has no word-embedding table",
 )
 
 

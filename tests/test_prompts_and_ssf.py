@@ -172,3 +172,55 @@ def test_vpt_init_bound_uses_the_real_channel_count():
     bound = (6.0 / (1 * 4 * 4 + 192)) ** 0.5  # one channel, patch 4, width 192
     assert prompts.abs().max() <= bound
     assert prompts.abs().max() > (6.0 / (3 * 4 * 4 + 192)) ** 0.5  # beyond the 3-channel bound
+
+
+def _rows_of(table: torch.Tensor, prompt: torch.Tensor) -> list[int]:
+    """The index of each prompt row in `table` (-1 where it is no row of it)."""
+    equal = (prompt.to(table.dtype)[:, None, :] == table[None]).all(-1)
+    return [int(hits.nonzero()[0]) if hits.any() else -1 for hits in equal]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_init_starts_each_prompt_as_a_word_embedding_drawn_by_the_seed(dtype):
+    """init='vocab' (Lester et al.'s sampled vocabulary): every soft token starts as a copy of one
+    row of the model's own word-embedding table, kept float32 on a bf16 model, and the rows
+    drawn follow torch's seed (a run's seed gives the same start)."""
+    from tests.helpers import tiny_llama
+
+    def prompt_rows(seed):
+        model = tiny_llama().to(dtype)
+        torch.manual_seed(seed)
+        petl = petlkit.attach(model, "prompt", length=6, init="vocab")
+        prompt = petl.methods["default"].prompt
+        assert prompt.dtype == torch.float32 and prompt.requires_grad
+        return _rows_of(model.get_input_embeddings().weight, prompt)
+
+    rows = prompt_rows(0)
+    assert -1 not in rows and len(set(rows)) > 1  # real rows, not one row repeated
+    assert prompt_rows(0) == rows and prompt_rows(1) != rows
+    uniform = petlkit.attach(tiny_llama().to(dtype), "prompt", length=6).methods["default"]
+    assert uniform.prompt.abs().max() <= 0.5  # the default is unchanged: uniform(-0.5, 0.5)
+
+
+def test_unipelt_prompt_layer_takes_the_vocab_init():
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    petl = petlkit.attach(model, "unipelt", prompt=True, prompt_init="vocab", prompt_length=4)
+    prompt = petl.methods["default"].parts["prompt"].prompt
+    assert -1 not in _rows_of(model.get_input_embeddings().weight, prompt)
+    with pytest.raises(petlkit.ConfigError, match="prompt_init must be one of"):
+        petlkit.attach(tiny_llama(), "unipelt", prompt=True, prompt_init="text")
+
+
+def test_vocab_init_refuses_a_model_without_word_embeddings_or_their_values(vit_case):
+    with pytest.raises(petlkit.PetlError, match="no word-embedding table.*init='uniform'"):
+        petlkit.attach(vit_case.make(), "prompt", init="vocab")
+    from tests.helpers import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(petlkit.PetlError, match="meta device.*load its weights"):
+        petlkit.attach(model, "prompt", init="vocab")
+    with pytest.raises(petlkit.ConfigError, match="init must be one of"):
+        petlkit.attach(tiny_llama(), "prompt", init="sampled")

@@ -9,6 +9,12 @@ Lester et al. and HF PEFT. Optionally gated (G over the embedded input).
 VPT (ViT only) inserts n tokens after the class token; deep VPT replaces them before every block
 with that block's own tokens. Either way the prompt positions are dropped before the final norm,
 so the head sees the sequence it would see without prompts.
+
+Prompt tuning's tokens start uniform(−0.5, 0.5) (the spec of the prompt-tuning layer) or, with
+`init="vocab"`, as copies of word embeddings drawn from the model's own vocabulary (Lester et al.
+2021, §3.2 and Fig. 3(b): sampled-vocabulary init beats random-uniform init, most at small
+models). Rows are drawn uniformly over the whole vocabulary with torch's generator (the run's
+seed); Lester et al. draw from the 5,000 most common tokens, which a tokenizer does not record.
 """
 
 from __future__ import annotations
@@ -30,22 +36,25 @@ from petlkit.config import (
     check_range,
 )
 from petlkit.errors import PetlError
-from petlkit.layout import layout_of
+from petlkit.layout import BackboneLayout, layout_of
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import follow
 from petlkit.registry import register_method
 
 NO_MERGE = "prompt tokens lengthen the sequence, so they cannot fold into weights"
+PROMPT_INITS = ("uniform", "vocab")
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig(MethodConfig):
-    """length: soft tokens; init_range: uniform(-init_range, init_range) initialisation;
-    gated: multiply the tokens by a gate G(embedded input); placement: 'after_embeddings'
-    (default) or 'before_embeddings' (text only: prompts get position embeddings)."""
+    """length: soft tokens; init: 'uniform' (uniform(-init_range, init_range)) or 'vocab'
+    (word embeddings drawn from the model's vocabulary); gated: multiply the tokens by a gate
+    G(embedded input); placement: 'after_embeddings' (default) or 'before_embeddings' (text
+    only: prompts get position embeddings)."""
 
     length: int = 10
+    init: str = "uniform"
     init_range: float = 0.5
     gated: bool = False
     placement: str = "after_embeddings"
@@ -54,6 +63,7 @@ class PromptConfig(MethodConfig):
         check_positive_int("PromptConfig", "length", self.length)
         check_finite("PromptConfig", "init_range", self.init_range, positive=True)
         check_range("PromptConfig", "init_range", self.init_range, 0, 10)
+        check_choice("PromptConfig", "init", self.init, PROMPT_INITS)
         check_bool("PromptConfig", "gated", self.gated)
         check_choice("PromptConfig", "placement", self.placement, PROMPT_PLACEMENTS)
 
@@ -68,8 +78,11 @@ class Prompt(Method):
         cfg = self.config
         layout = layout_of(model)
         width = layout.embed_dim or layout.width  # ALBERT, ELECTRA: narrower embeddings
-        self.prompt = nn.Parameter(torch.empty(cfg.length, width))
-        nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
+        if cfg.init == "vocab":
+            self.prompt = nn.Parameter(sampled_vocabulary(model, layout, cfg.length))
+        else:
+            self.prompt = nn.Parameter(torch.empty(cfg.length, width))
+            nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
         if cfg.gated:
             if layout.causal:
                 raise PetlError(
@@ -94,6 +107,28 @@ class Prompt(Method):
         if self.config.gated:
             tokens = tokens * self.gate(x).view(-1, 1, 1).to(tokens.dtype)
         return tokens
+
+
+def sampled_vocabulary(model: nn.Module, layout: BackboneLayout, count: int) -> torch.Tensor:
+    """`count` rows of the model's word-embedding table, drawn uniformly with torch's generator,
+    as a float32 CPU copy (the method's tensors are placed and cast with the others)."""
+    inputs = None if layout.inputs is None else model.get_submodule(layout.inputs)
+    get_table = getattr(inputs, "get_input_embeddings", None)
+    table = get_table() if get_table is not None else None
+    weight = getattr(table, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise PetlError(
+            f"prompt init='vocab' copies word embeddings, and {type(model).__name__} has no "
+            "word-embedding table (a transformers text model's get_input_embeddings()); use "
+            "init='uniform'"
+        )
+    if weight.is_meta:
+        raise PetlError(
+            "prompt init='vocab' copies word embeddings, and this model's are on the meta "
+            "device (no values yet); load its weights before attaching, or use init='uniform'"
+        )
+    rows = torch.randint(weight.shape[0], (count,))
+    return weight.detach()[rows.to(weight.device)].to("cpu", torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from petlkit.methods.base import Method
 from petlkit.methods.gate import GateGroup
 from petlkit.methods.lora import LoRAConfig
 from petlkit.methods.prefix import PrefixConfig
-from petlkit.methods.prompt import PromptConfig
+from petlkit.methods.prompt import PROMPT_INITS, PromptConfig
 from petlkit.registry import method_class, register_method
 
 SUBMODULES = ("adapter", "prefix", "lora")
@@ -40,7 +40,8 @@ SUBMODULES = ("adapter", "prefix", "lora")
 @dataclasses.dataclass(frozen=True)
 class UniPELTConfig(MethodConfig):
     """submodules: any of 'adapter', 'prefix', 'lora'; gated: UniPELT's gates on them;
-    prompt: add the prompt-tuning layer (prompt_length tokens, gated if prompt_gated).
+    prompt: add the prompt-tuning layer (prompt_length tokens, gated if prompt_gated, started
+    as prompt_init: 'uniform' or 'vocab', as PromptConfig.init).
     Per part: lora_r, lora_alpha (used only ungated: a gate replaces alpha / r),
     prefix_length, prefix_hidden, prefix_reparameterize, adapter_reduction,
     adapter_non_linearity."""
@@ -51,6 +52,7 @@ class UniPELTConfig(MethodConfig):
     prompt_length: int = 10
     prompt_gated: bool = False
     prompt_placement: str = "after_embeddings"
+    prompt_init: str = "uniform"
     lora_r: int = 8
     lora_alpha: float = 16.0
     prefix_length: int = 10
@@ -77,6 +79,7 @@ class UniPELTConfig(MethodConfig):
         check_range(owner, "lora_alpha", self.lora_alpha, 0, 1e4)
         check_choice(owner, "adapter_non_linearity", self.adapter_non_linearity, tuple(ACTIVATIONS))
         check_choice(owner, "prompt_placement", self.prompt_placement, PROMPT_PLACEMENTS)
+        check_choice(owner, "prompt_init", self.prompt_init, PROMPT_INITS)
 
     def part_configs(self) -> dict[str, MethodConfig]:
         """The config of each part, in the order they are attached."""
@@ -103,6 +106,7 @@ class UniPELTConfig(MethodConfig):
                 length=self.prompt_length,
                 gated=self.prompt_gated,
                 placement=self.prompt_placement,
+                init=self.prompt_init,
             )
         return parts
 
