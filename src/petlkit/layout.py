@@ -289,8 +289,7 @@ def resolve(model: nn.Module, spec: ModelLayout) -> BackboneLayout:
     if spec.heads is not None:
         heads = tuple(spec.heads)
     inputs = prefix + spec.inputs if spec.inputs else base_name
-    get_embeddings = getattr(model.get_submodule(inputs), "get_input_embeddings", None)
-    embed_dim = getattr(get_embeddings() if get_embeddings else None, "embedding_dim", None)
+    embed_dim = getattr(word_embeddings(model, inputs), "embedding_dim", None)
     fused = frozenset(b.query for b in blocks if spec.qkv is not None)
     return BackboneLayout(
         width=width, num_heads=num_heads, blocks=tuple(blocks), fused_qkv=fused,
@@ -300,3 +299,11 @@ def resolve(model: nn.Module, spec: ModelLayout) -> BackboneLayout:
         embed_dim=embed_dim,
         shared_layers=spec.shared_layers,
     )  # fmt: skip
+
+
+def word_embeddings(model: nn.Module, inputs: str | None) -> nn.Module | None:
+    """The word-embedding layer of the module at `inputs` (a transformers model's
+    get_input_embeddings()), or None where there is none."""
+    get_embeddings = None if inputs is None else getattr(
+        model.get_submodule(inputs), "get_input_embeddings", None)  # fmt: skip
+    return get_embeddings() if get_embeddings is not None else None

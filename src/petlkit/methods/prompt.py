@@ -36,7 +36,7 @@ from petlkit.config import (
     check_range,
 )
 from petlkit.errors import PetlError
-from petlkit.layout import BackboneLayout, layout_of
+from petlkit.layout import BackboneLayout, layout_of, word_embeddings
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import follow
@@ -112,10 +112,7 @@ class Prompt(Method):
 def sampled_vocabulary(model: nn.Module, layout: BackboneLayout, count: int) -> torch.Tensor:
     """`count` rows of the model's word-embedding table, drawn uniformly with torch's generator,
     as a float32 CPU copy (the method's tensors are placed and cast with the others)."""
-    inputs = None if layout.inputs is None else model.get_submodule(layout.inputs)
-    get_table = getattr(inputs, "get_input_embeddings", None)
-    table = get_table() if get_table is not None else None
-    weight = getattr(table, "weight", None)
+    weight = getattr(word_embeddings(model, layout.inputs), "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise PetlError(
             f"prompt init='vocab' copies word embeddings, and {type(model).__name__} has no "
