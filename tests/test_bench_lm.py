@@ -96,8 +96,16 @@ def test_the_lm_here_preset():
     assert [p.name for p in parts] == ["lm-here-sentiment", "lm-here-products"]
     for part in parts:
         assert part.backbone == "smollm2-135m"
-        assert list(part.methods) == ["zero-shot", "full", "lora", "prefix", "prompt", "unipelt",
-                                      "unipelt-prompt", "sas"]  # fmt: skip
+        assert list(part.methods)[:8] == ["zero-shot", "full", "lora", "prefix", "prompt",
+                                          "unipelt", "unipelt-prompt", "sas"]  # fmt: skip
         assert part.seeds == (0, 1, 2) and part.val_limit and part.eval_limit
     assert PRESETS["lm-here-sentiment"].tasks == {"sentiment-gen": "sentiment"}
+    # sentiment's extra columns: both prompt methods with vocabulary-initialised soft tokens
+    vocab = {k: (e.method, e.args) for k, e in PRESETS["lm-here-sentiment"].methods.items()
+             if k.endswith("-vocab")}  # fmt: skip
+    assert vocab == {
+        "prompt-vocab": ("prompt", {"length": 10, "init": "vocab"}),
+        "unipelt-prompt-vocab": ("unipelt-prompt", {"prompt_init": "vocab"}),
+    }
+    assert "prompt-vocab" not in PRESETS["lm-here-products"].methods
     assert math.isclose(PRESETS["lm-here-products"].train["steps"], 100)
