@@ -10,7 +10,7 @@ import math
 import pytest
 
 from petlkit.bench.grid import SELECTION, read_records, run_grid
-from petlkit.bench.presets import PRESETS, MethodEntry, Preset, get_presets
+from petlkit.bench.presets import PRESETS, MethodEntry, Preset, get_presets, narrowed
 from petlkit.bench.report import ranking_rows, write_report
 from petlkit.bench.summary import Summary
 from petlkit.errors import PetlError
@@ -48,6 +48,14 @@ def test_the_zero_shot_base_is_one_untrained_cell(grid):
     trials = read_records(output, SELECTION)
     assert {t["method"] for t in trials} == {"lora", "sas"}  # no rate is chosen for it
     assert len(records) == 1 + 2 * 2  # zero-shot once; lora and sas at seeds 0 and 1
+
+
+def test_a_finished_folder_resumes_for_a_subset_of_its_methods(grid):
+    """`bench --methods lora` on a folder that holds the zero-shot base (0 steps) is no other
+    schedule: nothing is refused and nothing runs again."""
+    preset, output, records = grid
+    again = run_grid(narrowed(preset, methods=["lora"]), output, log=lambda *_: None)
+    assert [(r["cell"], r["score"]) for r in again] == [(r["cell"], r["score"]) for r in records]
 
 
 def test_rates_are_chosen_by_the_lowest_validation_perplexity(grid):

@@ -324,8 +324,8 @@ class GridRunner:
         preset = self.preset
         for r in recorded:
             entry = preset.methods.get(r.get("method"))
-            if entry is not None and entry.method == ZERO_SHOT:
-                continue  # trains no step
+            if r.get("steps") == 0 or (entry is not None and entry.method == ZERO_SHOT):
+                continue  # the zero-shot base trains no step (its column may be left out)
             expected = preset.steps_for(r.get("shots"))
             if expected is not None and r.get("steps") != expected:
                 name = r.get("cell") or r.get("trial")
