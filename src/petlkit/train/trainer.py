@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,8 @@ from petlkit.train import language_model as lm
 from petlkit.train import metrics_log, sharding
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
+from petlkit.train.inputs import eval_order, token_budget
+from petlkit.train.memory import checkpoint_activations, peak_memory_mb
 from petlkit.train.metrics_log import METRICS_LOG
 from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
@@ -52,16 +53,6 @@ def model_logits(output: Any) -> torch.Tensor:
     """The logits of a forward: petlkit's task models return them, transformers' own task
     models (`*ForSequenceClassification`, ...) a ModelOutput holding them."""
     return getattr(output, "logits", output)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """The peak memory of training so far: on a GPU the tensors torch allocated, on the CPU the
-    process's peak resident size (which also counts Python and the libraries)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB on Linux
 
 
 class TrainingInterrupted(PetlError):
@@ -112,7 +103,9 @@ class Trainer:
                 f"batch_size {config.batch_size} does not split into {world} processes × "
                 f"{config.grad_accum} accumulation steps; use a multiple of {parts}"
             )
-        self.max_length = self._token_budget() if task.modality == "text" else config.max_length
+        self.max_length = config.max_length
+        if task.modality == "text":
+            self.max_length = token_budget(model, config.max_length)
         if task.modality == "lm" and config.packing:
             lm.check_packing(model)
         train = task.splits["train"]
@@ -121,31 +114,6 @@ class Trainer:
                 f"batch_size {config.batch_size} is larger than the {len(train)} training examples "
                 f"of {task.name!r}; use at most {len(train)}"
             )
-
-    def _token_budget(self) -> int:
-        """max_length, cut (with a warning) to what the encoder's positions allow once prompt
-        tokens are added in front."""
-        from petlkit.methods.prompt import Prompt
-
-        encoder = getattr(self.model.model, "encoder", None)
-        limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
-        if limit is None:
-            return self.config.max_length
-        if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-            limit -= 2  # positions start after the padding index
-        limit -= sum(  # prompts in front of the word embeddings take positions
-            m.config.length
-            for m in self.model.modules()
-            if isinstance(m, Prompt) and m.config.placement == "before_embeddings"
-        )
-        if self.config.max_length > limit:
-            warnings.warn(
-                f"max_length {self.config.max_length} is more than the encoder's {limit} free "
-                f"positions; longer inputs are cut to {limit} tokens",
-                stacklevel=3,
-            )
-            return limit
-        return self.config.max_length
 
     # -- data ------------------------------------------------------------------------------------
     def global_batch(self, step: int) -> torch.Tensor:
@@ -220,7 +188,7 @@ class Trainer:
             model.train(was_training)
             return scores
         preds = []
-        order = self._eval_order(split)
+        order = eval_order(self.task, split)
         starts = range(0, len(split), self.config.eval_batch_size)
         bar = tqdm(starts, desc=f"eval {split_name}", leave=False, disable=not self.progress)
         for start in bar:
@@ -257,14 +225,6 @@ class Trainer:
         scores["perplexity"] = lm.perplexity(self.model, split.inputs, *args)
         return scores
 
-    def _eval_order(self, split: Split) -> torch.Tensor:
-        """Texts by length, so each batch pads to about its own length (same scores, less
-        compute); other inputs in order."""
-        if self.task.modality != "text":
-            return torch.arange(len(split))
-        lengths = [sum(len(part) for part in t) if self.task.pair else len(t) for t in split.inputs]
-        return torch.tensor(sorted(range(len(split)), key=lengths.__getitem__), dtype=torch.long)
-
     # -- training --------------------------------------------------------------------------------
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -293,7 +253,7 @@ class Trainer:
             self._forget_log_after(info["step"])
         self.model.to(acc.device)
         if cfg.activation_checkpointing:
-            self._checkpoint_activations()
+            checkpoint_activations(self.model.model)
         self.fold = FoldChoice(self.model, cfg.fold, info)
         if cfg.fsdp:  # FSDP reduces the gradients itself; no DDP wrapper
             ddp_model, acc_optimizer = self.model, optimizer
@@ -379,25 +339,6 @@ class Trainer:
                     f"interrupted at step {done} of {cfg.steps}; its checkpoint is saved: run "
                     "the same command with --resume to continue"
                 )
-
-    def _checkpoint_activations(self) -> None:
-        """Recompute each block's activations in the backward pass: petlkit backbones switch it
-        on themselves, transformers models through their gradient checkpointing (non-reentrant,
-        so frozen inputs still pass gradients to the methods' tensors)."""
-        task_model = self.model.model
-        switch = getattr(task_model, "set_activation_checkpointing", None)
-        if switch is not None:
-            switch(True)
-            return
-        if not getattr(task_model, "supports_gradient_checkpointing", False):
-            name = type(task_model).__name__
-            raise PetlError(f"{name} has no activation checkpointing; use a petlkit backbone or "
-                            "a transformers model that supports it")  # fmt: skip
-        enable = getattr(task_model, "activation_checkpointing_enable", None)
-        enable = enable or task_model.gradient_checkpointing_enable  # before transformers 5.x
-        enable({"use_reentrant": False})
-        if getattr(task_model.config, "use_cache", False):
-            task_model.config.use_cache = False  # a cache is of no use to a training forward
 
     def _checkpoint(self, params: dict, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """The training checkpoint; a sharded run gathers the trained tensors and their optimiser

@@ -1,0 +1,46 @@
+"""How text examples become model inputs: the token budget an encoder leaves once prompt tokens
+take positions, and the evaluation order that lets each batch pad to about its own length."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from petlkit.tasks.base import Split, Task
+
+
+def token_budget(model: nn.Module, max_length: int) -> int:
+    """max_length, cut (with a warning) to what the encoder's positions allow once prompt tokens
+    are added in front."""
+    from petlkit.methods.prompt import Prompt
+
+    encoder = getattr(model.model, "encoder", None)
+    limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    if limit is None:
+        return max_length
+    if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    limit -= sum(  # prompts in front of the word embeddings take positions
+        m.config.length
+        for m in model.modules()
+        if isinstance(m, Prompt) and m.config.placement == "before_embeddings"
+    )
+    if max_length > limit:
+        warnings.warn(
+            f"max_length {max_length} is more than the encoder's {limit} free positions; longer "
+            f"inputs are cut to {limit} tokens",
+            stacklevel=3,
+        )
+        return limit
+    return max_length
+
+
+def eval_order(task: Task, split: Split) -> torch.Tensor:
+    """Texts by length, so each batch pads to about its own length (same scores, less compute);
+    other inputs in order."""
+    if task.modality != "text":
+        return torch.arange(len(split))
+    lengths = [sum(len(part) for part in t) if task.pair else len(t) for t in split.inputs]
+    return torch.tensor(sorted(range(len(split)), key=lengths.__getitem__), dtype=torch.long)
