@@ -116,6 +116,19 @@ def save_tiny_llama(folder: Path) -> Path:
     return folder
 
 
+LM_ROWS = [{"prompt": f"question {i} is", "completion": f" answer {i % 3}"} for i in range(12)]
+
+
+def lm_files(folder: Path, rows: list[dict], splits=("train", "val", "test")) -> Path:
+    """`rows` (prompt/completion or messages dicts) written as each split's JSONL file."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
 def attached_and_perturbed(case, method: str, **fields):
     """`method` attached to a fresh model of `case`, its trained tensors moved off their initial
     values (LoRA's and the adapters' zero up-projections make an untrained method the identity)."""

@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import petlkit
 import petlkit.run
 from petlkit.backbones.registry import minilm_path
-from petlkit.cli import main
 from petlkit.errors import PetlError
 from petlkit.tasks import load_task
 from petlkit.tasks.generation import Example, lm_task
@@ -23,7 +22,7 @@ from petlkit.tasks.metrics import selection_value
 from petlkit.train import language_model as lm
 from petlkit.train.config import TrainConfig
 from petlkit.train.trainer import Trainer
-from tests.helpers import nothing_written, one_line_error, tiny_llama
+from tests.helpers import LM_ROWS, lm_files, nothing_written, one_line_error, tiny_llama
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
@@ -44,16 +43,6 @@ def llama_folder(tmp_path_factory, tokenizer):
 
 def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
     return tiny_llama(seed).eval()
-
-
-def _files(folder, rows, splits=("train", "val", "test")):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in splits:
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
-
-
-ROWS = [{"prompt": f"question {i} is", "completion": f" answer {i % 3}"} for i in range(12)]
 
 
 # -- what the loss counts ----------------------------------------------------------------------
@@ -109,7 +98,7 @@ def test_chat_files_are_read_and_bad_rows_refused(tmp_path):
     chat = {
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     }
-    task = load_task("text-generation", _files(tmp_path / "ok", [chat] * 3))
+    task = load_task("text-generation", lm_files(tmp_path / "ok", [chat] * 3))
     assert task.modality == "lm" and task.splits["train"].inputs[0].completion == "hello"
     bad = {
         "no completion": ({"prompt": "x"}, "has no 'completion' column"),
@@ -124,14 +113,14 @@ def test_chat_files_are_read_and_bad_rows_refused(tmp_path):
         ),  # fmt: skip
     }
     for name, (row, message) in bad.items():
-        folder = _files(tmp_path / name.replace(" ", "-"), [row])
+        folder = lm_files(tmp_path / name.replace(" ", "-"), [row])
         with pytest.raises(PetlError, match=message) as err:
             load_task("text-generation", folder)
         assert "record 1" in str(err.value), name
 
 
 def test_a_bad_row_fails_the_cli_in_one_line_before_any_file(llama_folder, tmp_path, capsys):
-    data = _files(tmp_path / "data", [*ROWS[:3], {"prompt": "x"}])
+    data = lm_files(tmp_path / "data", [*LM_ROWS[:3], {"prompt": "x"}])
     argv = [
         "train",
         "--backbone",
@@ -179,7 +168,7 @@ def test_packing_starts_a_new_row_when_the_next_example_does_not_fit():
 
 
 def test_the_trainers_packed_batches_give_the_unpacked_loss(tokenizer, tmp_path):
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     petl = petlkit.attach(_tiny_lm(), "lora")
     config = TrainConfig(steps=1, batch_size=6, max_length=64, packing=True)
     trainer = Trainer(petl, task, config, None, tokenizer, progress=False)
@@ -195,7 +184,7 @@ def test_the_trainers_packed_batches_give_the_unpacked_loss(tokenizer, tmp_path)
 
 
 def test_packing_is_refused_for_methods_that_add_tokens(tokenizer, tmp_path):
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     for method in ("prefix", "prompt", "unipelt"):
         petl = petlkit.attach(_tiny_lm(), method)
         with pytest.raises(PetlError, match="packing keeps examples apart"):
@@ -221,7 +210,7 @@ def test_the_step_loss_is_the_token_mean_of_the_global_batch(tokenizer, tmp_path
     """Examples have completions of different lengths; the loss weighs every completion token
     alike whatever the micro-batches, so gradient accumulation equals the full batch."""
     rows = [{"prompt": f"q{i}", "completion": " a" * (1 + i % 4)} for i in range(8)]
-    task = load_task("text-generation", _files(tmp_path, rows))
+    task = load_task("text-generation", lm_files(tmp_path, rows))
     full, _ = _train(tokenizer, task)
     accumulated, _ = _train(tokenizer, task, grad_accum=2)
     for name, value in _trained(full).items():
@@ -255,7 +244,7 @@ def test_scores_and_selection_of_a_label_word_task(tokenizer, tmp_path):
 def test_model_selection_keeps_the_lowest_perplexity(tokenizer, tmp_path):
     assert selection_value({"perplexity": 3.0}) == pytest.approx(-math.log(3.0))
     assert selection_value({"accuracy": 0.5, "perplexity": 3.0}) == 0.5
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     out = tmp_path / "run"
     torch.manual_seed(0)
     petl = petlkit.attach(_tiny_lm(), "lora")
@@ -271,7 +260,7 @@ def test_model_selection_keeps_the_lowest_perplexity(tokenizer, tmp_path):
 def test_activation_checkpointing_on_a_transformers_decoder_gives_the_same_step(
     tokenizer, tmp_path, method
 ):
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     plain, _ = _train(tokenizer, task, method)
     checkpointed, _ = _train(tokenizer, task, method, activation_checkpointing=True)
     assert checkpointed.model.model.gradient_checkpointing  # switched on, not just harmless
@@ -281,7 +270,7 @@ def test_activation_checkpointing_on_a_transformers_decoder_gives_the_same_step(
 
 
 def test_a_bf16_base_trains_float32_tensors(tokenizer, tmp_path):
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     petl = petlkit.attach(_tiny_lm().to(torch.bfloat16), "sas")
     config = TrainConfig(steps=2, batch_size=4, eval_every=0, lr=1e-2, max_length=32)
     trainer = Trainer(petl, task, config, None, tokenizer, progress=False)
@@ -291,49 +280,6 @@ def test_a_bf16_base_trains_float32_tensors(tokenizer, tmp_path):
     frozen = [p for p in petl.parameters() if not p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert results["peak_memory_mb"] > 0 and results["val"]["perplexity"] > 1
-
-
-# -- the command line --------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "sas"])
-def test_train_eval_generate_merge_from_the_cli(llama_folder, tmp_path, capsys, method):
-    data = _files(tmp_path / "data", ROWS)
-    run = tmp_path / "run"
-    assert main(["train", "--backbone", str(llama_folder), "--method", method, "--task",
-                 "text-generation", "--data-dir", str(data), "--steps", "3", "--batch-size", "4",
-                 "--eval-every", "3", "--lr", "0.01", "--output", str(run)]) == 0  # fmt: skip
-    results = json.loads((run / "results.json").read_text())
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
-    assert json.loads(capsys.readouterr().out)["val"] == pytest.approx(results["val"])
-
-    assert main(["generate", "--run", str(run), "--prompt", "question 1 is", "--prompt",
-                 "question 2 is", "--max-new-tokens", "4"]) == 0  # fmt: skip
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["prompt"] for line in lines] == ["question 1 is", "question 2 is"]
-
-    merged = tmp_path / "merged"
-    assert main(["merge", "--run", str(run), "--output", str(merged)]) == 0
-    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
-    ours, _, built = petlkit.run.load_run(run)
-    ours.merge()
-    ours.eval()
-    enc = lm.prompt_batch(built.tokenizer, ["question 1 is"], None, "cpu")
-    with torch.no_grad():
-        expected = ours.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        tokens = plain.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(tokens, expected)
-
-
-def test_generate_refuses_a_classifier_run_and_no_prompt(llama_folder, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--backbone", str(llama_folder), "--task", "rotten-tomatoes",
-                 "--method", "lora", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
-                 "--output", str(run)]) == 0  # fmt: skip
-    capsys.readouterr()
-    assert main(["generate", "--run", str(run)]) == 2
-    assert "give --prompt" in capsys.readouterr().err
-    assert main(["generate", "--run", str(run), "--prompt", "hi"]) == 2
-    assert "needs a language-model run" in capsys.readouterr().err
 
 
 def test_built_in_language_model_tasks():
@@ -385,43 +331,8 @@ def test_exact_match_compares_the_normalised_first_words(tokenizer):
     assert lm.normalise("  Positive!\n") == "positive"
 
 
-def test_generate_samples_reproducibly_with_a_seed(llama_folder, tmp_path, capsys):
-    data = _files(tmp_path / "data", ROWS)
-    run = tmp_path / "run"
-    assert main(["train", "--backbone", str(llama_folder), "--method", "lora", "--task",
-                 "text-generation", "--data-dir", str(data), "--steps", "1", "--batch-size", "4",
-                 "--eval-every", "1", "--output", str(run)]) == 0  # fmt: skip
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("question 1 is\n\nquestion 2 is\n")
-    outputs = []
-    for seed in ("0", "0", "1"):
-        capsys.readouterr()
-        assert (
-            main(
-                [
-                    "generate",
-                    "--run",
-                    str(run),
-                    "--prompt-file",
-                    str(prompts),
-                    "--sample",
-                    "--seed",
-                    seed,
-                    "--temperature",
-                    "1.5",
-                    "--max-new-tokens",
-                    "8",
-                ]
-            )
-            == 0
-        )
-        outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
-    assert [o["prompt"] for o in outputs[0]] == ["question 1 is", "question 2 is"]  # blank: skipped
-    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
-
-
 def test_a_base_model_without_a_method_evaluates_and_refuses_to_train(tokenizer, tmp_path):
-    task = load_task("text-generation", _files(tmp_path, ROWS))
+    task = load_task("text-generation", lm_files(tmp_path, LM_ROWS))
     trainer = Trainer(petlkit.PetlModel(_tiny_lm()), task, TrainConfig(steps=1, batch_size=4),
                       None, tokenizer, progress=False)  # fmt: skip
     assert trainer.evaluate("val")["perplexity"] > 1
