@@ -5,6 +5,7 @@ folder (MiniLM's tokenizer beside it)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 
@@ -306,6 +307,58 @@ def test_the_verbalised_label_is_the_word_the_prompt_makes_most_likely(tokenizer
             logp = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
             scores.append(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(answer)))
     assert int(chosen[0]) == int(torch.tensor(scores).argmax())
+
+
+REVIEWS = [Example(w, f"Review: {text}\nSentiment:") for w, text in [
+    (" good", "fine acting"), (" bad", "a long, dull and very slow film " * 3), (" good", "yes"),
+    (" bad", "no"), (" good", "the best of the year"), (" bad", "poor")]]  # fmt: skip
+
+
+class _Counted(torch.nn.Module):
+    """A model whose forwards are counted."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **inputs):
+        self.calls += 1
+        return self.model(**inputs)
+
+
+LONGER = [Example(" excellently", "Review: so very well made, " * 3 + "\nSentiment:")] + REVIEWS
+
+
+@pytest.mark.parametrize(
+    ("words", "examples", "max_length", "one_pass"),
+    [((" bad", " good"), REVIEWS, 64, True), ((" bad", " good"), REVIEWS, 12, True),  # cut to fit
+     ((" bad", " good"), LONGER, 64, True),  # a longer completion, the prompts whole
+     ((" bad", " good"), LONGER, 12, False),  # cut shorter than its candidates' prompts
+     ((" bad", " good"), [Example(" good", "")] + REVIEWS, 64, False),  # no prompt to score after
+     ((" bad", " good", " excellently"), REVIEWS, 64, False)],  # a word of several tokens
+)  # fmt: skip
+def test_label_scores_are_the_choice_and_perplexity_in_one_pass(tokenizer, words, examples,
+                                                                max_length, one_pass):  # fmt: skip
+    model = _Counted(_tiny_lm(3))
+    args = (tokenizer, max_length, 4, "cpu", contextlib.nullcontext)
+    chosen, ppl = lm.label_scores(model, examples, words, *args)
+    calls, model.calls = model.calls, 0
+    expected = lm.verbalised_choice(model, examples, words, *args)
+    assert torch.equal(chosen, expected)
+    assert ppl == pytest.approx(lm.perplexity(model, examples, *args), rel=1e-5)
+    batches = math.ceil(len(examples) / 4)
+    assert calls == (batches if one_pass else model.calls)  # one forward per batch, or both
+
+
+def test_label_scores_of_chat_examples_take_the_two_passes(tokenizer, monkeypatch):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT
+    examples = [Example(" good", "", (("user", "fine"), ("assistant", " good")))] * 3
+    called = []
+    monkeypatch.setattr(lm, "verbalised_choice", lambda *a: called.append(1) or torch.zeros(3))
+    lm.label_scores(_tiny_lm(), examples, (" bad", " good"), tokenizer, 32, 4, "cpu",
+                    contextlib.nullcontext)  # fmt: skip
+    assert called == [1]
 
 
 class _Parrot(torch.nn.Module):

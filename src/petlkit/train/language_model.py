@@ -157,6 +157,47 @@ def verbalised_choice(model, examples, words, tokenizer, max_length, batch_size,
     return torch.cat(choices)
 
 
+@torch.no_grad()
+def label_scores(model, examples, words, tokenizer, max_length, batch_size, device, autocast):
+    """(`verbalised_choice`, `perplexity`) of a label-word task. Where every label word is one
+    token and each example's prompt is the one its candidates are scored after, both come from
+    one forward of each example: the completion's NLL, and at the prompt's last position the
+    log-probabilities of the words' tokens (the word's score, as `verbalised_choice` sums it);
+    a third of the model passes of scoring them apart. Otherwise, the two passes."""
+    gold = [tokenize(e, tokenizer, max_length) for e in examples]
+    tokens = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    if all(len(t) == 1 for t in tokens) and _prompts_match(examples, words, gold, tokenizer,
+                                                             max_length):  # fmt: skip
+        word_ids = torch.tensor([t[0] for t in tokens], device=device)
+        total, count, choices = torch.zeros((), dtype=torch.float64), 0, []
+        for start in range(0, len(gold), batch_size):
+            batch = padded(gold[start : start + batch_size], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                logits = _logits(model, batch)
+            nll, n = completion_nll(logits, batch["labels"])
+            total, count = total + nll.double().cpu(), count + int(n)
+            last = (batch["labels"] != IGNORE).int().argmax(-1) - 1  # the prompt's last token
+            rows = torch.arange(len(last), device=last.device)
+            logp = torch.log_softmax(logits[rows, last].float(), dim=-1)
+            choices.append(logp[:, word_ids].argmax(-1).cpu())
+        return torch.cat(choices), float(torch.exp(total / max(count, 1)))
+    args = (tokenizer, max_length, batch_size, device, autocast)
+    return verbalised_choice(model, examples, words, *args), perplexity(model, examples, *args)
+
+
+def _prompts_match(examples, words, gold, tokenizer, max_length: int) -> bool:
+    """Each example's tokens, up to its completion, are those its first candidate word is scored
+    after (not so for a chat rendering, or where a longer completion cut the prompt shorter)."""
+    for example, (ids, labels) in zip(examples, gold, strict=True):
+        prompt = labels.count(IGNORE)  # the prompt's tokens: the masked ones, before the rest
+        candidate, _ = _without_stop(tokenize(Example(words[0], example.prompt), tokenizer,
+                                              max_length), tokenizer)  # fmt: skip
+        if prompt == 0 or candidate[:-1] != ids[:prompt]:
+            return False
+    return True
+
+
 def _without_stop(seq: tuple[list[int], list[int]], tokenizer) -> tuple[list[int], list[int]]:
     ids, labels = seq
     if ids and ids[-1] == tokenizer.eos_token_id and labels[-1] != IGNORE:

@@ -215,15 +215,14 @@ class Trainer:
         and rates by the first score, skips it (`generate=False`)."""
         args = (self.tokenizer, self.max_length, self.config.eval_batch_size,
                 self.accelerator.device, self.accelerator.autocast)  # fmt: skip
-        scores = {}
-        if self.task.label_names:
-            words = self.task.label_names
-            chosen = lm.verbalised_choice(self.model, split.inputs, words, *args)
-            scores["accuracy"] = float((chosen == split.labels).float().mean())
-            if generate:
-                scores["exact_match"] = lm.exact_match(self.model, split.inputs, *args)
-        scores["perplexity"] = lm.perplexity(self.model, split.inputs, *args)
-        return scores
+        if not self.task.label_names:
+            return {"perplexity": lm.perplexity(self.model, split.inputs, *args)}
+        words = self.task.label_names
+        chosen, perplexity = lm.label_scores(self.model, split.inputs, words, *args)
+        scores = {"accuracy": float((chosen == split.labels).float().mean())}
+        if generate:
+            scores["exact_match"] = lm.exact_match(self.model, split.inputs, *args)
+        return {**scores, "perplexity": perplexity}
 
     # -- training --------------------------------------------------------------------------------
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
