@@ -108,12 +108,13 @@ def test_the_lm_here_preset():
                                           "unipelt", "unipelt-prompt", "sas"]  # fmt: skip
         assert part.seeds == (0, 1, 2) and part.val_limit and part.eval_limit
     assert PRESETS["lm-here-sentiment"].tasks == {"sentiment-gen": "sentiment"}
-    # sentiment's extra columns: both prompt methods with vocabulary-initialised soft tokens
-    vocab = {k: (e.method, e.args) for k, e in PRESETS["lm-here-sentiment"].methods.items()
-             if k.endswith("-vocab")}  # fmt: skip
-    assert vocab == {
-        "prompt-vocab": ("prompt", {"length": 10, "init": "vocab"}),
-        "unipelt-prompt-vocab": ("unipelt-prompt", {"prompt_init": "vocab"}),
+    # sentiment's extra columns: both prompt methods started from a question's embeddings
+    text = {k: (e.method, e.args) for k, e in PRESETS["lm-here-sentiment"].methods.items()
+            if k.endswith("-text")}  # fmt: skip
+    question = "Is this movie review positive or negative?"
+    assert text == {
+        "prompt-text": ("prompt", {"length": 10, "init_text": question}),
+        "unipelt-prompt-text": ("unipelt-prompt", {"prompt_init_text": question}),
     }
-    assert "prompt-vocab" not in PRESETS["lm-here-products"].methods
+    assert "prompt-text" not in PRESETS["lm-here-products"].methods
     assert math.isclose(PRESETS["lm-here-products"].train["steps"], 100)

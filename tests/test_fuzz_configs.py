@@ -19,14 +19,15 @@ from tests.conftest import tiny_bert_case, tiny_vit_case
 
 ANY = st.one_of(
     st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-    st.none(), st.sampled_from(["q", "v", "relu", "pfeiffer", "houlsby", "attn_in", "mlp_in",
-                                "vocab", "bogus", ""]),
+    st.none(), st.lists(st.integers(-2, 40_000), max_size=3),  # token ids, targets
+    st.sampled_from(["q", "v", "relu", "pfeiffer", "houlsby", "attn_in", "mlp_in", "vocab",
+                     "tokens", "bogus", ""]),
 )  # fmt: skip
 FIELDS = {
     "lora": ["r", "alpha", "dropout", "gated"],
     "adapter": ["reduction_factor", "placement", "non_linearity", "gated", "dropout"],
     "prefix": ["length", "hidden", "reparameterize", "gated"],
-    "prompt": ["length", "init", "init_range", "gated"],
+    "prompt": ["length", "init", "init_range", "init_tokens", "gated"],
     "vpt": ["length", "deep", "dropout"],
     "ssf": ["init_std"],
     "sas": ["rank", "embed_dim", "hidden", "scale", "dropout", "shared", "specific"],
@@ -48,7 +49,8 @@ def configs(draw):
 BACKBONE_REFUSALS = (
     r"^VPT needs the project ViT",
     r"^on a ViT prompts go after the class token",
-    r"^prompt init='vocab' copies word embeddings, and \w+ has no word-embedding table",
+    r"^prompt init='(vocab|tokens)' copies word embeddings, and \w+ has no word-embedding table",
+    r"^prompt init_tokens \[.*\] reach past the model's \d+ word embeddings",
 )
 
 

@@ -28,13 +28,15 @@ def parse_method_args(pairs: list[str]) -> dict:
 
 def _params(args: argparse.Namespace) -> None:
     from petlkit.backbones import build_model
+    from petlkit.methods.prompt import text_init_args
     from petlkit.model import attach
     from petlkit.registry import method_names
 
     rows = []
     for name in args.methods or method_names():
-        model = build_model(args.backbone, args.num_classes).model
-        count = attach(model, name, **parse_method_args(args.method_arg)).trainable_parameters()
+        built = build_model(args.backbone, args.num_classes)
+        method_args = text_init_args(parse_method_args(args.method_arg), built.tokenizer)
+        count = attach(built.model, name, **method_args).trainable_parameters()
         rows.append(f"| {name} | {count.trainable:,} | {count.percent:.4f} % |")
     print(f"| method | trainable (head excluded) | % of {args.backbone} |")
     print("|---|---:|---:|")

@@ -27,6 +27,7 @@ from petlkit.backbones.registry import (
 from petlkit.checkpoint import load_adapter, save_adapter
 from petlkit.errors import ConfigError, PetlError
 from petlkit.io import write_json
+from petlkit.methods.prompt import text_init_args
 from petlkit.model import PetlModel, attach
 from petlkit.registry import make_config
 from petlkit.tasks import Task, load_task
@@ -260,14 +261,14 @@ def train_run(
     overwrite: bool = False,
 ):
     output = Path(output)
-    make_config(spec.method, **spec.method_args)  # a bad argument fails before any file
+    make_config(spec.method, **text_init_args(spec.method_args, None))  # fails before any file
     spec = prepare_run_folder(spec, output, resume, overwrite)
     config = spec.train_config()
     built, task = spec.build_and_load()
     if task.modality != "span" and built.modality != task.modality:
         raise PetlError(f"backbone {spec.backbone!r} is {built.modality}; task {spec.task!r} is "
                         f"{task.modality}")  # fmt: skip
-    model = attach(built.model, spec.method, **spec.method_args)
+    model = attach(built.model, spec.method, **text_init_args(spec.method_args, built.tokenizer))
     check_space(output, model)
     trainer = Trainer(model, task, config, output, built.tokenizer, progress=progress)
     if trainer.accelerator.is_main_process:

@@ -34,6 +34,7 @@ from petlkit.bench.selection import Choice, choose, initial_grid, next_rate
 from petlkit.bench.tasks import TaskCache, train_and_val, without_test
 from petlkit.errors import PetlError
 from petlkit.io import atomic_write
+from petlkit.methods.prompt import text_init_args
 from petlkit.model import PetlModel, attach
 from petlkit.run import RunSpec, build_for_task
 from petlkit.tasks import Task
@@ -182,7 +183,7 @@ class GridRunner:
         if entry.method == ZERO_SHOT:
             model = PetlModel(built.model)  # no method: the base model as it is
         else:
-            model = attach(built.model, entry.method, **entry.args)
+            model = attach(built.model, entry.method, **text_init_args(entry.args, built.tokenizer))
         return Trainer(model, task, TrainConfig(**train), folder, built.tokenizer, progress=False)
 
     def _task(self, unit: Unit, seed: int) -> Task:

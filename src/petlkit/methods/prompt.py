@@ -15,6 +15,11 @@ Prompt tuning's tokens start uniform(−0.5, 0.5) (the spec of the prompt-tuning
 2021, §3.2 and Fig. 3(b): sampled-vocabulary init beats random-uniform init, most at small
 models). Rows are drawn uniformly over the whole vocabulary with torch's generator (the run's
 seed); Lester et al. draw from the 5,000 most common tokens, which a tokenizer does not record.
+With `init="tokens"` they start as the word embeddings of given token ids (`init_tokens`, repeated
+to fill the length and cut to it), e.g. a task's instruction or its label words (Lester et al.'s
+text and class-label inits; HF PEFT's `PromptTuningInit.TEXT`). The command line and the bench
+take the text (`init_text`, UniPELT: `prompt_init_text`) and tokenize it with the run's tokenizer
+(`text_init_args`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from petlkit.config import (
     check_probability,
     check_range,
 )
-from petlkit.errors import PetlError
+from petlkit.errors import ConfigError, PetlError
 from petlkit.layout import BackboneLayout, layout_of, word_embeddings
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
@@ -43,19 +48,24 @@ from petlkit.methods.placement import follow
 from petlkit.registry import register_method
 
 NO_MERGE = "prompt tokens lengthen the sequence, so they cannot fold into weights"
-PROMPT_INITS = ("uniform", "vocab")
+PROMPT_INITS = ("uniform", "vocab", "tokens")
+# method arguments holding a text to start prompts from → the (init, token ids) fields they set
+TEXT_INIT_ARGS = {"init_text": ("init", "init_tokens"),
+                  "prompt_init_text": ("prompt_init", "prompt_init_tokens")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig(MethodConfig):
-    """length: soft tokens; init: 'uniform' (uniform(-init_range, init_range)) or 'vocab'
-    (word embeddings drawn from the model's vocabulary); gated: multiply the tokens by a gate
-    G(embedded input); placement: 'after_embeddings' (default) or 'before_embeddings' (text
-    only: prompts get position embeddings)."""
+    """length: soft tokens; init: 'uniform' (uniform(-init_range, init_range)), 'vocab'
+    (word embeddings drawn from the model's vocabulary) or 'tokens' (the word embeddings of
+    init_tokens, repeated to the length); gated: multiply the tokens by a gate G(embedded input);
+    placement: 'after_embeddings' (default) or 'before_embeddings' (text only: prompts get
+    position embeddings)."""
 
     length: int = 10
     init: str = "uniform"
     init_range: float = 0.5
+    init_tokens: tuple[int, ...] = ()
     gated: bool = False
     placement: str = "after_embeddings"
 
@@ -64,6 +74,7 @@ class PromptConfig(MethodConfig):
         check_finite("PromptConfig", "init_range", self.init_range, positive=True)
         check_range("PromptConfig", "init_range", self.init_range, 0, 10)
         check_choice("PromptConfig", "init", self.init, PROMPT_INITS)
+        check_init_tokens("PromptConfig", "init", self.init, "init_tokens", self.init_tokens)
         check_bool("PromptConfig", "gated", self.gated)
         check_choice("PromptConfig", "placement", self.placement, PROMPT_PLACEMENTS)
 
@@ -78,8 +89,8 @@ class Prompt(Method):
         cfg = self.config
         layout = layout_of(model)
         width = layout.embed_dim or layout.width  # ALBERT, ELECTRA: narrower embeddings
-        if cfg.init == "vocab":
-            self.prompt = nn.Parameter(sampled_vocabulary(model, layout, cfg.length))
+        if cfg.init in ("vocab", "tokens"):
+            self.prompt = nn.Parameter(word_embedding_rows(model, layout, cfg))
         else:
             self.prompt = nn.Parameter(torch.empty(cfg.length, width))
             nn.init.uniform_(self.prompt, -cfg.init_range, cfg.init_range)
@@ -109,23 +120,66 @@ class Prompt(Method):
         return tokens
 
 
-def sampled_vocabulary(model: nn.Module, layout: BackboneLayout, count: int) -> torch.Tensor:
-    """`count` rows of the model's word-embedding table, drawn uniformly with torch's generator,
-    as a float32 CPU copy (the method's tensors are placed and cast with the others)."""
+def check_init_tokens(owner: str, init_name: str, init: str, name: str, tokens: tuple) -> None:
+    """`tokens` (token ids) are given exactly when `init` is 'tokens'."""
+    ids = isinstance(tokens, tuple)  # a list from JSON is made a tuple by the config
+    if not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
+        raise ConfigError(f"{owner}.{name} must be token ids (integers ≥ 0), got {tokens!r}")
+    if init == "tokens" and not tokens:
+        raise ConfigError(f"{owner}.{init_name}='tokens' starts prompts from token ids; give "
+                          f"{name} (or, on the command line, the text: init_text)")  # fmt: skip
+    if tokens and init != "tokens":
+        raise ConfigError(f"{owner}.{name} is read only with {init_name}='tokens' (it is "
+                          f"{init!r})")  # fmt: skip
+
+
+def word_embedding_rows(
+    model: nn.Module, layout: BackboneLayout, cfg: PromptConfig
+) -> torch.Tensor:
+    """`cfg.length` rows of the model's word-embedding table, as a float32 CPU copy (the method's
+    tensors are placed and cast with the others): drawn uniformly with torch's generator
+    (init 'vocab'), or those of `cfg.init_tokens` repeated to the length (init 'tokens')."""
     weight = getattr(word_embeddings(model, layout.inputs), "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise PetlError(
-            f"prompt init='vocab' copies word embeddings, and {type(model).__name__} has no "
+            f"prompt init={cfg.init!r} copies word embeddings, and {type(model).__name__} has no "
             "word-embedding table (a transformers text model's get_input_embeddings()); use "
             "init='uniform'"
         )
     if weight.is_meta:
         raise PetlError(
-            "prompt init='vocab' copies word embeddings, and this model's are on the meta "
+            f"prompt init={cfg.init!r} copies word embeddings, and this model's are on the meta "
             "device (no values yet); load its weights before attaching, or use init='uniform'"
         )
-    rows = torch.randint(weight.shape[0], (count,))
+    if cfg.init == "vocab":
+        rows = torch.randint(weight.shape[0], (cfg.length,))
+    else:
+        tokens = torch.tensor(cfg.init_tokens)
+        if int(tokens.max()) >= weight.shape[0]:
+            raise PetlError(f"prompt init_tokens {sorted(set(tokens.tolist()))} reach past the "
+                            f"model's {weight.shape[0]} word embeddings; tokenize with the "
+                            "model's own tokenizer")  # fmt: skip
+        rows = tokens.repeat(math.ceil(cfg.length / len(tokens)))[: cfg.length]
     return weight.detach()[rows.to(weight.device)].to("cpu", torch.float32)
+
+
+def text_init_args(args: dict, tokenizer) -> dict:
+    """Method arguments with a prompt's start given as text (`init_text`; UniPELT:
+    `prompt_init_text`) turned into the token ids `tokenizer` gives it (no special tokens), with
+    init 'tokens'. tokenizer None: placeholder ids, to check the other arguments before anything
+    is loaded."""
+    out = dict(args)
+    for key, (init_name, tokens_name) in TEXT_INIT_ARGS.items():
+        if key not in out:
+            continue
+        text = out.pop(key)
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{key} must be a non-empty text, got {text!r}")
+        ids = [0] if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"{key} {text!r} gives no tokens")
+        out.update({init_name: "tokens", tokens_name: tuple(ids)})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

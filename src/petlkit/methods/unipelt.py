@@ -31,7 +31,7 @@ from petlkit.methods.base import Method
 from petlkit.methods.gate import GateGroup
 from petlkit.methods.lora import LoRAConfig
 from petlkit.methods.prefix import PrefixConfig
-from petlkit.methods.prompt import PROMPT_INITS, PromptConfig
+from petlkit.methods.prompt import PROMPT_INITS, PromptConfig, check_init_tokens
 from petlkit.registry import method_class, register_method
 
 SUBMODULES = ("adapter", "prefix", "lora")
@@ -41,7 +41,7 @@ SUBMODULES = ("adapter", "prefix", "lora")
 class UniPELTConfig(MethodConfig):
     """submodules: any of 'adapter', 'prefix', 'lora'; gated: UniPELT's gates on them;
     prompt: add the prompt-tuning layer (prompt_length tokens, gated if prompt_gated, started
-    as prompt_init: 'uniform' or 'vocab', as PromptConfig.init).
+    as prompt_init: 'uniform', 'vocab' or 'tokens' (prompt_init_tokens), as PromptConfig.init).
     Per part: lora_r, lora_alpha (used only ungated: a gate replaces alpha / r),
     prefix_length, prefix_hidden, prefix_reparameterize, adapter_reduction,
     adapter_non_linearity."""
@@ -53,6 +53,7 @@ class UniPELTConfig(MethodConfig):
     prompt_gated: bool = False
     prompt_placement: str = "after_embeddings"
     prompt_init: str = "uniform"
+    prompt_init_tokens: tuple[int, ...] = ()
     lora_r: int = 8
     lora_alpha: float = 16.0
     prefix_length: int = 10
@@ -80,6 +81,8 @@ class UniPELTConfig(MethodConfig):
         check_choice(owner, "adapter_non_linearity", self.adapter_non_linearity, tuple(ACTIVATIONS))
         check_choice(owner, "prompt_placement", self.prompt_placement, PROMPT_PLACEMENTS)
         check_choice(owner, "prompt_init", self.prompt_init, PROMPT_INITS)
+        check_init_tokens(owner, "prompt_init", self.prompt_init, "prompt_init_tokens",
+                          self.prompt_init_tokens)  # fmt: skip
 
     def part_configs(self) -> dict[str, MethodConfig]:
         """The config of each part, in the order they are attached."""
@@ -107,6 +110,7 @@ class UniPELTConfig(MethodConfig):
                 gated=self.prompt_gated,
                 placement=self.prompt_placement,
                 init=self.prompt_init,
+                init_tokens=self.prompt_init_tokens,
             )
         return parts
 
