@@ -45,6 +45,7 @@ def test_the_zero_shot_base_is_one_untrained_cell(grid):
     base = [r for r in records if r["method"] == "zero-shot"]
     assert len(base) == 1 and base[0]["seed"] == 0 and base[0]["steps"] == 0
     assert base[0]["metric"] == "perplexity" and base[0]["grid"] == []
+    assert base[0]["trainable"] == 0 and base[0]["percent"] == 0  # it trains nothing
     trials = read_records(output, SELECTION)
     assert {t["method"] for t in trials} == {"lora", "sas"}  # no rate is chosen for it
     assert len(records) == 1 + 2 * 2  # zero-shot once; lora and sas at seeds 0 and 1

@@ -262,7 +262,7 @@ class GridRunner:
                    "best_step": 0}  # fmt: skip
         seconds = round(time.perf_counter() - start, 1)
         record = self._record(cell, choice, trainer, results, seconds, [])
-        return {**record, "steps": 0}
+        return {**record, "steps": 0, "trainable": 0, "percent": 0.0}  # it trains nothing
 
     def _record(self, cell: Cell, choice: Choice, trainer: Trainer, results: dict,
                 seconds: float, curve: list) -> dict:  # fmt: skip
