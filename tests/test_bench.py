@@ -16,6 +16,7 @@ from petlkit.bench.presets import PRESETS, get_presets, narrowed
 from petlkit.bench.tasks import TaskCache
 from petlkit.cli import main
 from petlkit.errors import ConfigError, PetlError
+from petlkit.methods.prompt import text_init_args
 from petlkit.tasks import load_task
 from petlkit.tasks.base import Split
 from petlkit.train.trainer import Trainer
@@ -291,7 +292,8 @@ def test_every_preset_entry_builds_and_attaches(name, bert_case, vit_case):
     for label, entry in preset.methods.items():
         if entry.method == ZERO_SHOT:  # the base model as it is: nothing to attach
             continue
-        config = petlkit.make_config(entry.method, **entry.args)
+        # a prompt's start given as text: placeholder ids here (the run's tokenizer gives them)
+        config = petlkit.make_config(entry.method, **text_init_args(entry.args, None))
         petl = petlkit.attach(case.make(), config)
         assert petl.trainable_parameters().trainable >= 0, label
         assert entry.lr > 0
