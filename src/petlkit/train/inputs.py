@@ -1,5 +1,6 @@
-"""How text examples become model inputs: the token budget an encoder leaves once prompt tokens
-take positions, and the evaluation order that lets each batch pad to about its own length."""
+"""Which examples go in which batch, and how texts fit the model: the training batches of each step,
+the token budget an encoder leaves once prompt tokens take positions, and the evaluation order
+that lets each batch pad to about its own length."""
 
 from __future__ import annotations
 
@@ -44,3 +45,28 @@ def eval_order(task: Task, split: Split) -> torch.Tensor:
         return torch.arange(len(split))
     lengths = [sum(len(part) for part in t) if task.pair else len(t) for t in split.inputs]
     return torch.tensor(sorted(range(len(split)), key=lengths.__getitem__), dtype=torch.long)
+
+
+class BatchOrder:
+    """The example indices of each optimiser step: epoch-wise permutations drawn from the seed, so
+    a step's batch depends on (seed, step) alone and a resumed run sees the same batches."""
+
+    def __init__(self, seed: int, n: int, size: int) -> None:
+        self.seed, self.n, self.size = seed, n, size
+        self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        positions = torch.arange(step * self.size, (step + 1) * self.size)
+        epochs = positions // self.n
+        out = torch.empty(self.size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self._epoch(epoch)[positions[mask] % self.n]
+        return out
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        """The permutation of epoch `epoch`, drawn once (not at every step of the epoch)."""
+        if self._cached is None or self._cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=gen))
+        return self._cached[1]

@@ -121,19 +121,33 @@ def _batches(examples: Sequence[Example], size: int):
         yield examples[start : start + size]
 
 
+def _forwards(model, seqs, pad_id: int, batch_size: int, device, autocast):
+    """(labels, logits) of tokenized examples, one padded batch at a time."""
+    for chunk in _batches(seqs, batch_size):
+        batch = {k: v.to(device) for k, v in padded(chunk, pad_id).items()}
+        with autocast():
+            logits = _logits(model, batch)
+        yield batch["labels"], logits
+
+
+def _perplexity(passes, each=None) -> float:
+    """exp(mean completion-token NLL) over `passes` ((labels, logits) pairs); `each(labels,
+    logits)` is called on every pair too."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for labels, logits in passes:
+        nll, n = completion_nll(logits, labels)
+        total += nll.double().cpu()
+        count += int(n)
+        if each is not None:
+            each(labels, logits)
+    return float(torch.exp(total / max(count, 1)))
+
+
 @torch.no_grad()
 def perplexity(model, examples, tokenizer, max_length: int, batch_size: int, device, autocast):
     """exp(mean completion-token NLL) over `examples`."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for chunk in _batches(examples, batch_size):
-        batch = padded([tokenize(e, tokenizer, max_length) for e in chunk], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            logits = _logits(model, batch)
-        nll, n = completion_nll(logits, batch["labels"])
-        total += nll.double().cpu()
-        count += int(n)
-    return float(torch.exp(total / max(count, 1)))
+    seqs = [tokenize(e, tokenizer, max_length) for e in examples]
+    return _perplexity(_forwards(model, seqs, tokenizer.pad_token_id, batch_size, device, autocast))
 
 
 @torch.no_grad()
@@ -165,25 +179,24 @@ def label_scores(model, examples, words, tokenizer, max_length, batch_size, devi
     log-probabilities of the words' tokens (the word's score, as `verbalised_choice` sums it);
     a third of the model passes of scoring them apart. Otherwise, the two passes."""
     gold = [tokenize(e, tokenizer, max_length) for e in examples]
+    passes = _forwards(model, gold, tokenizer.pad_token_id, batch_size, device, autocast)
     tokens = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
-    if all(len(t) == 1 for t in tokens) and _prompts_match(examples, words, gold, tokenizer,
-                                                             max_length):  # fmt: skip
-        word_ids = torch.tensor([t[0] for t in tokens], device=device)
-        total, count, choices = torch.zeros((), dtype=torch.float64), 0, []
-        for start in range(0, len(gold), batch_size):
-            batch = padded(gold[start : start + batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                logits = _logits(model, batch)
-            nll, n = completion_nll(logits, batch["labels"])
-            total, count = total + nll.double().cpu(), count + int(n)
-            last = (batch["labels"] != IGNORE).int().argmax(-1) - 1  # the prompt's last token
-            rows = torch.arange(len(last), device=last.device)
-            logp = torch.log_softmax(logits[rows, last].float(), dim=-1)
-            choices.append(logp[:, word_ids].argmax(-1).cpu())
-        return torch.cat(choices), float(torch.exp(total / max(count, 1)))
-    args = (tokenizer, max_length, batch_size, device, autocast)
-    return verbalised_choice(model, examples, words, *args), perplexity(model, examples, *args)
+    one_pass = all(len(t) == 1 for t in tokens)
+    if not (one_pass and _prompts_match(examples, words, gold, tokenizer, max_length)):
+        args = (tokenizer, max_length, batch_size, device, autocast)
+        return verbalised_choice(model, examples, words, *args), _perplexity(passes)
+    word_ids = torch.tensor([t[0] for t in tokens], device=device)
+    choices = []
+
+    def choose(labels: torch.Tensor, logits: torch.Tensor) -> None:
+        last = (labels != IGNORE).int().argmax(-1) - 1  # the prompt's last token
+        logp = torch.log_softmax(
+            logits[torch.arange(len(last), device=last.device), last].float(), -1
+        )
+        choices.append(logp[:, word_ids].argmax(-1).cpu())
+
+    ppl = _perplexity(passes, choose)  # fills `choices`
+    return torch.cat(choices), ppl
 
 
 def _prompts_match(examples, words, gold, tokenizer, max_length: int) -> bool:

@@ -39,7 +39,7 @@ from petlkit.train import language_model as lm
 from petlkit.train import metrics_log, sharding
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
-from petlkit.train.inputs import eval_order, token_budget
+from petlkit.train.inputs import BatchOrder, eval_order, token_budget
 from petlkit.train.memory import checkpoint_activations, peak_memory_mb
 from petlkit.train.metrics_log import METRICS_LOG
 from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
@@ -80,7 +80,6 @@ class Trainer:
         # no method (a base model to evaluate): no rate, and fit() says there is nothing to train
         self.lr = config.lr if config.lr is not None or not model.active else default_lr(model)
         self.tokenizer = tokenizer
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         # cpu=True when no GPU: Accelerate then joins the torch DDP (gloo) processes torchrun
         # started; without it, each CPU process would train alone
@@ -109,6 +108,7 @@ class Trainer:
         if task.modality == "lm" and config.packing:
             lm.check_packing(model)
         train = task.splits["train"]
+        self._order = BatchOrder(config.seed, len(train), config.batch_size)
         if config.batch_size > len(train):
             raise PetlError(
                 f"batch_size {config.batch_size} is larger than the {len(train)} training examples "
@@ -117,24 +117,8 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------
     def global_batch(self, step: int) -> torch.Tensor:
-        """The example indices of optimiser step `step`: epoch-wise permutations from the seed."""
-        n, size = len(self.task.splits["train"]), self.config.batch_size
-        positions = torch.arange(step * size, (step + 1) * size)
-        epochs = positions // n
-        out = torch.empty(size, dtype=torch.long)
-        for epoch in epochs.unique().tolist():
-            mask = epochs == epoch
-            out[mask] = self._epoch_order(epoch, n)[positions[mask] % n]
-        return out
-
-    def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
-        """The permutation of epoch `epoch`, drawn once (not at every step of the epoch)."""
-        cached = self._order
-        if cached is None or cached[0] != epoch:
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            cached = (epoch, torch.randperm(n, generator=gen))
-            self._order = cached
-        return cached[1]
+        """The example indices of optimiser step `step` (train/inputs.py: BatchOrder)."""
+        return self._order(step)
 
     def encode(
         self, split: Split, index: torch.Tensor, training: bool = False
