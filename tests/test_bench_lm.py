@@ -109,12 +109,13 @@ def test_the_lm_here_preset():
                                           "unipelt", "unipelt-prompt", "sas"]  # fmt: skip
         assert part.seeds == (0, 1, 2) and part.val_limit and part.eval_limit
     assert PRESETS["lm-here-sentiment"].tasks == {"sentiment-gen": "sentiment"}
-    # sentiment's extra columns: both prompt methods started from a question's embeddings
+    # sentiment's extra columns: prompts and a prefix started from a question
     text = {k: (e.method, e.args) for k, e in PRESETS["lm-here-sentiment"].methods.items()
             if k.endswith("-text")}  # fmt: skip
     question = "Is this movie review positive or negative?"
     assert text == {
         "prompt-text": ("prompt", {"length": 10, "init_text": question}),
+        "prefix-text": ("prefix", {"length": 10, "reparameterize": False, "init_text": question}),
         "unipelt-prompt-text": ("unipelt-prompt", {"prompt_init_text": question}),
     }
     assert "prompt-text" not in PRESETS["lm-here-products"].methods

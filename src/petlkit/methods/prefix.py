@@ -11,6 +11,11 @@ decoders the prefix keys carry no rotary position and every query sees them
 
 The flat value layout (p, L·2·heads·head_dim), block-major, keys before values, equals HF PEFT's
 PREFIX_TUNING embedding, so values move between the two unchanged.
+
+The values start random, or with `init="tokens"` as the keys and values the model itself gives
+the token ids `init_tokens` (Li & Liang's init from real words' activations; methods/prefix_init.py;
+the command line and the bench take the text, `init_text`). Those are the values themselves, so
+they need `reparameterize=False`.
 """
 
 from __future__ import annotations
@@ -22,30 +27,47 @@ import torch
 from torch import nn
 
 from petlkit.backbones.extensions import add_extra_kv
-from petlkit.config import MethodConfig, check_bool, check_positive_int
+from petlkit.config import MethodConfig, check_bool, check_choice, check_positive_int
+from petlkit.errors import ConfigError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method
 from petlkit.methods.gate import Gate
 from petlkit.methods.placement import CastLinear, compute_dtype
+from petlkit.methods.prefix_init import token_key_values
+from petlkit.methods.prompt import check_init_tokens
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
+
+PREFIX_INITS = ("random", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig(MethodConfig):
     """length: prefix tokens per block; reparameterize: produce the values with an MLP of width
-    `hidden` while training; gated: multiply each block's prefix by a UniPELT gate."""
+    `hidden` while training; gated: multiply each block's prefix by a UniPELT gate; init:
+    'random', or 'tokens' (the model's own keys and values for init_tokens, repeated to the
+    length; needs reparameterize=False)."""
 
     length: int = 10
     reparameterize: bool = True
     hidden: int = 512
     gated: bool = False
+    init: str = "random"
+    init_tokens: tuple[int, ...] = ()
 
     def validate(self) -> None:
         check_positive_int("PrefixConfig", "length", self.length)
         check_positive_int("PrefixConfig", "hidden", self.hidden)
         check_bool("PrefixConfig", "reparameterize", self.reparameterize)
         check_bool("PrefixConfig", "gated", self.gated)
+        check_choice("PrefixConfig", "init", self.init, PREFIX_INITS)
+        check_init_tokens("PrefixConfig", "init", self.init, "init_tokens", self.init_tokens)
+        if self.init == "tokens" and self.reparameterize:
+            raise ConfigError(
+                "PrefixConfig.init='tokens' starts the prefix values themselves as real tokens' "
+                "keys and values, which the training MLP's output cannot start from; pass "
+                "reparameterize=False"
+            )
 
 
 @register_method("prefix")
@@ -65,6 +87,8 @@ class Prefix(Method):
             self.mlp = nn.Sequential(
                 CastLinear(width, cfg.hidden), nn.Tanh(), CastLinear(cfg.hidden, self.values_width)
             )
+        elif cfg.init == "tokens":
+            self.prefix = nn.Parameter(token_key_values(model, layout, cfg.init_tokens, cfg.length))
         else:
             self.prefix = nn.Parameter(torch.randn(cfg.length, self.values_width) * 0.02)
         if cfg.gated:

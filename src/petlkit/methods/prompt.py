@@ -126,7 +126,7 @@ def check_init_tokens(owner: str, init_name: str, init: str, name: str, tokens: 
     if not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
         raise ConfigError(f"{owner}.{name} must be token ids (integers ≥ 0), got {tokens!r}")
     if init == "tokens" and not tokens:
-        raise ConfigError(f"{owner}.{init_name}='tokens' starts prompts from token ids; give "
+        raise ConfigError(f"{owner}.{init_name}='tokens' starts from token ids; give "
                           f"{name} (or, on the command line, the text: init_text)")  # fmt: skip
     if tokens and init != "tokens":
         raise ConfigError(f"{owner}.{name} is read only with {init_name}='tokens' (it is "
