@@ -4,6 +4,7 @@ model a prefixed input reads exactly as the same input after those tokens."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 import petlkit
 from petlkit.cli import main
+from petlkit.layout import layout_of
+from petlkit.methods.prefix_init import token_key_values
 from tests.families import BY_NAME
 from tests.helpers import LM_ROWS, lm_files, save_tiny_llama
 
@@ -48,6 +51,34 @@ def test_a_bf16_model_gets_float32_values_of_its_own_bf16_activations():
     reference, prefixed, petl = _as_context("gpt2", 3, [15, 22], torch.bfloat16)
     assert petl.methods["default"].prefix.dtype == torch.float32
     torch.testing.assert_close(prefixed.float(), reference.float(), atol=0.1, rtol=0.05)
+
+
+def test_the_values_come_back_float32_on_the_cpu_whatever_the_model_runs_in():
+    """The method places and casts them with its other tensors; the capture itself must not hand
+    back bf16 (a bf16 start rounds the model's activations before the float32 parameter)."""
+    model = BY_NAME["gpt2"].make().to(torch.bfloat16)
+    values = token_key_values(model, layout_of(model), (15, 22), 3)
+    assert values.dtype == torch.float32 and values.device.type == "cpu"
+    assert values.shape == (3, 2 * 2 * 32)  # tokens, blocks · keys|values · width
+
+
+def test_a_model_in_training_mode_gives_the_values_it_gives_in_eval_mode():
+    """Dropout is off for the capture: a model attached straight after training gets the same
+    start as an evaluated one (BERT here has dropout 0.1 on attention and hidden states)."""
+    model = BY_NAME["bert"].make()
+    start = dict(length=4, init="tokens", init_tokens=[5, 6], reparameterize=False)
+    expected = petlkit.attach(copy.deepcopy(model), "prefix", **start).methods["default"].prefix
+    torch.manual_seed(0)
+    trained = petlkit.attach(model.train(), "prefix", **start).methods["default"].prefix
+    torch.testing.assert_close(trained, expected)
+
+
+def test_a_model_whose_forward_skips_a_block_is_refused():
+    """A block the tokens never reach would keep a zero prefix: refused, with the way out."""
+    model = BY_NAME["llama"].make()
+    model.config.num_hidden_layers = 1  # the forward runs only the first of its two layers
+    with pytest.raises(petlkit.PetlError, match=r"did not reach \['model.layers.1.*init='random'"):
+        petlkit.attach(model, "prefix", init="tokens", init_tokens=[5], reparameterize=False)
 
 
 def test_capturing_leaves_the_model_as_it_was():
