@@ -295,7 +295,7 @@ LM_METHODS = {
 # (74.2 ± 8.0). Sampled-vocabulary starts fell below the base
 # (results/checks/lm-sentiment-vocab-init). Prefix tuning starts from the same question's own
 # keys and values (Li & Liang 2021's real-word init; values trained directly): its random
-# start cost ~10 validation points at step 0, and it ended below the base (78.9 ± 3.7).
+# start cost ~10 validation points at step 0, and it ended below the base (78.4 ± 3.8).
 SENTIMENT_QUESTION = "Is this movie review positive or negative?"  # 8 SmolLM2 tokens
 LM_TEXT_METHODS = {
     "prompt-text": MethodEntry("prompt", {"length": 10, "init_text": SENTIMENT_QUESTION}, 3e-3),
