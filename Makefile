@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks docs/hooks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20  # the slowest tests: candidates for `slow` if the suite nears 15 min
 
 # The documentation site, offline, into site/ (warnings are errors: a broken link or reference
 # fails); tests/test_docs_site.py runs the same strict build in `make test`.

@@ -322,3 +322,38 @@ def test_full_fine_tuning_with_dropout_resumes_exactly(tmp_path):
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
     assert run_results(tmp_path / "cut") == run_results(tmp_path / "whole")
+
+
+def _causal_lm_run(out: Path, method: str, interrupt_at: int = 0) -> dict[str, torch.Tensor]:
+    """`method` on a tiny LLaMA trained on prompt/completion rows, as the lm-here grid builds it
+    (build_for_task, attach, Trainer); `interrupt_at` as in `_cut_or_finish`."""
+    from petlkit.run import RunSpec, build_for_task
+    from tests.helpers import LM_ROWS, lm_files, save_tiny_llama
+
+    llama = out.parent / "llama"
+    if not llama.exists():
+        save_tiny_llama(llama)
+    data = lm_files(out.parent / "data", LM_ROWS)
+    train = dict(steps=8, batch_size=4, max_length=24, eval_every=4, checkpoint_every=4,
+                 lr=1e-2, seed=1)  # fmt: skip
+    task = load_task("text-generation", str(data))
+    spec = RunSpec(backbone=str(llama), method=method, task="text-generation", train=train,
+                   data_dir=str(data))  # fmt: skip
+    built = build_for_task(spec, task)
+    model = petlkit.attach(built.model, method)
+    trainer = Trainer(model, task, TrainConfig(**train), out, built.tokenizer, progress=False)
+    return _cut_or_finish(trainer, interrupt_at)
+
+
+@pytest.mark.parametrize("method", ["prefix", "unipelt-prompt"])
+def test_a_causal_lm_run_with_a_prefix_inside_resumes_exactly(method, tmp_path):
+    """Cut at step 6 (after the step-4 checkpoint and evaluation) and resumed: the trained tensors
+    (prefix MLP, gates, LoRA, adapter, prompt) and the logged run equal an uninterrupted run's."""
+    reference = _causal_lm_run(tmp_path / "whole", method)
+    _causal_lm_run(tmp_path / "cut", method, interrupt_at=6)
+    assert _checkpoint_step(tmp_path / "cut") == 6
+    resumed = _causal_lm_run(tmp_path / "cut", method)
+    assert resumed.keys() == reference.keys() and len(reference) >= 5
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+    assert _lines(tmp_path / "cut") == _lines(tmp_path / "whole")

@@ -292,7 +292,7 @@ LM_METHODS = {
 # Sentiment also runs both prompt methods with soft tokens started as the embeddings of a
 # question (Lester et al. 2021's text init; the spec's uniform(-0.5, 0.5) stays the default): at
 # 100 steps uniform-init prompts tied the zero-shot base and UniPELT+prompt swung by seed
-# (74.1 ± 8.2). Sampled-vocabulary starts fell below the base
+# (74.0 ± 8.2). Sampled-vocabulary starts fell below the base
 # (results/checks/lm-sentiment-vocab-init). Prefix tuning starts from the same question's own
 # keys and values (Li & Liang 2021's real-word init; values trained directly): its random
 # start cost ~10 validation points at step 0, and it ended below the base (78.4 ± 3.8).
