@@ -4,6 +4,7 @@ each way, and never a stale or foreign copy."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -215,3 +216,86 @@ def test_empty_alike_keeps_shapes_strides_and_dtypes():
     assert made[0].untyped_storage().data_ptr() == made[2].untyped_storage().data_ptr()
     assert made[3].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()
     assert made[1].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()
+
+
+def _backward(petl, case, direct: bool) -> None:
+    with torch.autocast(**BF16):
+        out = petl(**case.inputs)
+    loss = getattr(out, "logits", out).float().square().mean()
+    with petl.accumulating_backward() if direct else contextlib.nullcontext():
+        loss.backward()
+
+
+def _grads(petl) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in petl.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf", "unipelt"])
+def test_an_accumulating_backward_fills_the_same_gradients_without_autograds_accumulations(
+    bert_case, method
+):
+    """Inside accumulating_backward the cast node writes .grad itself: the same gradients, and
+    autograd accumulates (one detach each) only what the cast does not carry (the head)."""
+    plain, direct = (attached_and_perturbed(bert_case, method) for _ in range(2))
+    with _Ops() as before:
+        _backward(plain, bert_case, direct=False)
+    with _Ops() as after:
+        _backward(direct, bert_case, direct=True)
+    cast = len(direct._casts._params)  # the trained tensors the forward cast
+    want, got = _grads(plain), _grads(direct)
+    assert got.keys() == want.keys() and len(want) > cast > 2
+    for name, grad in want.items():
+        assert got[name].dtype == torch.float32, name
+        torch.testing.assert_close(got[name], grad, msg=name, rtol=0, atol=0)
+    assert before.ops.count("detach") - after.ops.count("detach") >= cast
+    # a second backward without zeroing adds onto the gradients it filled, as autograd would
+    _backward(plain, bert_case, direct=False)
+    _backward(direct, bert_case, direct=True)
+    for name, grad in _grads(plain).items():
+        torch.testing.assert_close(direct.get_parameter(name).grad, grad, msg=name, rtol=0, atol=0)
+    assert not direct._casts.direct  # the context ends with the backward
+
+
+def test_a_tensor_hook_gets_its_gradient_and_a_post_accumulation_hook_sees_it_filled(bert_case):
+    petl = attached_and_perturbed(bert_case, "ssf")
+    linears = [(n, p) for n, p in petl.named_parameters() if "query" in n]  # cast in bf16
+    name, hooked = next((n, p) for n, p in linears if n.endswith("ssf_scale"))
+    seen, accumulated = [], []
+    hooked.register_hook(lambda g: seen.append(g.clone()))
+    other = next(p for n, p in linears if n.endswith("ssf_shift"))
+    other.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    reference = attached_and_perturbed(bert_case, "ssf")
+    _backward(reference, bert_case, direct=False)
+    _backward(petl, bert_case, direct=True)
+    assert {id(hooked), id(other)} <= {id(p) for p in petl._casts._params}
+    assert len(seen) == 1 and len(accumulated) == 1
+    torch.testing.assert_close(hooked.grad, reference.get_parameter(name).grad, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], hooked.grad, rtol=0, atol=0)
+    torch.testing.assert_close(accumulated[0], other.grad, rtol=0, atol=0)
+    name = next(n for n, p in petl.named_parameters() if p is other)
+    torch.testing.assert_close(other.grad, reference.get_parameter(name).grad, rtol=0, atol=0)
+
+
+def test_outside_the_context_autograd_grad_still_receives_every_gradient(bert_case):
+    petl = attached_and_perturbed(bert_case, "ssf")
+    with petl.accumulating_backward():
+        pass  # entered and left: nothing stays switched on
+    trained = [p for p in petl.parameters() if p.requires_grad]
+    with torch.autocast(**BF16):
+        out = petl(**bert_case.inputs)
+    grads = torch.autograd.grad(getattr(out, "logits", out).float().square().mean(), trained)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in trained)
+
+
+def test_with_several_processes_autograd_accumulates_for_ddps_hooks(bert_case, monkeypatch):
+    """DDP reduces each gradient from a hook on its accumulation (invisible from Python), so
+    with more than one process the context leaves autograd's accumulations in place."""
+    petl = attached_and_perturbed(bert_case, "ssf")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with petl.accumulating_backward():
+        assert not petl._casts.direct
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    with petl.accumulating_backward():
+        assert petl._casts.direct

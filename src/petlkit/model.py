@@ -176,6 +176,13 @@ class PetlModel(nn.Module):
         methods = [self.methods[name] for name in self.active]
         return [p for method in methods for p in method.trainable(self.model).values()]
 
+    def accumulating_backward(self):
+        """A context for `loss.backward()`: the trained parameters' gradients are written into
+        their `.grad` by the node that casts them back, not one accumulation per parameter
+        (placement.TrainedCasts; off with more than one process, where DDP hooks those). Not
+        for `autograd.grad`, which must receive the gradients."""
+        return self._casts.accumulating()
+
     def _sync_casts(self) -> None:
         """The casts' hooks are on the model while an active method is unmerged (a merged or
         bare model keeps no hook of petlkit's)."""

@@ -1,10 +1,11 @@
 """One training step, counted on fake tensors (or, to check the counter, on real ones).
 
 The step is the one of the GPU ground truth: under autocast, `loss = cross_entropy(logits.float(),
-labels)`, `loss.backward()`, then AdamW (its multi-tensor form, as on CUDA) over the trained
-tensors and `zero_grad(set_to_none=True)`. With nothing trained it is the floor: forward and
-backward to the inputs. A warm-up step first, uncounted, creates the optimiser's state and the
-lazily built caches of the model. torch only (see counter.py).
+labels)`, `loss.backward()` (as `petlkit train` runs it on one process: the trained parameters'
+gradients filled by the node that casts them back), then AdamW (its multi-tensor form, as on
+CUDA) over the trained tensors and `zero_grad(set_to_none=True)`. With nothing trained it is
+the floor: forward and backward to the inputs. A warm-up step first, uncounted, creates the
+optimiser's state and the lazily built caches of the model. torch only (see counter.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _step(model, batch, labels, forward, optimizer, dtype) -> None:
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         logits = forward(model, batch).float()  # [batch, classes] or [batch, tokens, vocabulary]
         loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten())
-    loss.backward()
+    with getattr(model, "accumulating_backward", contextlib.nullcontext)():  # as the trainer
+        loss.backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

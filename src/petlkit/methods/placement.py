@@ -19,6 +19,7 @@ The rule (docs/reliability.md, "Devices and dtypes"):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
@@ -75,10 +76,19 @@ class TrainedCasts:
     unknown to `trained` (listed again at the next forward) is cast where it is read, as before;
     a listed parameter a forward did not read is not cast by the next (prefix tuning's
     reparameterisation computes in float32). Sharded (DTensor) parameters are never listed:
-    FSDP swaps in their gathered copies itself. Copies and pickles start empty."""
+    FSDP swaps in their gathered copies itself. Copies and pickles start empty.
+
+    Inside `accumulating()` (the trainer's `loss.backward()`, one process), the backward
+    writes the gradients it casts back into the parameters' `.grad` itself (a fresh one as pieces
+    of one allocation, an existing one by one foreach add) and hands autograd none: each
+    parameter's gradient accumulation would otherwise cost an ATen call and an engine node of its
+    own (issue #47: BERT-base waits on the host). Not for `autograd.grad` (it must receive the
+    gradients), a double backward, more than one process (DDP hooks the accumulations), or a
+    parameter with a tensor hook: those get theirs from autograd as usual."""
 
     def __init__(self, trained) -> None:
         self.trained = trained  # () -> the trained parameters, listed again when stale
+        self.direct = False  # inside accumulating(): the backward fills .grad itself
         self._params: list[torch.Tensor] | None = None
         self._tables: dict = {}
         self._read: set[int] = set()  # the listed parameters this forward read
@@ -92,6 +102,16 @@ class TrainedCasts:
 
     def __deepcopy__(self, memo: dict) -> TrainedCasts:
         return TrainedCasts(copy.deepcopy(self.trained, memo))
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        """Marks a backward that accumulates into `.grad` (`loss.backward()`), so that the cast
+        node fills the trained parameters' gradients itself (class docstring)."""
+        before, self.direct = self.direct, not _distributed()  # DDP hooks the accumulations
+        try:
+            yield
+        finally:
+            self.direct = before
 
     def stale(self) -> None:
         """The trained parameters changed (a method added, removed or switched): list again."""
@@ -135,7 +155,7 @@ class TrainedCasts:
                   if p.device == device and p.dtype != dtype and p.requires_grad]  # fmt: skip
         if not params:
             return {}
-        made = _CastAll.apply(dtype, *params)
+        made = _CastAll.apply(self, dtype, *params)
         return {id(p): (p, m) for p, m in zip(params, made, strict=True)}
 
 
@@ -143,9 +163,11 @@ class _CastAll(torch.autograd.Function):
     """Tensors cast to `dtype` by one foreach copy, their gradients cast back by one."""
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, casts: TrainedCasts, dtype: torch.dtype,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         ctx.set_materialize_grads(False)  # an unused copy's gradient stays None, not zeros
         ctx.dtypes = [t.dtype for t in tensors]
+        ctx.casts, ctx.params = casts, tensors  # leaves: referenced, not saved
         made = empty_alike(tensors, [dtype] * len(tensors))
         torch._foreach_copy_(made, list(tensors))
         return tuple(made)
@@ -159,7 +181,29 @@ class _CastAll(torch.autograd.Function):
         out: list[torch.Tensor | None] = [None] * len(grads)
         for i, g in zip(used, back, strict=True):
             out[i] = g
-        return (None, *out)
+        if ctx.casts.direct and not torch.is_grad_enabled():  # not a double backward
+            _fill_grads(ctx.params, out)
+        return (None, None, *out)
+
+
+def _fill_grads(params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None]) -> None:
+    """Each gradient in `grads` accumulated into its parameter's `.grad` and replaced by None
+    (autograd then has nothing to accumulate; its post-accumulation hooks still run, after),
+    but for parameters with tensor hooks."""
+    fresh, old, onto = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if g is None or p._backward_hooks:  # a tensor hook must receive (and may change) it
+            continue
+        if p.grad is None:
+            fresh.append((p, g))
+        else:
+            old.append(p.grad)
+            onto.append(g)
+        grads[i] = None
+    for p, g in fresh:
+        p.grad = g
+    if old:
+        torch._foreach_add_(old, onto)
 
 
 def empty_alike(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
@@ -180,6 +224,12 @@ def empty_alike(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[
         for i, piece in zip(members, pieces, strict=True):
             made[i] = piece
     return made
+
+
+def _distributed() -> bool:
+    """More than one process: DDP's reducer hooks each parameter's gradient accumulation."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _sharded(t: torch.Tensor) -> bool:

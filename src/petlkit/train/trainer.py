@@ -261,6 +261,7 @@ class Trainer:
         world, rank = acc.num_processes, acc.process_index
         share = cfg.batch_size // world
         micro = share // cfg.grad_accum
+        direct = getattr(self.model, "accumulating_backward", contextlib.nullcontext)
         for step in range(info["step"], cfg.steps):
             started = time.perf_counter()
             self.fold.before_step()
@@ -282,7 +283,8 @@ class Trainer:
                         loss = lm.completion_nll(logits, labels)[0] * world / tokens
                     else:
                         loss = self.loss(logits, labels) / cfg.grad_accum
-                acc.backward(loss)
+                with direct():
+                    acc.backward(loss)
                 total += loss.detach()
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
