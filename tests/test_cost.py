@@ -332,6 +332,9 @@ def test_cost_prints_the_floor_each_method_its_folded_form_and_the_ops_it_adds(c
     assert rows["floor"][1] == rows["floor"][6] == rows["floor"][8] == "1.00"  # ÷ floor columns
     assert fit_ground_truth().describe() in out
     assert "lora − floor, by op" in out and "| aten.mm |" in out
+    by_calls = out.split("by ATen calls:")[1].split("\n\n")[0].splitlines()[3:]
+    calls = [abs(int(line.split("|")[2].replace(",", ""))) for line in by_calls if line]
+    assert len(calls) > 3 and calls == sorted(calls, reverse=True)  # ranked for ATen-call work
 
 
 def test_cost_without_folded_forms_and_with_method_fields(capsys):

@@ -208,14 +208,26 @@ def test_one_dimensional_casts_and_gradients_are_pieces_of_one_allocation(bert_c
 
 def test_empty_alike_keeps_shapes_strides_and_dtypes():
     wide = torch.randn(3, 5).t()  # not contiguous: its own allocation, its strides
-    tensors = [torch.randn(4), wide, torch.randn(6), torch.randn(2, dtype=torch.float16)]
-    dtypes = [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
+    tensors = [torch.randn(4), wide, torch.randn(6), torch.randn(2, dtype=torch.float16),
+               torch.randn(2, 5), torch.randn(1, 5), torch.randn(5, 2)]  # fmt: skip
+    dtypes = [torch.bfloat16] * 3 + [torch.float32] + [torch.bfloat16] * 3
     made = empty_alike(tensors, dtypes)
     for t, m, dtype in zip(tensors, made, dtypes, strict=True):
         assert (m.shape, m.stride(), m.dtype) == (t.shape, t.stride(), dtype)
-    assert made[0].untyped_storage().data_ptr() == made[2].untyped_storage().data_ptr()
-    assert made[3].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()
-    assert made[1].untyped_storage().data_ptr() != made[0].untyped_storage().data_ptr()
+    storage = [m.untyped_storage().data_ptr() for m in made]
+    assert storage[0] == storage[2]  # 1-D of one dtype: one allocation
+    assert storage[4] == storage[5]  # (·, 5) of one dtype: one allocation, split along dim 0
+    assert len({storage[0], storage[1], storage[3], storage[4], storage[6]}) == 5
+
+
+def test_two_dimensional_casts_of_a_shape_share_one_allocation(bert_case):
+    """LoRA's A of every site (r × d) is one allocation each way, its B (d × r) another."""
+    petl = attached_and_perturbed(bert_case, "lora")
+    with _Ops() as seen:
+        _, grads = _step(petl, bert_case)
+    lora = [g for n, g in grads.items() if "lora" in n]
+    assert len(lora) >= 8 and "empty_like" not in seen.ops
+    assert len({g.untyped_storage().data_ptr() for g in lora}) == 2
 
 
 def _backward(petl, case, direct: bool) -> None:

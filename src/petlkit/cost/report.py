@@ -77,12 +77,15 @@ def op_difference(method: Row, floor: Row, top: int = 25) -> str:
     diff = {name: {k: ours.get(name, {}).get(k, 0) - theirs.get(name, {}).get(k, 0)
                    for k in keys} for name in ours.keys() | theirs.keys()}  # fmt: skip
     changed = [(name, d) for name, d in diff.items() if any(d.values())]
-    changed.sort(key=lambda item: (-abs(item[1]["bytes"]), -abs(item[1]["kernels"])))
-    lines = [f"{method.name} − floor, by op (top {top} by bytes moved):",
-             "| op | calls | kernels | non-GEMM MiB |", "|---|---:|---:|---:|"]  # fmt: skip
-    for name, d in changed[:top]:
-        lines.append(f"| {name} | {d['calls']:+,} | {d['kernels']:+,} | "
-                     f"{d['bytes'] / 2**20:+,.0f} |")  # fmt: skip
+    by_bytes = sorted(changed, key=lambda item: (-abs(item[1]["bytes"]), -abs(item[1]["kernels"])))
+    by_calls = sorted(changed, key=lambda item: (-abs(item[1]["calls"]), item[0]))
+    lines = []
+    for title, rows in (("bytes moved", by_bytes), ("ATen calls", by_calls)):
+        lines += ["" if lines else f"{method.name} − floor, by op:", f"top {top} by {title}:",
+                  "| op | calls | kernels | non-GEMM MiB |", "|---|---:|---:|---:|"]  # fmt: skip
+        for name, d in rows[:top]:
+            lines.append(f"| {name} | {d['calls']:+,} | {d['kernels']:+,} | "
+                         f"{d['bytes'] / 2**20:+,.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -208,20 +208,24 @@ def _fill_grads(params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | Non
 
 def empty_alike(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
     """An uninitialised tensor of each one's shape and strides (so that a foreach copy between
-    them is one fused launch on CUDA) in `dtypes[i]`. The 1-D ones of a device and dtype (biases,
-    scales: most of SSF's and BitFit's tensors) are pieces of one allocation, split off by one
-    call, where each alone costs a call of its own (issue #47: BERT-base waits on the host)."""
+    them is one fused launch on CUDA) in `dtypes[i]`. The contiguous ones of a device, dtype and
+    shape past the first dim (biases and scales; LoRA's A of every site, its B of every site)
+    are pieces of one allocation, split off along the first dim by one call, where each alone
+    costs a call of its own (issue #47: BERT-base waits on the host)."""
     made: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple, list[int]] = {}
     for i, (t, dtype) in enumerate(zip(tensors, dtypes, strict=True)):
-        if t.dim() == 1 and t.stride(0) == 1:
-            groups.setdefault((t.device, dtype), []).append(i)
+        if t.dim() >= 1 and t.is_contiguous():
+            groups.setdefault((t.device, dtype, t.shape[1:]), []).append(i)
         else:
             made[i] = torch.empty_like(t, dtype=dtype)
-    for (device, dtype), members in groups.items():
-        sizes = [tensors[i].numel() for i in members]
-        pieces = torch.empty(sum(sizes), dtype=dtype, device=device).split(sizes)
-        for i, piece in zip(members, pieces, strict=True):
+    for (device, dtype, rest), members in groups.items():
+        if len(members) == 1:
+            made[members[0]] = torch.empty_like(tensors[members[0]], dtype=dtype)
+            continue
+        sizes = [tensors[i].shape[0] for i in members]
+        whole = torch.empty(sum(sizes), *rest, dtype=dtype, device=device)
+        for i, piece in zip(members, whole.split(sizes), strict=True):
             made[i] = piece
     return made
 
