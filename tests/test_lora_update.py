@@ -1,5 +1,5 @@
 """LoRA's update as one autograd node (methods/lora_update.py): the outputs and gradients of
-F.linear and addmm under autograd; gated or dropout LoRA takes the plain path."""
+F.linear and addmm under autograd, gated (UniPELT) or not; dropout LoRA takes the plain path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import petlkit
-from petlkit.methods.lora_update import LoRAUpdate
+from petlkit.methods.lora_update import GatedLoRAUpdate, LoRAUpdate
 
 
 def _inputs(dtype=torch.float32, x_grad=True):
@@ -71,9 +71,71 @@ def test_lora_trains_through_the_node_on_fused_and_separate_projections(kind, re
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("fields", [{"dropout": 0.1}, {"gated": True}])
-def test_gated_or_dropout_lora_takes_the_plain_path(vit_case, fields, monkeypatch):
+def test_dropout_lora_takes_the_plain_path(vit_case, monkeypatch):
     calls = _count_node(monkeypatch)
-    petl = petlkit.attach(vit_case.make(), "lora", **fields)
+    petl = petlkit.attach(vit_case.make(), "lora", dropout=0.1)
     petl(**vit_case.inputs).float().sum().backward()
     assert not calls
+
+
+def _gated_inputs(positions: int, dtype=torch.float64, x_grad=True):
+    torch.manual_seed(0)
+    x, out = torch.randn(2, 5, 6), torch.randn(2, 5, 8)
+    down, up = torch.randn(6, 6), torch.randn(8, 6)  # three parts of rank 2
+    gate = torch.rand(2, positions, 3, 1)
+    tensors = (x, out, down, up, gate)
+    return [t.to(dtype).requires_grad_(x_grad or i > 0) for i, t in enumerate(tensors)]
+
+
+def _plain_gated(x, out, down, up, gate):
+    h = torch.nn.functional.linear(x, down)
+    h = (h.unflatten(-1, (3, 2)) * gate).flatten(-2)
+    return torch.addmm(out.reshape(-1, 8), h.reshape(-1, 6), up.t()).view(out.shape)
+
+
+@pytest.mark.parametrize("positions", [1, 5])  # one gate per example (encoders), per position
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_the_gated_node_gives_autograds_outputs_and_gradients(positions, x_grad):
+    mine, theirs = _gated_inputs(positions, x_grad=x_grad), _gated_inputs(positions, x_grad=x_grad)
+    assert torch.autograd.gradcheck(GatedLoRAUpdate.apply, tuple(mine))
+    out, want = GatedLoRAUpdate.apply(*mine), _plain_gated(*theirs)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    weight = torch.randn(out.shape, dtype=out.dtype)
+    (out * weight).sum().backward()
+    (want * weight).sum().backward()
+    for i, (got, expected) in enumerate(zip(mine, theirs, strict=True)):
+        if expected.grad is None:
+            assert got.grad is None and i == 0
+            continue
+        assert got.grad.shape == expected.grad.shape, i
+        torch.testing.assert_close(got.grad, expected.grad, msg=f"input {i}")
+
+
+@pytest.mark.parametrize("kind", ["vit_case", "bert_case", "llama"])
+def test_gated_lora_trains_through_the_gated_node(kind, request, monkeypatch):
+    """Per-example gates on fused q|k|v (ViT) and separate q, v (BERT); per-position gates on
+    a decoder (LLaMA, causal)."""
+    import petlkit.methods.lora as lora_module
+    from tests.helpers import tiny_llama
+
+    if kind == "llama":
+        ids = torch.randint(5, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+        case = type("Case", (), {"make": tiny_llama, "inputs": {"input_ids": ids}})
+    else:
+        case = request.getfixturevalue(kind)
+    calls: list = []
+    original = lora_module.GatedLoRAUpdate.apply
+    monkeypatch.setattr(lora_module.GatedLoRAUpdate, "apply",
+                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
+    petl = petlkit.attach(case.make(), "lora", gated=True)
+    with torch.no_grad():
+        for name, p in petl.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = petl(**case.inputs)
+    getattr(out, "logits", out).float().square().mean().backward()
+    assert calls
+    grads = {n: p.grad for n, p in petl.named_parameters() if p.requires_grad and "head" not in n}
+    assert any("gate" in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())

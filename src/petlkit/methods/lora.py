@@ -34,7 +34,7 @@ from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.linears import LINEARS, as_weight, in_out
-from petlkit.methods.lora_update import LoRAUpdate
+from petlkit.methods.lora_update import GatedLoRAUpdate, LoRAUpdate
 from petlkit.methods.placement import compute_input, follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
@@ -155,6 +155,11 @@ class LoRALinear(Tuner):
                 and not torch.compiler.is_compiling()):  # fmt: skip
             up = self.up_matrix(follow(self.lora_B, x))
             return LoRAUpdate.apply(x, out, follow(self.lora_A, x), up, self.scaling)
+        if (self.gate is not None and isinstance(self.dropout, nn.Identity)
+                and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
+            g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, n_parts, 1)
+            up = self.up_matrix(follow(self.lora_B, x))
+            return GatedLoRAUpdate.apply(x, out, follow(self.lora_A, x), up, g)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         scaling = self.scaling
         if self.gate is not None:  # one gate per adapted projection, on its rank block

@@ -34,3 +34,35 @@ class LoRAUpdate(torch.autograd.Function):
         grad_down = torch.mm(grad_h.t(), flat)
         grad_x = torch.mm(grad_h, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad, grad_down, grad_up, None
+
+
+class GatedLoRAUpdate(torch.autograd.Function):
+    """out + ((x·Aᵀ) ⊙ G)·Bᵀ as one node: UniPELT's gated LoRA, the gate G (batch, positions or
+    1, parts, 1) scaling each part's rank block per example (or per position on a decoder).
+    Two GEMMs and a rank-sized product forward; backward four GEMMs, the gate's gradient as one
+    product and one sum over rank-sized tensors, without autograd's views, transposes and
+    broadcast reductions of each operand (issue #47: BERT-base waits on the host)."""
+
+    @staticmethod
+    def forward(ctx, x, out, down, up, gate):  # noqa: D102 (torch's interface)
+        flat = x.reshape(-1, x.shape[-1])
+        h = torch.mm(flat, down.t())
+        blocks = (*x.shape[:-1], gate.shape[-2], -1)  # (batch, tokens, parts, r)
+        hg = (h.view(blocks) * gate).view(h.shape)
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), hg, up.t())
+        ctx.save_for_backward(flat, h, hg, down, up, gate)
+        ctx.x_shape, ctx.blocks = x.shape, blocks
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        flat, h, hg, down, up, gate = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_hg = torch.mm(g, up).view(ctx.blocks)
+        grad_up = torch.mm(g.t(), hg)
+        grad_h = (grad_hg * gate).view(h.shape)
+        summed = (3,) if gate.shape[1] > 1 else (1, 3)  # over rank, and positions a gate spans
+        grad_gate = (grad_hg * h.view(ctx.blocks)).sum(summed, keepdim=True)
+        grad_down = torch.mm(grad_h.t(), flat)
+        grad_x = torch.mm(grad_h, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad, grad_down, grad_up, grad_gate
