@@ -44,21 +44,19 @@ def test_the_update_node_gives_autograds_outputs_and_gradients(scaling, x_grad, 
         torch.testing.assert_close(got.grad, expected.grad, msg=f"input {i}", **close)
 
 
-def _count_node(monkeypatch) -> list:
+def _count_node(monkeypatch, node: str = "LoRAUpdate") -> list:
     import petlkit.methods.lora as lora_module
 
     calls: list = []
-    original = lora_module.LoRAUpdate.apply
-    monkeypatch.setattr(lora_module.LoRAUpdate, "apply",
+    original = getattr(lora_module, node).apply
+    monkeypatch.setattr(getattr(lora_module, node), "apply",
                         lambda *a: calls.append(1) or original(*a))  # fmt: skip
     return calls
 
 
-@pytest.mark.parametrize("kind", ["vit_case", "bert_case"])
-def test_lora_trains_through_the_node_on_fused_and_separate_projections(kind, request, monkeypatch):
-    case = request.getfixturevalue(kind)
-    calls = _count_node(monkeypatch)
-    petl = petlkit.attach(case.make(), "lora")
+def _perturbed_step(case, **fields):
+    """LoRA (B moved off zero) on `case`, one bf16 forward and backward; the PetlModel."""
+    petl = petlkit.attach(case.make(), "lora", **fields)
     with torch.no_grad():
         for name, p in petl.named_parameters():
             if "lora_B" in name:
@@ -66,6 +64,14 @@ def test_lora_trains_through_the_node_on_fused_and_separate_projections(kind, re
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = petl(**case.inputs)
     getattr(out, "logits", out).float().square().mean().backward()
+    return petl
+
+
+@pytest.mark.parametrize("kind", ["vit_case", "bert_case"])
+def test_lora_trains_through_the_node_on_fused_and_separate_projections(kind, request, monkeypatch):
+    case = request.getfixturevalue(kind)
+    calls = _count_node(monkeypatch)
+    petl = _perturbed_step(case)
     assert calls
     grads = [p.grad for n, p in petl.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -115,7 +121,6 @@ def test_the_gated_node_gives_autograds_outputs_and_gradients(positions, x_grad)
 def test_gated_lora_trains_through_the_gated_node(kind, request, monkeypatch):
     """Per-example gates on fused q|k|v (ViT) and separate q, v (BERT); per-position gates on
     a decoder (LLaMA, causal)."""
-    import petlkit.methods.lora as lora_module
     from tests.helpers import tiny_llama
 
     if kind == "llama":
@@ -123,18 +128,8 @@ def test_gated_lora_trains_through_the_gated_node(kind, request, monkeypatch):
         case = type("Case", (), {"make": tiny_llama, "inputs": {"input_ids": ids}})
     else:
         case = request.getfixturevalue(kind)
-    calls: list = []
-    original = lora_module.GatedLoRAUpdate.apply
-    monkeypatch.setattr(lora_module.GatedLoRAUpdate, "apply",
-                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
-    petl = petlkit.attach(case.make(), "lora", gated=True)
-    with torch.no_grad():
-        for name, p in petl.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = petl(**case.inputs)
-    getattr(out, "logits", out).float().square().mean().backward()
+    calls = _count_node(monkeypatch, "GatedLoRAUpdate")
+    petl = _perturbed_step(case, gated=True)
     assert calls
     grads = {n: p.grad for n, p in petl.named_parameters() if p.requires_grad and "head" not in n}
     assert any("gate" in n for n in grads)
