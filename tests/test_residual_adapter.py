@@ -9,6 +9,7 @@ import torch
 
 import petlkit
 from petlkit.cost.counter import gemm_flops
+from petlkit.layout import layout_of
 from petlkit.methods.adapter import AdapterConfig, Bottleneck
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
@@ -153,3 +154,74 @@ def test_a_per_example_gates_backward_forms_no_product_of_the_inputs_size():
     big = sorted(name for name, size in seen.ops
                  if size == y.numel() and name not in ("view", "detach"))  # fmt: skip
     assert "mul" not in big and big.count("sum") == 1, big
+
+
+def _run_separate(adapter, y, fused: bool, autocast: bool):
+    """Pfeiffer on a post-norm encoder: y + G(x)·A(x) with x = LN(y), both y's paths trained."""
+    adapter.zero_grad(set_to_none=True)
+    y = y.detach().clone().requires_grad_(True)
+    with torch.autocast(**BF16, enabled=autocast):
+        x = torch.nn.functional.layer_norm(y, y.shape[-1:])
+        out = adapter.residual(y, x) if fused else y + adapter(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    return out.detach(), y.grad, {n: p.grad for n, p in adapter.named_parameters()}
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fused_adapter_reading_another_tensor_gives_the_modules_results(gated, autocast):
+    adapter = _bottleneck(gated=gated)
+    y = torch.randn(3, 5, 16)
+    out, grad_y, grads = _run_separate(adapter, y, True, autocast)
+    want_out, want_y, want = _run_separate(adapter, y, False, autocast)
+    close = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+    assert out.dtype == want_out.dtype == torch.float32 and grad_y.dtype == torch.float32
+    torch.testing.assert_close(out, want_out, **close)
+    torch.testing.assert_close(grad_y, want_y, **close)
+    assert grads.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, msg=name, **close)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_separate_input_passes_the_residuals_gradient_through(gated):
+    adapter = _bottleneck(gated=gated)
+    y = torch.randn(2, 4, 16, requires_grad=True)
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    grad = torch.randn(2, 4, 16)
+    grad_y, grad_x = torch.autograd.grad(adapter.residual(y, x), (y, x), grad)
+    assert torch.equal(grad_y, grad)
+    (want_x,) = torch.autograd.grad(y + adapter(x), x, grad)
+    torch.testing.assert_close(grad_x, want_x)
+
+
+def _bert_step(case, method):
+    torch.manual_seed(0)
+    petl = petlkit.attach(case.make(), method)
+    with torch.autocast(**BF16):
+        out = petl(**case.inputs)
+    out.float().square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in petl.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["adapter", "unipelt"])
+def test_a_post_norm_encoder_trains_through_the_fused_adapter(bert_case, method, monkeypatch):
+    """Each layer's adapter reads its layer norm's output through the fused node, and the step
+    gives the plain modules' output and gradients (to bf16 rounding)."""
+    import petlkit.methods.adapter as adapter_module
+
+    node = getattr(adapter_module, "GatedResidualBottleneck" if method == "unipelt"
+                   else "ResidualBottleneck")  # fmt: skip
+    calls = []
+    original = node.apply
+    monkeypatch.setattr(node, "apply", lambda *a: calls.append(a[1] is not None) or original(*a))
+    out, grads = _bert_step(bert_case, method)
+    depth = len(layout_of(bert_case.make()).blocks)
+    assert depth and calls == [True] * depth  # each reads x = LN(y), not the residual y
+    monkeypatch.setattr(adapter_module.Bottleneck, "residual",
+                        lambda self, y, x=None: y + self(y if x is None else x))  # fmt: skip
+    want_out, want = _bert_step(bert_case, method)
+    torch.testing.assert_close(out, want_out, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == want.keys() and any("adapter" in n for n in grads)
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)

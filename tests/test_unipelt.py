@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,13 +36,25 @@ def test_every_gate_starts_near_one_half(bert_case):
     backbone's own activations, so no part starts switched off or at full strength."""
     petl = petlkit.attach(bert_case.make(), "unipelt", prompt=True, prompt_gated=True,
                           **SMALL).eval()  # fmt: skip
-    seen = []
+    seen, inputs = [], []  # gate values; (gate, input) of gates that run inside fused nodes
+
+    def record(gate, module, args, out):
+        inputs.append((gate, args[0] if out is None else out))
+
     for module in petl.modules():
-        if type(module).__name__ == "Gate":
+        kind = type(module).__name__
+        if kind == "Gate":
             assert module.linear.weight.std() < 0.03 and not module.linear.bias.any()
             module.register_forward_hook(lambda m, args, out: seen.append(out))
+        if kind == "LoRALinear":  # its gate runs in its block's grouped node (gate.py)
+            module.register_forward_pre_hook(partial(record, module.gate, out=None))
+        if kind == "PostNormAdapterTuner":  # its gate runs in the fused adapter node
+            module.base_layer.register_forward_hook(partial(record, module.adapter.gate))
     petl(**bert_case.inputs)
-    assert len(seen) == 1 + 2 * 4  # the prompt; per layer: prefix, adapter, LoRA on q and on v
+    assert len(seen) == 1 + 2  # the prompt; per layer the prefix
+    # per layer: LoRA on q and on v; the adapter's norm runs twice, the first feeds the gate
+    assert len(inputs) == 2 * 4
+    seen += [_gate(gate, x) for i, (gate, x) in enumerate(inputs) if i % 4 != 3]
     values = torch.cat([g.flatten() for g in seen])
     assert (values - 0.5).abs().max() < 0.05
 

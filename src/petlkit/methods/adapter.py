@@ -65,21 +65,23 @@ class Bottleneck(nn.Module):
             update = update * self.gate.per_position(x)  # (batch, positions or 1, 1)
         return update
 
-    def residual(self, y: torch.Tensor) -> torch.Tensor:
-        """y + G(y)·A(y); ReLU adapters without dropout, gated or not, run as one fused node
-        (residual_adapter.py: the same function, fewer kernels)."""
+    def residual(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """y + G(x)·A(x), x = y unless given; ReLU adapters without dropout, gated or not, run
+        as one fused node (residual_adapter.py: the same function, fewer kernels)."""
+        source = y if x is None else x
         fusable = (isinstance(self.act, nn.ReLU) and isinstance(self.dropout, nn.Identity)
-                   and y.is_floating_point() and not torch.compiler.is_compiling())  # fmt: skip
+                   and source.is_floating_point()
+                   and not torch.compiler.is_compiling())  # fmt: skip
         if not fusable:
-            return y + self(y)
-        dtype = compute_dtype(y)
+            return y + self(source)
+        dtype = compute_dtype(source)
         weights = [self.down.weight, self.down.bias, self.up.weight, self.up.bias]
         if self.gate is not None:
             weights += [self.gate.linear.weight, self.gate.linear.bias]
-        low = [cast_to(t, dtype, y.device) for t in weights]
+        low = [cast_to(t, dtype, source.device) for t in weights]
         if self.gate is None:
-            return ResidualBottleneck.apply(y, dtype, *low)
-        return GatedResidualBottleneck.apply(y, dtype, self.gate.causal, *low)
+            return ResidualBottleneck.apply(y, x, dtype, *low)
+        return GatedResidualBottleneck.apply(y, x, dtype, self.gate.causal, *low)
 
 
 class AdapterTuner(Tuner):
@@ -103,7 +105,7 @@ class PostNormAdapterTuner(Tuner):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x = self.base_layer(y)
-        return self.base_layer(y + self.adapter(x)) if self.enabled else x
+        return self.base_layer(self.adapter.residual(y, x)) if self.enabled else x
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from petlkit.methods.grouped_down import GroupedDown
 from petlkit.methods.placement import CastLinear, compute_input, follow
 
 
@@ -50,18 +50,26 @@ def gate_count(width: int, outputs: int = 1) -> int:
 
 class GateGroup:
     """Gates that read one tensor (UniPELT's LoRA gates on q and v and its prefix gate all read a
-    block's attention input), computed as one gate with their weights stacked: one GEMM, one
-    sigmoid and one mean for all of them, forward and backward, where each alone costs its own.
-    The same function: each gate's outputs are its columns. Used inside a forward of the model
-    (`begin` and `end` are its hooks: the result keeps autograd history, which must not outlive
-    the forward) and inside a backward (activation checkpointing recomputes the forward there,
-    and must save what the forward saved); a gate called elsewhere, or on another tensor,
-    computes alone."""
+    block's attention input), computed as one gate with their weights stacked, and with them the
+    down-projections of the LoRA members whose gates they are (`loras`: gate → its LoRA layer):
+    one node, one GEMM forward and one for x's gradient backward (grouped_down.py), where each
+    alone costs its own. The same function: each gate's outputs are its columns, each member's
+    gated hidden its rows. Used inside a forward of the model (`begin` and `end` are its hooks:
+    the result keeps autograd history, which must not outlive the forward) and inside a
+    backward (activation checkpointing recomputes the forward there, and must save what the
+    forward saved); a gate or a LoRA layer called elsewhere, or on another tensor, computes
+    alone."""
 
-    def __init__(self, gates: Sequence[Gate]) -> None:
+    def __init__(self, gates: Sequence[Gate], loras: dict[int, nn.Module] | None = None) -> None:
         if len({g.causal for g in gates}) != 1:
             raise ValueError("a gate group needs gates of one kind (all causal or none)")
-        self.gates = list(gates)
+        loras = loras or {}
+        # LoRA members first: their A rows lead the stacked weight, their gates its gate columns
+        self.gates = sorted(gates, key=lambda g: id(g) not in loras)
+        self.loras = [loras[id(g)] for g in self.gates if id(g) in loras]
+        if len({lora.r for lora in self.loras}) > 1:
+            raise ValueError("a gate group's LoRA members need one rank")
+        self.rank = self.loras[0].r if self.loras else 0
         self.active = False
         self._forget()
         for gate in self.gates:
@@ -72,7 +80,7 @@ class GateGroup:
             gate.__dict__.pop("_group", None)
 
     def _forget(self) -> None:
-        self._source, self._state, self._columns = None, None, {}
+        self._source, self._state, self._outputs = None, None, {}
 
     def begin(self, module: nn.Module, args: tuple) -> None:
         self._forget()
@@ -84,22 +92,34 @@ class GateGroup:
 
     def output(self, gate: Gate, h: torch.Tensor) -> torch.Tensor | None:
         """`gate(h)` from the group's one computation, or None: compute alone."""
-        if torch.compiler.is_compiling() or not (self.active or _in_backward()):
+        return self._lookup(gate, h, ("gate", id(gate)))
+
+    def lora_hidden(self, lora: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA member's gated hidden (h·Aᵀ) ⊙ G, (tokens, parts·r), or None: alone."""
+        return self._lookup(lora.gate, h, ("lora", id(lora)))
+
+    def _lookup(self, gate: Gate, h: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        if torch.compiler.is_compiling() or not (self.active or _in_backward()) or h.dim() != 3:
             return None
         state = (h._version, torch.is_grad_enabled())
         if self._source is None or (self._source() is not h and gate is self.gates[0]):
-            weight = torch.cat([follow(g.linear.weight, h) for g in self.gates])
-            bias = torch.cat([follow(g.linear.bias, h) for g in self.gates])
-            together = torch.sigmoid(F.linear(h, weight, bias))
-            if not gate.causal:
-                together = together.mean(dim=1)
-            sizes = [g.linear.out_features for g in self.gates]
-            columns = together.split(sizes, dim=-1)
-            self._columns = {id(g): c for g, c in zip(self.gates, columns, strict=True)}
+            self._compute(h)
             self._source, self._state = weakref.ref(h), state
         if self._source() is not h or self._state != state:
             return None
-        return self._columns.get(id(gate))
+        return self._outputs.get(key)
+
+    def _compute(self, h: torch.Tensor) -> None:
+        loras = self.loras
+        others = self.gates[len(loras) :]
+        weights = [follow(lora.lora_A, h) for lora in loras]
+        weights += [follow(g.linear.weight, h) for g in self.gates]
+        biases = [follow(g.linear.bias, h) for g in self.gates]
+        plan = (tuple(lora.gate.linear.out_features for lora in loras), self.rank,
+                tuple(g.linear.out_features for g in others))  # fmt: skip
+        outputs = GroupedDown.apply(h, plan, self.gates[0].causal, *weights, *biases)
+        keys = [("lora", id(lora)) for lora in loras] + [("gate", id(g)) for g in others]
+        self._outputs = dict(zip(keys, outputs, strict=True))
 
 
 def _in_backward() -> bool:

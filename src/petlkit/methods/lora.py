@@ -34,7 +34,7 @@ from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.linears import LINEARS, as_weight, in_out
-from petlkit.methods.lora_update import GatedLoRAUpdate, LoRAUpdate
+from petlkit.methods.lora_update import GatedLoRAUpdate, LoRAUp, LoRAUpdate
 from petlkit.methods.placement import compute_input, follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
@@ -157,6 +157,10 @@ class LoRALinear(Tuner):
             return LoRAUpdate.apply(x, out, follow(self.lora_A, x), up, self.scaling)
         if (self.gate is not None and isinstance(self.dropout, nn.Identity)
                 and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
+            group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
+            hidden = None if group is None else group.lora_hidden(self, x)
+            if hidden is not None:
+                return LoRAUp.apply(out, hidden, self.up_matrix(follow(self.lora_B, x)))
             g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, n_parts, 1)
             up = self.up_matrix(follow(self.lora_B, x))
             return GatedLoRAUpdate.apply(x, out, follow(self.lora_A, x), up, g)

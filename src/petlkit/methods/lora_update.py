@@ -4,7 +4,8 @@ The same kernels as `F.linear` and `addmm` under autograd (two GEMMs forward, fo
 scaling applied to two of them), with about half the ATen calls: autograd's linear and addmm
 nodes add transposes, views and reshapes of every operand each way, and where the GPU waits on
 the host (BERT-base at 32 × 128, issue #47) those calls are the step's cost. Gradients by
-autograd's formulas; the layer's output passes its gradient through untouched.
+autograd's formulas; the layer's output passes its gradient through, as the contiguous copy
+the update's GEMMs read when it arrives strided (one copy for both).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class LoRAUpdate(torch.autograd.Function):
             grad_up.mul_(ctx.scaling)
         grad_down = torch.mm(grad_h.t(), flat)
         grad_x = torch.mm(grad_h, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad, grad_down, grad_up, None
+        return grad_x, _same_layout(grad, g), grad_down, grad_up, None
 
 
 class GatedLoRAUpdate(torch.autograd.Function):
@@ -65,4 +66,28 @@ class GatedLoRAUpdate(torch.autograd.Function):
         grad_gate = (grad_hg * h.view(ctx.blocks)).sum(summed, keepdim=True)
         grad_down = torch.mm(grad_h.t(), flat)
         grad_x = torch.mm(grad_h, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad, grad_down, grad_up, grad_gate
+        return grad_x, _same_layout(grad, g), grad_down, grad_up, grad_gate
+
+
+class LoRAUp(torch.autograd.Function):
+    """out + hidden·upᵀ as one node: a LoRA member's update from its gated hidden, made for the
+    whole block by `grouped_down.GroupedDown`. One GEMM forward, two backward."""
+
+    @staticmethod
+    def forward(ctx, out, hidden, up):  # noqa: D102 (torch's interface)
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), hidden, up.t())
+        ctx.save_for_backward(hidden, up)
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        hidden, up = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        return _same_layout(grad, g), torch.mm(g, up), torch.mm(g.t(), hidden)
+
+
+def _same_layout(grad: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The layer output's gradient, passed through: the contiguous copy `flat` the GEMMs read
+    where `grad` is not contiguous (attention's gradient of q or v arrives transposed), so the
+    wrapped layer's backward reads it without copying it once more."""
+    return grad if grad.is_contiguous() else flat.view(grad.shape)

@@ -139,13 +139,16 @@ class UniPELT(Method):
         if not self.config.gated or "prefix" not in self.parts:
             return
         lora = self.parts["lora"].tuners(model) if "lora" in self.parts else []
-        lora_gates = {name: tuner.gate for name, tuner in lora if tuner.gate is not None}
+        lora = {name: tuner for name, tuner in lora if tuner.gate is not None}
         prefix = self.parts["prefix"]
         for index, block in enumerate(layout_of(model).blocks):
             _, linears = block.site("attn_in")
-            gates = [lora_gates[n] for n in linears if n in lora_gates] + [prefix.gates[index]]
+            tuners = [lora[n] for n in linears if n in lora]
+            gates = [t.gate for t in tuners] + [prefix.gates[index]]
+            # a LoRA layer without dropout reads its gated hidden from the group's node
+            members = {id(t.gate): t for t in tuners if isinstance(t.dropout, nn.Identity)}
             if len(gates) > 1:
-                self._groups.append(GateGroup(gates))
+                self._groups.append(GateGroup(gates, members))
         if self._groups:
             self._handles = [model.register_forward_pre_hook(self._begin),
                              model.register_forward_hook(self._end)]  # fmt: skip

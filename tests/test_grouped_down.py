@@ -1,0 +1,111 @@
+"""A block's LoRA down-projections and UniPELT gates as one node (methods/grouped_down.py): the
+function of each part alone, exact gradients (float64 gradcheck), any output left unused, and
+UniPELT's LoRA layers reading their gated hidden from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import petlkit
+from petlkit.layout import layout_of
+from petlkit.methods.grouped_down import GroupedDown
+from petlkit.methods.lora_update import LoRAUp
+
+BATCH, TOKENS, WIDTH, RANK = 2, 3, 5, 2
+LORAS, OTHERS = (1, 2), (1,)  # a plain LoRA, a fused one with two parts, a prefix-like gate
+
+
+def _tensors(dtype=torch.float64):
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, TOKENS, WIDTH, dtype=dtype)
+    downs = [torch.randn(n * RANK, WIDTH, dtype=dtype) for n in LORAS]
+    gate_weights = [torch.randn(n, WIDTH, dtype=dtype) for n in (*LORAS, *OTHERS)]
+    biases = [torch.randn(n, dtype=dtype) for n in (*LORAS, *OTHERS)]
+    return [t.requires_grad_() for t in (x, *downs, *gate_weights, *biases)]
+
+
+def _alone(causal, x, *tensors):
+    """Each part as the methods compute it alone: LoRA's h ⊙ G per part, the gate's σ mean."""
+    downs, rest = tensors[: len(LORAS)], tensors[len(LORAS) :]
+    gates_w, biases = rest[: len(LORAS) + len(OTHERS)], rest[len(LORAS) + len(OTHERS) :]
+    gates = []
+    for w, b in zip(gates_w, biases, strict=True):
+        s = torch.sigmoid(x @ w.T + b)
+        gates.append(s if causal else s.mean(1, keepdim=True))
+    outputs = []
+    for n, down, g in zip(LORAS, downs, gates, strict=False):
+        h = (x @ down.T).unflatten(-1, (n, RANK)) * g.unsqueeze(-1)
+        outputs.append(h.flatten(-2).reshape(-1, n * RANK))
+    for g in gates[len(LORAS) :]:
+        outputs.append(g if causal else g.squeeze(1))
+    return outputs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_grouped_node_is_each_part_alone(causal):
+    tensors = _tensors()
+    got = GroupedDown.apply(tensors[0], (LORAS, RANK, OTHERS), causal, *tensors[1:])
+    want = _alone(causal, *tensors)
+    assert len(got) == len(want) == len(LORAS) + len(OTHERS)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_grouped_nodes_gradients_are_exact(causal):
+    tensors = _tensors()
+
+    def run(*ts):
+        return GroupedDown.apply(ts[0], (LORAS, RANK, OTHERS), causal, *ts[1:])
+
+    assert torch.autograd.gradcheck(run, tensors)
+
+
+@pytest.mark.parametrize("unused", [0, 1, 2])
+def test_an_unused_output_gives_no_gradient_through_it(unused):
+    tensors, reference = _tensors(), _tensors()
+    got = GroupedDown.apply(tensors[0], (LORAS, RANK, OTHERS), False, *tensors[1:])
+    want = _alone(False, *reference)
+    loss = sum(o.square().sum() for i, o in enumerate(got) if i != unused)
+    ref = sum(o.square().sum() for i, o in enumerate(want) if i != unused)
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    expected = torch.autograd.grad(ref, reference, allow_unused=True)
+    for i, (g, e) in enumerate(zip(grads, expected, strict=True)):
+        if e is None:  # a part only the unused output reads: a zero gradient, or none
+            assert g is None or not g.any(), i
+        else:
+            torch.testing.assert_close(g, e, msg=str(i))
+
+
+def test_the_up_node_gives_addmms_gradients():
+    torch.manual_seed(1)
+    out = torch.randn(BATCH, TOKENS, 4, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(BATCH * TOKENS, RANK, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, RANK, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LoRAUp.apply, (out, hidden, up))
+    strided = torch.randn(BATCH, 4, TOKENS, dtype=torch.float64).transpose(1, 2)
+    (grad_out, *_) = torch.autograd.grad(LoRAUp.apply(out, hidden, up), (out, hidden), strided)
+    assert grad_out.is_contiguous() and torch.equal(grad_out, strided)
+
+
+@pytest.mark.parametrize("name", ["bert_case", "vit_case"])
+def test_unipelts_lora_reads_its_hidden_from_one_node_per_block(name, request, monkeypatch):
+    import petlkit.methods.gate as gate_module
+    import petlkit.methods.lora as lora_module
+
+    case = request.getfixturevalue(name)
+    calls = {"grouped": 0, "alone": 0}
+    grouped, alone = gate_module.GroupedDown.apply, lora_module.GatedLoRAUpdate.apply
+
+    def count(key, original):
+        return lambda *a: calls.__setitem__(key, calls[key] + 1) or original(*a)
+
+    monkeypatch.setattr(gate_module.GroupedDown, "apply", count("grouped", grouped))
+    monkeypatch.setattr(lora_module.GatedLoRAUpdate, "apply", count("alone", alone))
+    petl = petlkit.attach(case.make(), "unipelt")
+    out = petl(**case.inputs)
+    getattr(out, "logits", out).float().square().mean().backward()
+    assert calls == {"grouped": len(layout_of(case.make()).blocks), "alone": 0}
+    lora_a = [p for n, p in petl.named_parameters() if n.endswith("lora_A")]
+    assert lora_a and all(p.grad is not None for p in lora_a)
