@@ -102,8 +102,8 @@ class GatedResidualBottleneck(torch.autograd.Function):
                                                           update), grad_both.sum(0)  # fmt: skip
         grad_y, grad_x = _input_grads(ctx, grad, grad_both, w_both)
         sizes = [ctx.rank, grad_both.shape[1] - ctx.rank]
-        (grad_w_down, grad_w_gate), (grad_b_down, grad_b_gate) = (grad_w_both.split(sizes),
-                                                                  grad_b_both.split(sizes))
+        grad_w_down, grad_w_gate = grad_w_both.split(sizes)
+        grad_b_down, grad_b_gate = grad_b_both.split(sizes)
         return (grad_y, grad_x, None, None, grad_w_down, grad_b_down, grad_w_up, grad_b_up,
                 grad_w_gate, grad_b_gate)  # fmt: skip
 
