@@ -335,6 +335,25 @@ def test_cost_prints_the_floor_each_method_its_folded_form_and_the_ops_it_adds(c
     by_calls = out.split("by ATen calls:")[1].split("\n\n")[0].splitlines()[3:]
     calls = [abs(int(line.split("|")[2].replace(",", ""))) for line in by_calls if line]
     assert len(calls) > 3 and calls == sorted(calls, reverse=True)  # ranked for ATen-call work
+    by_source = out.split("by ATen calls, by source:")[1].splitlines()[3:]
+    sources = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", ""))
+               for line in by_source if line.startswith("|")}  # fmt: skip
+    assert sources["backward LoRAUpdateBackward"] > 0 and sources["methods/lora.py:forward"] > 0
+
+
+def test_sources_name_where_calls_come_from_and_change_nothing_counted(tiny_vit):
+    plain = count(tiny_vit, "lora")
+    traced = count(tiny_vit, "lora", sources=True)
+    assert traced.stream() == plain.stream() and traced.totals() == plain.totals()
+    assert {op.source for op in plain.ops} == {""}
+    table = traced.by_source()
+    assert sum(row["calls"] for row in table.values()) == traced.aten_calls
+    assert sum(row["kernels"] for row in table.values()) == traced.kernels
+    # the update's own node backward, its forward, the backbone's layers, the optimizer
+    assert table["backward LoRAUpdateBackward"]["kernels"] >= 3 * len(tiny_vit.model.blocks)
+    assert "methods/lora_update.py:forward" in table
+    assert any(name.startswith("backbones/") for name in table)
+    assert table["step: loss and optimizer"]["calls"] > 0
 
 
 def test_cost_without_folded_forms_and_with_method_fields(capsys):

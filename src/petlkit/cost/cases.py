@@ -78,16 +78,16 @@ def method_model(case: Case, method: str, **kwargs) -> nn.Module:
 
 
 def count(case: Case, method: str, kwargs: dict | None = None, dtype: torch.dtype = torch.bfloat16,
-          fake: bool = True, fold: bool = False) -> StepCount:  # fmt: skip
+          fake: bool = True, fold: bool = False, sources: bool = False) -> StepCount:  # fmt: skip
     """One step of `method` (or FLOOR) on `case`, counted; `fold`: trained folded into the
-    weights it adapts (methods/folding.py)."""
+    weights it adapts (methods/folding.py); `sources`: where each call comes from."""
     if method == FLOOR:
         model, batch = floor_model(case)
     else:
         model, batch = method_model(case, method, **(kwargs or {})), case.batch
         if fold:
             model.set_folded(True)
-    return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake)
+    return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake, sources=sources)
 
 
 def _logits(model: nn.Module, batch: dict) -> torch.Tensor:

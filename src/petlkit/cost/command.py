@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
         nargs="+",
         default=[],
         metavar="ROW",
-        help="per-op difference of these rows to the floor",
+        help="per-op and per-source difference of these rows to the floor",
     )
     cost.set_defaults(handler=run)
 

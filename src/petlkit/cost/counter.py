@@ -12,6 +12,7 @@ calibration can count an older petlkit with today's counter.
 from __future__ import annotations
 
 import math
+import traceback
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class OpRecord:
     kernels: int
     flops: int
     bytes: int
+    source: str = ""  # where the call came from (`OpCounter(sources=True)`)
 
 
 @dataclass
@@ -121,16 +123,47 @@ class StepCount:
                        bytes=0 if op.flops else op.bytes)  # fmt: skip
         return {name: dict(row) for name, row in table.items()}
 
+    def by_source(self) -> dict[str, dict[str, int]]:
+        """Per source (see `call_source`): calls, kernels and other bytes."""
+        table: dict[str, Counter] = {}
+        for op in self.ops:
+            row = table.setdefault(op.source, Counter())
+            row.update(calls=1, kernels=op.kernels, bytes=0 if op.flops else op.bytes)
+        return {name: dict(row) for name, row in table.items()}
+
     def stream(self) -> list[str]:
         return [op.name for op in self.ops]
+
+
+def call_source() -> str:
+    """Where the current ATen call comes from: in a backward, the autograd node that runs
+    ("backward GroupedDownBackward": its gradient sums into the next node's inputs included); in
+    a forward, the innermost petlkit function that made it ("methods/lora.py:forward"), else the
+    innermost transformers or timm one, else the counted step's own loss and optimizer."""
+    node = torch._C._current_autograd_node()
+    if node is not None:
+        return f"backward {node.name()}"
+    library = None
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace("\\", "/")
+        if path.endswith("/petlkit/cost/step.py"):  # the step's own code: loss, optimizer
+            return library or "step: loss and optimizer"
+        if "/petlkit/cost/" in path:
+            continue  # the counter's own frames, the CUDA casting policy's
+        if "/petlkit/" in path:
+            return f"{path.rsplit('/petlkit/', 1)[1]}:{frame.name}"
+        if library is None and ("/transformers/" in path or "/timm/" in path):
+            library = f"{path.rsplit('/', 1)[1]}:{frame.name}"
+    return library or "elsewhere"
 
 
 class OpCounter(TorchDispatchMode):
     """Records every op below autograd and autocast, and the storages alive at each moment."""
 
-    def __init__(self, count: StepCount, host: set[int] = frozenset()):
+    def __init__(self, count: StepCount, host: set[int] = frozenset(), sources: bool = False):
         super().__init__()
         self.count = count
+        self.sources = sources  # record each call's source (call_source: a stack walk per call)
         self.host = host  # ids of tensors a CUDA run keeps on the host (AdamW's step counts)
         self.live = 0
         self.seen: weakref.WeakSet = weakref.WeakSet()
@@ -172,7 +205,8 @@ class OpCounter(TorchDispatchMode):
         else:
             kernels = 1
         touched = _touched_bytes(args, kwargs, out) if kernels else 0
-        self.count.ops.append(OpRecord(str(packet), kernels, flops or 0, touched))
+        source = call_source() if self.sources else ""
+        self.count.ops.append(OpRecord(str(packet), kernels, flops or 0, touched, source))
         for t in _tensors(out):
             self._track(t)
 

@@ -29,11 +29,13 @@ def default_methods() -> list[str]:
     return method_names()
 
 
-def count_methods(case: Case, methods: list[str], kwargs: dict, dtype: torch.dtype,
-                  folded: bool, fit: Fit) -> tuple[list[Row], list[str]]:  # fmt: skip
+def count_methods(case: Case, methods: list[str], kwargs: dict, dtype: torch.dtype, folded: bool,
+                  fit: Fit, sources: bool = False) -> tuple[list[Row], list[str]]:  # fmt: skip
     """The floor and each method that applies to the case (unfolded, then folded where it
-    folds); and a line per method that does not apply, saying why."""
-    rows = [Row(FLOOR, c := count(case, FLOOR, dtype=dtype), fit.predict_ms(c.totals()))]
+    folds); and a line per method that does not apply, saying why. `sources`: each call's
+    source recorded (for `op_difference`'s table by source)."""
+    floor = count(case, FLOOR, dtype=dtype, sources=sources)
+    rows = [Row(FLOOR, floor, fit.predict_ms(floor.totals()))]
     skipped = []
     for method in methods:
         try:
@@ -43,7 +45,7 @@ def count_methods(case: Case, methods: list[str], kwargs: dict, dtype: torch.dty
             continue
         forms = [False, True] if folded and _folds(case, method, kwargs) else [False]
         for fold in forms:
-            c = count(case, method, kwargs, dtype=dtype, fold=fold)
+            c = count(case, method, kwargs, dtype=dtype, fold=fold, sources=sources)
             label = f"{method} folded" if fold else method
             rows.append(Row(label, c, fit.predict_ms(c.totals())))
     return rows, skipped
@@ -70,19 +72,30 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def op_difference(method: Row, floor: Row, top: int = 25) -> str:
-    """The ops whose calls, kernels or bytes a method adds to (or removes from) the floor's."""
-    ours, theirs = method.count.by_op(), floor.count.by_op()
+def _difference(ours: dict, theirs: dict) -> list[tuple[str, dict[str, int]]]:
     keys = ("calls", "kernels", "bytes")
     diff = {name: {k: ours.get(name, {}).get(k, 0) - theirs.get(name, {}).get(k, 0)
                    for k in keys} for name in ours.keys() | theirs.keys()}  # fmt: skip
-    changed = [(name, d) for name, d in diff.items() if any(d.values())]
+    return [(name, d) for name, d in diff.items() if any(d.values())]
+
+
+def op_difference(method: Row, floor: Row, top: int = 25) -> str:
+    """The ops whose calls, kernels or bytes a method adds to (or removes from) the floor's;
+    where sources were recorded, also the places that add them (forward functions, backward
+    nodes)."""
+    changed = _difference(method.count.by_op(), floor.count.by_op())
     by_bytes = sorted(changed, key=lambda item: (-abs(item[1]["bytes"]), -abs(item[1]["kernels"])))
     by_calls = sorted(changed, key=lambda item: (-abs(item[1]["calls"]), item[0]))
+    tables = [("op", "bytes moved", by_bytes), ("op", "ATen calls", by_calls)]
+    if any(op.source for op in method.count.ops):
+        sources = _difference(method.count.by_source(), floor.count.by_source())
+        ranked = sorted(sources, key=lambda item: (-abs(item[1]["calls"]), item[0]))
+        tables.append(("source", "ATen calls, by source", ranked))
     lines = []
-    for title, rows in (("bytes moved", by_bytes), ("ATen calls", by_calls)):
+    for column, title, rows in tables:
         lines += ["" if lines else f"{method.name} − floor, by op:", f"top {top} by {title}:",
-                  "| op | calls | kernels | non-GEMM MiB |", "|---|---:|---:|---:|"]  # fmt: skip
+                  f"| {column} | calls | kernels | non-GEMM MiB |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
         for name, d in rows[:top]:
             lines.append(f"| {name} | {d['calls']:+,} | {d['kernels']:+,} | "
                          f"{d['bytes'] / 2**20:+,.0f} |")  # fmt: skip
@@ -113,7 +126,7 @@ def report(backbone: str, batch: int, size: int, methods: list[str] | None = Non
     fit = fit_ground_truth()
     case = build_case(backbone, batch, size)
     rows, skipped = count_methods(case, methods or default_methods(), kwargs or {},
-                                  DTYPES[dtype], folded, fit)  # fmt: skip
+                                  DTYPES[dtype], folded, fit, sources=bool(ops))  # fmt: skip
     unit = "px" if case.family == "vision" else "tokens"
     out = [f"One training step of {backbone}, batch {batch}, {size} {unit}, {dtype} autocast, "
            "counted on fake tensors as a CUDA device would run it (AdamW, cross-entropy).",

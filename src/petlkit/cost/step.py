@@ -54,9 +54,11 @@ def _step(model, batch, labels, forward, optimizer, dtype) -> None:
 
 
 def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: Forward,
-               dtype: torch.dtype = torch.bfloat16, fake: bool = True) -> StepCount:  # fmt: skip
+               dtype: torch.dtype = torch.bfloat16, fake: bool = True,
+               sources: bool = False) -> StepCount:  # fmt: skip
     """Counts one training step of `model` (changed in place: pass a copy). Tensors in `batch`
-    that require grad get their gradient (the floor's backward to the inputs)."""
+    that require grad get their gradient (the floor's backward to the inputs). `sources`:
+    record where each call comes from (counter.call_source)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     if fake:
         to_fake(model, mode)
@@ -73,7 +75,7 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
         for t in batch.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None
-        with OpCounter(count, host=host):
+        with OpCounter(count, host=host, sources=sources):
             _step(model, batch, labels, forward, optimizer, dtype)
         _count_saved(count, host, lambda: _step(model, batch, labels, forward, optimizer, dtype))
     return count
