@@ -34,32 +34,31 @@ class GroupedDown(torch.autograd.Function):
         s = torch.sigmoid(both[:, rows:]).view(batch, -1, n_gates)
         gates = s if causal else s.mean(1, keepdim=True)  # (batch, tokens or 1, gates)
         outputs: list[torch.Tensor] = []
+        h = g = None
         if loras:  # every member's parts at once: (batch, tokens, parts, r) ⊙ (…, parts, 1)
-            h = both[:, :rows].view(batch, -1, parts, r)
-            hg = (h * gates[..., :parts].unsqueeze(-1)).view(-1, rows)
-            outputs += hg.split([n * r for n in loras], dim=1)
+            h, g = both[:, :rows].view(batch, -1, parts, r), gates[..., :parts].unsqueeze(-1)
+            outputs += (h * g).view(-1, rows).split([n * r for n in loras], dim=1)
         if others:
             rest = gates if causal else gates.view(batch, n_gates)
             outputs += rest.split([parts, *others], dim=-1)[1:]
-        ctx.save_for_backward(flat, both, s, gates, weight)
+        ctx.save_for_backward(flat, s, gates, weight, h, g)  # h, g: views of both, gates
         ctx.plan, ctx.causal, ctx.x_shape = plan, causal, x.shape
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: D102
-        flat, both, s, gates, weight = ctx.saved_tensors
+        flat, s, gates, weight, h, g = ctx.saved_tensors
         loras, r, others = ctx.plan
         batch, positions, n_gates = s.shape
         parts, spans = sum(loras), gates.shape[1]  # spans: positions, or 1
         gate_grads, firsts = [], []
         if loras:
             rows = parts * r
-            given = [both.new_zeros(flat.shape[0], n * r) if g is None else g
-                     for n, g in zip(loras, grads, strict=False)]  # fmt: skip
+            given = [flat.new_zeros(flat.shape[0], n * r) if grad is None else grad
+                     for n, grad in zip(loras, grads, strict=False)]  # fmt: skip
             grad = (torch.cat(given, dim=1) if len(given) > 1 else given[0]).view(
                 batch, -1, parts, r)  # fmt: skip
-            h = both[:, :rows].view(batch, -1, parts, r)
-            firsts.append((grad * gates[..., :parts].unsqueeze(-1)).view(-1, rows))
+            firsts.append((grad * g).view(-1, rows))
             keep = (3,) if ctx.causal else (1, 3)  # over rank, and positions a gate spans
             gate_grads.append((grad * h).sum(keep, keepdim=True).view(batch, spans, parts))
         for width_out, grad in zip(others, grads[len(loras) :], strict=True):

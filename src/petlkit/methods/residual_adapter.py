@@ -72,14 +72,14 @@ class GatedResidualBottleneck(torch.autograd.Function):
             out = torch.addcmul(y, update, gate)
         # a separate x in the compute dtype; else y itself, or what recovers it
         kept = low.view(y.shape) if x is not None else y if y.dtype == dtype else out
-        ctx.save_for_backward(kept, hidden, s, gate, w_both, w_up, b_up)
+        ctx.save_for_backward(kept, hidden, positions, gate, w_both, w_up, b_up)  # s per example
         ctx.dtype, ctx.causal, ctx.rank, ctx.recover = dtype, causal, rank, kept is out
         ctx.separate = x is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        kept, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors
+        kept, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors  # s: (batch, positions, 1)
         shape = kept.shape
         g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
         flat = g.reshape(-1, shape[-1])
@@ -95,7 +95,7 @@ class GatedResidualBottleneck(torch.autograd.Function):
                                                                      w_up, b_up)  # fmt: skip
         batch = shape[0]  # the gate's gradient broadcast over the positions it spans
         grad_s = grad_s if grad_s.dim() == 3 else grad_s.view(batch, -1, 1)
-        grad_s = torch.ops.aten.sigmoid_backward(grad_s, s.view(batch, -1, 1)).view(-1, 1)
+        grad_s = torch.ops.aten.sigmoid_backward(grad_s, s).view(-1, 1)
         grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)
         grad_both = torch.cat([grad_hidden, grad_s], dim=1)
         grad_w_both, grad_b_both = grad_both.t() @ _input(ctx, kept, hidden, gate, w_up, b_up,
