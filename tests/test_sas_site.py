@@ -101,3 +101,67 @@ def test_every_sas_configuration_trains_every_parameter(vit_case, fields, monkey
     assert bool(calls) == fused
     grads = {n: p.grad for n, p in petl.methods.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values()), grads.keys()
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []  # (op, elements of its largest tensor argument)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_scale_and_shift_gradients_are_one_reduction_over_the_input_and_its_gradient():
+    flat, *rest = _tensors()
+    out = SiteTransform.apply(flat, *rest, 1.0)
+    grad = torch.randn_like(out)
+    with _Ops() as seen:
+        out.backward(grad)
+    big = [name for name, size in seen.ops if size == flat.numel()]
+    assert big.count("native_batch_norm_backward") == 1 and "sum" not in big, big
+    assert big.count("mul") == 1  # the gradient through the scale: g ⊙ a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_rows_receive_the_scale_and_shift_gradients_in_float32(dtype):
+    flat, scale, shift, down, up = _tensors(dtype)
+    wide = [t.detach().float().requires_grad_(True) for t in (scale, shift)]
+    out = SiteTransform.apply(flat, scale, shift, down, up, 1.0, *wide, None)
+    out.float().square().sum().backward()
+    assert scale.grad is None and shift.grad is None
+    assert all(w.grad.dtype == torch.float32 for w in wide)
+    plain_in = _tensors(dtype)
+    _plain(*plain_in, 1.0).float().square().sum().backward()
+    tol = {} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    for w, theirs in zip(wide, plain_in[1:3], strict=True):
+        torch.testing.assert_close(w.grad, theirs.grad.float(), **tol)
+
+
+def test_sas_under_bf16_autocast_trains_as_the_plain_ops_do(vit_case, monkeypatch):
+    import petlkit.methods.sas as sas_module
+
+    def grads():
+        torch.manual_seed(0)
+        petl = petlkit.attach(vit_case.make(), "sas")
+        with torch.no_grad():
+            for p in petl.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = petl(**vit_case.inputs)
+        out.float().square().mean().backward()
+        return {n: p.grad for n, p in petl.methods.named_parameters() if p.requires_grad}
+
+    fused = grads()
+    monkeypatch.setattr(sas_module.SiteTransform, "apply",
+                        lambda flat, scale, shift, down, up, alpha, *rest:
+                        _plain(flat, scale, shift, down, up, alpha))  # fmt: skip
+    plain = grads()
+    assert fused.keys() == plain.keys() and fused
+    for name, g in fused.items():
+        assert g.dtype == torch.float32
+        scale = plain[name].abs().max()
+        torch.testing.assert_close(g, plain[name], rtol=0.05, atol=0.05 * scale, msg=name)

@@ -73,6 +73,13 @@ def _touched_bytes(args, kwargs, out) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
 
 
+def _masked(out: tuple, mask) -> tuple:
+    """A backward's results with those its output mask leaves out dropped: the fake (meta)
+    kernel of batch norm's backward allocates the input's gradient even when not asked for,
+    CUDA's (and CPU's) return none, and nothing is written or kept."""
+    return tuple(o if wanted else None for o, wanted in zip(out, mask, strict=True))
+
+
 @dataclass
 class OpRecord:
     name: str
@@ -181,6 +188,8 @@ class OpCounter(TorchDispatchMode):
             if packet in (aten._local_scalar_dense, aten.is_nonzero):
                 return self._scalar(func, args)
         out = func(*args, **kwargs)
+        if packet is aten.native_batch_norm_backward:
+            out = _masked(out, kwargs.get("output_mask", args[-1]))
         self._record(func, packet, args, kwargs, out)
         return out
 

@@ -186,6 +186,27 @@ class _CastAll(torch.autograd.Function):
         return (None, None, *out)
 
 
+def open_casts() -> TrainedCasts | None:
+    """The `TrainedCasts` of the forward running now (None outside one, or when compiling): a
+    node that computes trained parameters' gradients in their own dtype keeps it for
+    `hand_over` in its backward."""
+    if not _OPEN.casts or torch.compiler.is_compiling():
+        return None
+    return _OPEN.casts[-1]
+
+
+def hand_over(
+    casts: TrainedCasts | None, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Gradients a node computed for trained parameters themselves (not their cast copies),
+    written into `.grad` as the cast node writes its own when the backward accumulates
+    (`TrainedCasts.accumulating`); what is left (None where written) goes to autograd."""
+    grads = list(grads)
+    if casts is not None and casts.direct and not torch.is_grad_enabled():
+        _fill_grads(params, grads)
+    return grads
+
+
 def _fill_grads(params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None]) -> None:
     """Each gradient in `grads` accumulated into its parameter's `.grad` and replaced by None
     (autograd then has nothing to accumulate; its post-accumulation hooks still run, after),

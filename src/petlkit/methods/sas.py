@@ -29,10 +29,11 @@ from petlkit.config import (
 from petlkit.errors import ConfigError, NotFoldableError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
+from petlkit.methods.channel_sums import accumulate_dtype
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
 from petlkit.methods.placement import CastLinear, compute_input, follow
-from petlkit.methods.sas_site import SiteTransform
+from petlkit.methods.sas_site import SiteTransform, unit_stats
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -196,8 +197,10 @@ class SaS(Method):
         flat = x.reshape(-1, x.shape[-1])
         if (scale is not None and down is not None and isinstance(self.dropout, nn.Identity)
                 and not torch.compiler.is_compiling()):  # fmt: skip
+            wide_scale, wide_shift, unit = self._per_layer[(site, x.dtype, x.device)][4:]
             y = SiteTransform.apply(flat, scale[index], shift[index], down[index], up[index],
-                                    self.config.scale)  # fmt: skip
+                                    self.config.scale, wide_scale[index], wide_shift[index],
+                                    unit)  # fmt: skip
             return y.view(x.shape)
         y = flat if scale is None else torch.addcmul(shift[index], flat, scale[index])
         if down is not None:
@@ -212,18 +215,19 @@ class SaS(Method):
         key = (site, x.dtype, x.device)
         if key not in self._per_layer:
             sm = self.site_modules[site]
-            scale = shift = down = up = None
+            scale = shift = down = up = wide = unit = None
             if self.config.specific:
                 if self._cache is None:
                     self._cache = self.generate()
                 a, b = self._cache[site]
-                scale, shift = follow(1.0 + a, x).unbind(0), follow(b, x).unbind(0)
+                scale, shift, wide = _rows(1.0 + a, b, x)
+                unit = unit_stats(x)
             if self.config.shared:
                 depth = len(self.layout.blocks)
                 down, up = (follow(t, x).expand(depth, *t.shape).unbind(0)
                             for t in (sm.down, sm.up))  # fmt: skip
-            self._per_layer[key] = (scale, shift, down, up)
-        return self._per_layer[key]
+            self._per_layer[key] = (scale, shift, down, up, *(wide or (None, None)), unit)
+        return self._per_layer[key][:4]
 
     # -- folded training (methods/folding.py) -------------------------------------------------
     def _consumers(self) -> list[tuple[str, int, str]]:
@@ -357,3 +361,17 @@ class SaS(Method):
         self._originals.clear()
         self._cache, self._per_layer = None, {}
         self._register_hooks(model)
+
+
+def _rows(scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor) -> tuple:
+    """Per block: the scale and shift rows in x's dtype on x's device (one cast for all blocks,
+    one unbind), and the same rows in the dtype their gradients are summed in (the tensors
+    themselves where they are in it already), which receive those gradients."""
+    acc = accumulate_dtype(x)
+    cast = [follow(t, x) for t in (scale, shift)]
+    wide = [c if c.dtype == acc else t.to(device=x.device, dtype=acc)
+            for c, t in zip(cast, (scale, shift), strict=True)]  # fmt: skip
+    rows = [t.unbind(0) for t in cast]
+    wide_rows = [r if w is c else w.unbind(0)
+                 for r, w, c in zip(rows, wide, cast, strict=True)]  # fmt: skip
+    return rows[0], rows[1], tuple(wide_rows)

@@ -20,8 +20,15 @@ from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
+from petlkit.methods.channel_sums import accumulate_dtype, channel_sums
 from petlkit.methods.folding import fold_refusal
-from petlkit.methods.placement import compute_dtype, compute_input, follow
+from petlkit.methods.placement import (
+    compute_dtype,
+    compute_input,
+    follow,
+    hand_over,
+    open_casts,
+)
 from petlkit.methods.targeting import (
     canonical_name,
     find_targets,
@@ -90,7 +97,7 @@ class SSFTuner(Tuner):
         weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
-        return _ScaledLinear.apply(x, weight, bias, scale, shift)
+        return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift)
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
@@ -142,30 +149,52 @@ class _ScaleShift(torch.autograd.Function):
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """γ ⊙ (x·Wᵀ + c) + β on a frozen linear: the layer's GEMM and SSF's scale in one node. The
-    gradient reaching x is one GEMM with the scaled weight γ ⊙ W (formed from the weight, out ×
-    in numbers), where the layer's own backward GEMM takes the output's gradient multiplied by γ
-    (a pass over the activation: read, write). γ's gradient reads the layer's output, kept as
-    the two-node form keeps it."""
+    """γ ⊙ (x·Wᵀ + c) + β on a frozen linear as one GEMM: x·(γ ⊙ W)ᵀ + (γ ⊙ c + β), the scaled
+    weight and bias formed from channel-sized tensors (no pass over the output forward).
+
+    Backward, x's gradient is one GEMM with γ ⊙ W. γ's and β's, Σ g ⊙ (x·Wᵀ + c) and Σ g over
+    the tokens, come from one reduction over g and the node's own output y: x·Wᵀ + c is
+    (y − β)/γ, and batch norm's backward reduction with mean β and inverse std 1/γ computes
+    exactly Σ g ⊙ (y − β)/γ and Σ g in one read of each (where a product and two sums read and
+    wrote the activation five times). Only y is kept: the layer's output, which its consumer
+    often keeps anyway (a GELU, attention's q, k, v), not a second activation beside it. The
+    recovery is exact in exact arithmetic; in floating point it carries y's rounding times
+    |β/γ| (a channel whose scale is exactly 0 gets a zero scale gradient, not a NaN). The
+    reduction runs in float32 on the parameters themselves (`scale_param`, `shift_param`),
+    which receive the gradients in their own dtype: the compute-dtype copies only feed the
+    forward (no cast of the gradients back)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift):  # noqa: D102 (torch's interface)
+    def forward(ctx, x, weight, bias, scale, shift, scale_param, shift_param):  # noqa: D102
         flat = x.reshape(-1, x.shape[-1])
-        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-        ctx.save_for_backward(out, weight, scale)
-        ctx.x_shape = x.shape
-        return torch.addcmul(shift, out, scale).view(*x.shape[:-1], out.shape[-1])
+        column = scale.unsqueeze(1)
+        offset = shift if bias is None else torch.addcmul(shift, bias, scale)
+        y = torch.addmm(offset, flat, (weight * column).t())
+        ctx.save_for_backward(y, weight, column, scale_param, shift_param)
+        ctx.x_shape, ctx.casts = x.shape, open_casts()
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        out, weight, scale = ctx.saved_tensors
+        y, weight, column, scale_param, shift_param = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ (weight * scale.unsqueeze(1))).view(ctx.x_shape)
-        grad_scale = (g * out).sum(0) if ctx.needs_input_grad[3] else None
-        grad_shift = g.sum(0) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_scale, grad_shift
+            grad_x = (g @ (weight * column)).view(ctx.x_shape)
+        grads = [None, None]
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+            params = (scale_param, shift_param)
+            grads = hand_over(ctx.casts, params, _scale_shift_grads(g, y, *params))
+        return grad_x, None, None, None, None, *grads
+
+
+def _scale_shift_grads(g, y, scale, shift):
+    """(Σ g ⊙ (y − β)/γ, Σ g) over the rows of (tokens, channels) g and y, in the parameters'
+    dtype (channel_sums.py: one reduction reading each once)."""
+    acc = accumulate_dtype(y)
+    inverse = scale.to(acc).reciprocal().nan_to_num_(posinf=0.0, neginf=0.0)
+    grad_scale, grad_shift = channel_sums(g, y, shift.to(acc), inverse)
+    return grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
