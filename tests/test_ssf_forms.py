@@ -198,11 +198,16 @@ def test_a_frozen_linears_scale_node_passes_gradcheck_in_float64():
         )
 
 
-def test_a_channel_scaled_to_zero_gets_a_finite_gradient():
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("attached", [False, True])  # alone, or 1/γ made for every site at once
+def test_a_channel_scaled_to_zero_gets_a_finite_gradient(attached, sign):
     tuner = _tuner(nn.Linear(6, 8))
+    model = petlkit.attach(nn.Sequential(tuner.base_layer), "ssf") if attached else tuner
+    if attached:
+        tuner = model.model[0]
     with torch.no_grad():
-        tuner.ssf_scale[3] = 0.0
-    tuner(torch.randn(3, 5, 6)).square().sum().backward()
+        tuner.ssf_scale[3] = sign * 0.0
+    model(torch.randn(3, 5, 6)).square().sum().backward()
     assert torch.isfinite(tuner.ssf_scale.grad).all() and torch.isfinite(tuner.ssf_shift.grad).all()
 
 
@@ -271,3 +276,36 @@ def test_a_dtype_mismatch_without_autocast_fails_as_the_bare_layer_does():
     with pytest.raises(RuntimeError) as wrapped:
         tuner(x)
     assert str(wrapped.value) == str(bare.value)
+
+
+def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_case):
+    import copy
+
+    petl = petlkit.attach(vit_case.make(), "ssf")
+    linears = [m for m in petl.modules() if isinstance(m, SSFTuner)
+               and type(m.base_layer) is nn.Linear]  # fmt: skip
+    optimizer = torch.optim.SGD([p for p in petl.parameters() if p.requires_grad], lr=0.5)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(**vit_case.inputs).float().square().mean()
+        with _Ops() as seen:
+            loss.backward()
+        names = [name for name, _ in seen.ops]
+        return names, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for _ in range(2):  # the second step's scales moved: made again, from the new values
+        names, grads = step(petl)
+        assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
+        alone = copy.deepcopy(petl)  # a copy starts empty, and copies make theirs too
+        for tuner in alone.modules():
+            if isinstance(tuner, SSFTuner):
+                tuner._inverses = None  # each site's 1/γ where it is needed
+        names, want = step(alone)
+        assert names.count("reciprocal") == len(linears) > 1
+        assert grads.keys() == want.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, want[name], msg=name)
+        optimizer.step()
+    names, _ = step(copy.deepcopy(petl))  # a copy's tuners share their own
+    assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names

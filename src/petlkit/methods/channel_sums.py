@@ -30,3 +30,55 @@ def channel_sums(
         [False, True, True],
     )  # fmt: skip
     return weighted, plain
+
+
+LARGEST_INVERSE = 1e30  # 1/γ for a scale of exactly 0: large and finite (γ's sum is then 0·1e30)
+
+
+def inverse(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1/scale in `dtype`, ± LARGEST_INVERSE where the scale is ± 0 (no inf, hence no NaN)."""
+    return scale.to(dtype).reciprocal().clamp_(-LARGEST_INVERSE, LARGEST_INVERSE)
+
+
+class ScaleInverses:
+    """1/γ of every scale a method's nodes read, made for all of them by one foreach launch per
+    op when a backward first asks for one after they changed (the optimizer's step bumps their
+    versions), where each alone costs two kernels per site and step. Scales are noted as
+    forwards read them (weakly: a scale that is gone is forgotten); copies and pickles start
+    empty."""
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._made = WeakIdKeyDictionary()  # scale → (its version, 1/scale) or None
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo: dict) -> ScaleInverses:
+        return ScaleInverses()
+
+    def read(self, scale: torch.Tensor) -> None:
+        if scale not in self._made:
+            self._made[scale] = None
+
+    def of(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """1/scale in `dtype` (as `inverse`)."""
+        made = self._made.get(scale)
+        if made is None or made[0] != scale._version:
+            self._make(scale)
+            made = self._made[scale]
+        return made[1] if made[1].dtype == dtype else made[1].to(dtype)
+
+    def _make(self, scale: torch.Tensor) -> None:
+        self.read(scale)
+        like = [s for s in self._made if (s.device, s.dtype) == (scale.device, scale.dtype)]
+        with torch.no_grad():
+            made = torch._foreach_reciprocal(like)
+            torch._foreach_clamp_min_(made, -LARGEST_INVERSE)
+            torch._foreach_clamp_max_(made, LARGEST_INVERSE)
+        for s, m in zip(like, made, strict=True):
+            self._made[s] = (s._version, m)

@@ -20,7 +20,7 @@ from petlkit.config import MethodConfig, check_finite
 from petlkit.errors import ConfigError, TargetError
 from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
-from petlkit.methods.channel_sums import accumulate_dtype, channel_sums
+from petlkit.methods.channel_sums import ScaleInverses, accumulate_dtype, channel_sums, inverse
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import (
     compute_dtype,
@@ -52,8 +52,10 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 class SSFTuner(Tuner):
-    def __init__(self, base_layer: nn.Module, owner: str, std: float, offset: float = 0.0):
+    def __init__(self, base_layer: nn.Module, owner: str, std: float, offset: float = 0.0,
+                 inverses: ScaleInverses | None = None):  # fmt: skip
         super().__init__(base_layer, owner)
+        self._inverses = inverses  # shared by the method's tuners: 1/γ for all at once
         inner = innermost(base_layer)
         channels = _channels(base_layer)
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
@@ -97,7 +99,10 @@ class SSFTuner(Tuner):
         weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
-        return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift)
+        if self._inverses is not None and torch.is_grad_enabled():
+            self._inverses.read(self.ssf_scale)
+        return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift,
+                                   self._inverses)  # fmt: skip
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
@@ -165,13 +170,14 @@ class _ScaledLinear(torch.autograd.Function):
     forward (no cast of the gradients back)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, scale_param, shift_param):  # noqa: D102
+    def forward(ctx, x, weight, bias, scale, shift, scale_param, shift_param,  # noqa: D102
+                inverses=None):  # fmt: skip
         flat = x.reshape(-1, x.shape[-1])
         column = scale.unsqueeze(1)
         offset = shift if bias is None else torch.addcmul(shift, bias, scale)
         y = torch.addmm(offset, flat, (weight * column).t())
         ctx.save_for_backward(y, weight, column, scale_param, shift_param)
-        ctx.x_shape, ctx.casts = x.shape, open_casts()
+        ctx.x_shape, ctx.casts, ctx.inverses = x.shape, open_casts(), inverses
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -184,16 +190,18 @@ class _ScaledLinear(torch.autograd.Function):
         grads = [None, None]
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
             params = (scale_param, shift_param)
-            grads = hand_over(ctx.casts, params, _scale_shift_grads(g, y, *params))
-        return grad_x, None, None, None, None, *grads
+            sums = _scale_shift_grads(g, y, *params, ctx.inverses)
+            grads = hand_over(ctx.casts, params, sums)
+        return grad_x, None, None, None, None, *grads, None
 
 
-def _scale_shift_grads(g, y, scale, shift):
+def _scale_shift_grads(g, y, scale, shift, inverses: ScaleInverses | None):
     """(Σ g ⊙ (y − β)/γ, Σ g) over the rows of (tokens, channels) g and y, in the parameters'
-    dtype (channel_sums.py: one reduction reading each once)."""
+    dtype (channel_sums.py: one reduction reading each once; 1/γ from the method's
+    `ScaleInverses`, made for every site at once, where it has one)."""
     acc = accumulate_dtype(y)
-    inverse = scale.to(acc).reciprocal().nan_to_num_(posinf=0.0, neginf=0.0)
-    grad_scale, grad_shift = channel_sums(g, y, shift.to(acc), inverse)
+    inv = inverses.of(scale, acc) if inverses is not None else inverse(scale, acc)
+    grad_scale, grad_shift = channel_sums(g, y, shift.to(acc), inv)
     return grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
 
 
@@ -291,5 +299,7 @@ class SSF(Method):
             ]
         layout = layout_or_none(model)
         offset = layout.norm_offset if layout is not None else 0.0
+        inverses = ScaleInverses()
         for name in names:
-            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset))
+            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset,
+                                                         inverses))  # fmt: skip
