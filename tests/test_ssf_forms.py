@@ -4,6 +4,7 @@ gradients."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import pytest
@@ -279,8 +280,6 @@ def test_a_dtype_mismatch_without_autocast_fails_as_the_bare_layer_does():
 
 
 def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_case):
-    import copy
-
     petl = petlkit.attach(vit_case.make(), "ssf")
     linears = [m for m in petl.modules() if isinstance(m, SSFTuner)
                and type(m.base_layer) is nn.Linear]  # fmt: skip
@@ -294,7 +293,12 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
         names = [name for name, _ in seen.ops]
         return names, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    for _ in range(2):  # the second step's scales moved: made again, from the new values
+    for moved in ("", "optimizer", "data"):  # made again from the new values, however moved
+        if moved == "optimizer":
+            optimizer.step()
+        elif moved == "data":  # around autograd: no version change
+            for tuner in linears:
+                tuner.ssf_scale.data.mul_(1.5)
         names, grads = step(petl)
         assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
         alone = copy.deepcopy(petl)  # a copy starts empty, and copies make theirs too
@@ -306,6 +310,24 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
         assert grads.keys() == want.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, want[name], msg=name)
-        optimizer.step()
     names, _ = step(copy.deepcopy(petl))  # a copy's tuners share their own
     assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
+
+
+def test_micro_batches_accumulate_with_each_forwards_inverse_scales(vit_case):
+    petl = petlkit.attach(vit_case.make(), "ssf")
+    alone = copy.deepcopy(petl)
+    for tuner in alone.modules():
+        if isinstance(tuner, SSFTuner):
+            tuner._inverses = None
+
+    def grads(model):
+        halves = [{k: v[i::2] for k, v in vit_case.inputs.items()} for i in range(2)]
+        losses = [model(**h).float().square().mean() for h in halves]  # two forwards, one backward
+        sum(losses).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    got, want = grads(petl), grads(alone)
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], msg=name)

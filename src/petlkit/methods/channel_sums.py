@@ -42,15 +42,20 @@ def inverse(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class ScaleInverses:
     """1/γ of every scale a method's nodes read, made for all of them by one foreach launch per
-    op when a backward first asks for one after they changed (the optimizer's step bumps their
-    versions), where each alone costs two kernels per site and step. Scales are noted as
-    forwards read them (weakly: a scale that is gone is forgotten); copies and pickles start
-    empty."""
+    op when a backward first asks for one, where each alone costs two kernels per site and
+    step. Made again for the backward of every new forward (a forward that reads a scale read
+    since the last one began) and whenever a scale changed in place (its version): values
+    written around autograd (`p.data`) between steps are seen too. Scales are noted as forwards
+    read them (weakly: a scale that is gone is forgotten). One process only: FSDP frees and
+    refills gathered parameters between uses (the caller passes None there). Copies and
+    pickles start empty."""
 
     def __init__(self) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
-        self._made = WeakIdKeyDictionary()  # scale → (its version, 1/scale) or None
+        self._forward = 0  # which forward the scales were last read in
+        self._read = WeakIdKeyDictionary()  # scale → the forward that last read it
+        self._made = WeakIdKeyDictionary()  # scale → (forward, version, 1/scale)
 
     def __getstate__(self) -> dict:
         return {}
@@ -62,23 +67,25 @@ class ScaleInverses:
         return ScaleInverses()
 
     def read(self, scale: torch.Tensor) -> None:
-        if scale not in self._made:
-            self._made[scale] = None
+        """A forward reads `scale` (a second read in one forward starts the next)."""
+        if self._read.get(scale) == self._forward:
+            self._forward += 1
+        self._read[scale] = self._forward
 
     def of(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """1/scale in `dtype` (as `inverse`)."""
         made = self._made.get(scale)
-        if made is None or made[0] != scale._version:
+        if made is None or made[:2] != (self._forward, scale._version):
             self._make(scale)
             made = self._made[scale]
-        return made[1] if made[1].dtype == dtype else made[1].to(dtype)
+        return made[2] if made[2].dtype == dtype else made[2].to(dtype)
 
     def _make(self, scale: torch.Tensor) -> None:
-        self.read(scale)
-        like = [s for s in self._made if (s.device, s.dtype) == (scale.device, scale.dtype)]
+        self._read.setdefault(scale, self._forward)
+        like = [s for s in self._read if (s.device, s.dtype) == (scale.device, scale.dtype)]
         with torch.no_grad():
             made = torch._foreach_reciprocal(like)
             torch._foreach_clamp_min_(made, -LARGEST_INVERSE)
             torch._foreach_clamp_max_(made, LARGEST_INVERSE)
         for s, m in zip(like, made, strict=True):
-            self._made[s] = (s._version, m)
+            self._made[s] = (self._forward, s._version, m)

@@ -107,7 +107,7 @@ class TrainedCasts:
     def accumulating(self):
         """Marks a backward that accumulates into `.grad` (`loss.backward()`), so that the cast
         node fills the trained parameters' gradients itself (class docstring)."""
-        before, self.direct = self.direct, not _distributed()  # DDP hooks the accumulations
+        before, self.direct = self.direct, not distributed()  # DDP hooks the accumulations
         try:
             yield
         finally:
@@ -251,8 +251,9 @@ def empty_alike(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[
     return made
 
 
-def _distributed() -> bool:
-    """More than one process: DDP's reducer hooks each parameter's gradient accumulation."""
+def distributed() -> bool:
+    """More than one process: DDP's reducer hooks each parameter's gradient accumulation, and
+    FSDP frees and refills gathered parameters between uses."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

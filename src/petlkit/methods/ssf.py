@@ -25,6 +25,7 @@ from petlkit.methods.folding import fold_refusal
 from petlkit.methods.placement import (
     compute_dtype,
     compute_input,
+    distributed,
     follow,
     hand_over,
     open_casts,
@@ -99,10 +100,11 @@ class SSFTuner(Tuner):
         weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
-        if self._inverses is not None and torch.is_grad_enabled():
-            self._inverses.read(self.ssf_scale)
+        inverses = None if distributed() else self._inverses
+        if inverses is not None and torch.is_grad_enabled():
+            inverses.read(self.ssf_scale)
         return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift,
-                                   self._inverses)  # fmt: skip
+                                   inverses)  # fmt: skip
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
