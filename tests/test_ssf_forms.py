@@ -293,6 +293,8 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
         names = [name for name, _ in seen.ops]
         return names, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    with torch.no_grad():  # a first forward notes the layer norms as it reads them
+        petl(**vit_case.inputs)
     for moved in ("", "optimizer", "data"):  # made again from the new values, however moved
         if moved == "optimizer":
             optimizer.step()
@@ -301,12 +303,11 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
                 tuner.ssf_scale.data.mul_(1.5)
         names, grads = step(petl)
         assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
-        alone = copy.deepcopy(petl)  # a copy starts empty, and copies make theirs too
-        for tuner in alone.modules():
-            if isinstance(tuner, SSFTuner):
-                tuner._inverses = None  # each site's 1/γ where it is needed
+        assert names.count("_foreach_addcmul_") == 1  # every norm's γ gradient, at once
+        alone = _each_alone(petl)
         names, want = step(alone)
         assert names.count("reciprocal") == len(linears) > 1
+        assert "_foreach_addcmul_" not in names
         assert grads.keys() == want.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, want[name], msg=name)
@@ -314,12 +315,18 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
     assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
 
 
-def test_micro_batches_accumulate_with_each_forwards_inverse_scales(vit_case):
-    petl = petlkit.attach(vit_case.make(), "ssf")
-    alone = copy.deepcopy(petl)
+def _each_alone(petl):
+    """A copy whose SSF sites each make their own 1/γ and norm affine where they need it."""
+    alone = copy.deepcopy(petl)  # a copy starts empty, and copies make theirs too
     for tuner in alone.modules():
         if isinstance(tuner, SSFTuner):
-            tuner._inverses = None
+            tuner._inverses = tuner._norms = None
+    return alone
+
+
+def test_micro_batches_accumulate_with_each_forwards_inverse_scales_and_norms(vit_case):
+    petl = petlkit.attach(vit_case.make(), "ssf")
+    alone = _each_alone(petl)
 
     def grads(model):
         halves = [{k: v[i::2] for k, v in vit_case.inputs.items()} for i in range(2)]
@@ -331,3 +338,53 @@ def test_micro_batches_accumulate_with_each_forwards_inverse_scales(vit_case):
     assert got.keys() == want.keys()
     for name, g in got.items():
         torch.testing.assert_close(g, want[name], msg=name)
+
+
+def test_a_norm_read_twice_in_a_forward_gets_its_affine_each_time():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.other, self.head = nn.LayerNorm(6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.other(self.norm(x))))
+
+    torch.manual_seed(0)
+    petl = petlkit.attach(Twice(), "ssf")
+    with torch.no_grad():
+        for p in petl.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    alone = _each_alone(petl)
+    x = torch.randn(4, 6)
+    for _ in range(2):  # the first forward notes the norms as it goes, the second batches them
+        got = [petl(x).square().sum(), alone(x).square().sum()]
+        for loss in got:
+            loss.backward()
+        torch.testing.assert_close(got[0], got[1])
+        for (name, p), q in zip(petl.named_parameters(), alone.parameters(), strict=True):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_a_norm_skipped_by_one_forward_and_read_first_by_the_next_gets_the_new_values():
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.LayerNorm(6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+        def forward(self, x, first_b=False):
+            return self.head(self.a(self.b(x)) if first_b else self.a(x))
+
+    torch.manual_seed(0)
+    petl = petlkit.attach(Skips(), "ssf")
+    optimizer = torch.optim.SGD([p for p in petl.parameters() if p.requires_grad], lr=0.5)
+    alone = _each_alone(petl)
+    optimizer_alone = torch.optim.SGD([p for p in alone.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 6)
+    for first_b in (False, True, False, True):  # b: left out, then read first, after a step
+        for model, opt in ((petl, optimizer), (alone, optimizer_alone)):
+            opt.zero_grad()
+            model(x, first_b=first_b).square().sum().backward()
+            opt.step()
+        for (name, p), q in zip(petl.named_parameters(), alone.parameters(), strict=True):
+            torch.testing.assert_close(p, q, msg=name)

@@ -43,19 +43,20 @@ def inverse(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class ScaleInverses:
     """1/γ of every scale a method's nodes read, made for all of them by one foreach launch per
     op when a backward first asks for one, where each alone costs two kernels per site and
-    step. Made again for the backward of every new forward (a forward that reads a scale read
-    since the last one began) and whenever a scale changed in place (its version): values
-    written around autograd (`p.data`) between steps are seen too. Scales are noted as forwards
-    read them (weakly: a scale that is gone is forgotten). One process only: FSDP frees and
-    refills gathered parameters between uses (the caller passes None there). Copies and
-    pickles start empty."""
+    step. Made once per forward (`placement.forward_token`: values written through `.data`
+    between steps are seen) and again if a scale changed in place since; the last few forwards
+    are kept (micro-batches backward together). Scales are noted as forwards read them
+    (weakly: a scale that is gone is forgotten). One process only: FSDP frees and refills
+    gathered parameters between uses (the caller passes None there). Copies and pickles start
+    empty."""
+
+    KEPT_FORWARDS = 4
 
     def __init__(self) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
-        self._forward = 0  # which forward the scales were last read in
-        self._read = WeakIdKeyDictionary()  # scale → the forward that last read it
-        self._made = WeakIdKeyDictionary()  # scale → (forward, version, 1/scale)
+        self._read = WeakIdKeyDictionary()  # every scale read so far
+        self._made: dict[object, object] = {}  # forward token → {scale: (version, 1/scale)}
 
     def __getstate__(self) -> dict:
         return {}
@@ -67,25 +68,29 @@ class ScaleInverses:
         return ScaleInverses()
 
     def read(self, scale: torch.Tensor) -> None:
-        """A forward reads `scale` (a second read in one forward starts the next)."""
-        if self._read.get(scale) == self._forward:
-            self._forward += 1
-        self._read[scale] = self._forward
+        self._read[scale] = None
 
-    def of(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """1/scale in `dtype` (as `inverse`)."""
-        made = self._made.get(scale)
-        if made is None or made[:2] != (self._forward, scale._version):
-            self._make(scale)
-            made = self._made[scale]
-        return made[2] if made[2].dtype == dtype else made[2].to(dtype)
+    def of(self, scale: torch.Tensor, dtype: torch.dtype, forward: object) -> torch.Tensor:
+        """1/scale in `dtype` (as `inverse`) for the backward of the forward `forward`."""
+        made = self._made.get(forward)
+        entry = None if made is None else made.get(scale)
+        if entry is None or entry[0] != scale._version:
+            entry = self._make(scale, forward)
+        return entry[1] if entry[1].dtype == dtype else entry[1].to(dtype)
 
-    def _make(self, scale: torch.Tensor) -> None:
-        self._read.setdefault(scale, self._forward)
+    def _make(self, scale: torch.Tensor, forward: object) -> tuple:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.read(scale)
         like = [s for s in self._read if (s.device, s.dtype) == (scale.device, scale.dtype)]
         with torch.no_grad():
             made = torch._foreach_reciprocal(like)
             torch._foreach_clamp_min_(made, -LARGEST_INVERSE)
             torch._foreach_clamp_max_(made, LARGEST_INVERSE)
+        table = self._made.pop(forward, None) or WeakIdKeyDictionary()
         for s, m in zip(like, made, strict=True):
-            self._made[s] = (self._forward, s._version, m)
+            table[s] = (s._version, m)
+        self._made[forward] = table  # the newest last; the oldest forgotten
+        while len(self._made) > self.KEPT_FORWARDS:
+            del self._made[next(iter(self._made))]
+        return table[scale]

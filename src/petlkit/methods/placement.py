@@ -93,6 +93,7 @@ class TrainedCasts:
         self._tables: dict = {}
         self._read: set[int] = set()  # the listed parameters this forward read
         self._missed = False  # this forward read a trained parameter that was not listed
+        self.forward = object()  # a token of the forward running now (a new one per forward)
 
     def __getstate__(self) -> dict:
         return {"trained": self.trained}
@@ -121,6 +122,7 @@ class TrainedCasts:
         if torch.compiler.is_compiling():  # the compiler fuses each cast into its reader
             return
         self._tables, self._read, self._missed = {}, set(), False
+        self.forward = object()
         _OPEN.casts = (*_OPEN.casts, self)
 
     def end(self, module: nn.Module, args: tuple, output) -> None:
@@ -193,6 +195,13 @@ def open_casts() -> TrainedCasts | None:
     if not _OPEN.casts or torch.compiler.is_compiling():
         return None
     return _OPEN.casts[-1]
+
+
+def forward_token() -> object | None:
+    """A token of the model's forward running now (a new one per forward; None outside one):
+    what a method makes once per forward for all its sites keys on it."""
+    casts = open_casts()
+    return None if casts is None else casts.forward
 
 
 def hand_over(

@@ -22,11 +22,13 @@ from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.channel_sums import ScaleInverses, accumulate_dtype, channel_sums, inverse
 from petlkit.methods.folding import fold_refusal
+from petlkit.methods.norm_affines import NormAffines
 from petlkit.methods.placement import (
     compute_dtype,
     compute_input,
     distributed,
     follow,
+    forward_token,
     hand_over,
     open_casts,
 )
@@ -54,9 +56,11 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 class SSFTuner(Tuner):
     def __init__(self, base_layer: nn.Module, owner: str, std: float, offset: float = 0.0,
-                 inverses: ScaleInverses | None = None):  # fmt: skip
+                 inverses: ScaleInverses | None = None,
+                 norms: NormAffines | None = None):  # fmt: skip
         super().__init__(base_layer, owner)
         self._inverses = inverses  # shared by the method's tuners: 1/γ for all at once
+        self._norms = norms  # and every layer norm's affine
         inner = innermost(base_layer)
         channels = _channels(base_layer)
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
@@ -100,23 +104,32 @@ class SSFTuner(Tuner):
         weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
-        inverses = None if distributed() else self._inverses
+        forward = forward_token()
+        inverses = None if distributed() or forward is None else self._inverses
         if inverses is not None and torch.is_grad_enabled():
             inverses.read(self.ssf_scale)
         return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift,
-                                   inverses)  # fmt: skip
+                                   inverses, forward)  # fmt: skip
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
         function, formed from channel-sized tensors, where scaling the output is a pass over it
         each way and keeps it for γ's gradient (the norm keeps its input anyway)."""
         norm = self.base_layer
-        scale, shift = follow(self.ssf_scale, norm.weight), follow(self.ssf_shift, norm.weight)
         if norm.bias is None:
+            scale, shift = self._norm_inputs()[2:]
             weight, bias = norm.weight * scale, shift
+        elif self._norms is not None and not distributed() and forward_token() is not None:
+            weight, bias = self._norms.pair(self, SSFTuner._norm_inputs, forward_token())
         else:
-            weight, bias = _NormAffine.apply(norm.weight, norm.bias, scale, shift)
+            weight, bias = _NormAffine.apply(*self._norm_inputs())
         return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+    def _norm_inputs(self) -> tuple[torch.Tensor, ...]:
+        """(w, b, γ, β) of this layer norm, γ and β in the norm's dtype on its device."""
+        norm = self.base_layer
+        scale, shift = follow(self.ssf_scale, norm.weight), follow(self.ssf_shift, norm.weight)
+        return norm.weight, norm.bias, scale, shift
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         base = innermost(self.base_layer)
@@ -173,13 +186,13 @@ class _ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, scale_param, shift_param,  # noqa: D102
-                inverses=None):  # fmt: skip
+                inverses=None, forward=None):  # fmt: skip
         flat = x.reshape(-1, x.shape[-1])
         column = scale.unsqueeze(1)
         offset = shift if bias is None else torch.addcmul(shift, bias, scale)
         y = torch.addmm(offset, flat, (weight * column).t())
         ctx.save_for_backward(y, weight, column, scale_param, shift_param)
-        ctx.x_shape, ctx.casts, ctx.inverses = x.shape, open_casts(), inverses
+        ctx.x_shape, ctx.casts, ctx.inverses = x.shape, open_casts(), (inverses, forward)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -194,15 +207,16 @@ class _ScaledLinear(torch.autograd.Function):
             params = (scale_param, shift_param)
             sums = _scale_shift_grads(g, y, *params, ctx.inverses)
             grads = hand_over(ctx.casts, params, sums)
-        return grad_x, None, None, None, None, *grads, None
+        return grad_x, None, None, None, None, *grads, None, None
 
 
-def _scale_shift_grads(g, y, scale, shift, inverses: ScaleInverses | None):
+def _scale_shift_grads(g, y, scale, shift, inverses: tuple[ScaleInverses | None, object]):
     """(Σ g ⊙ (y − β)/γ, Σ g) over the rows of (tokens, channels) g and y, in the parameters'
     dtype (channel_sums.py: one reduction reading each once; 1/γ from the method's
     `ScaleInverses`, made for every site at once, where it has one)."""
     acc = accumulate_dtype(y)
-    inv = inverses.of(scale, acc) if inverses is not None else inverse(scale, acc)
+    made, forward = inverses
+    inv = made.of(scale, acc, forward) if made is not None else inverse(scale, acc)
     grad_scale, grad_shift = channel_sums(g, y, shift.to(acc), inv)
     return grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
 
@@ -301,7 +315,7 @@ class SSF(Method):
             ]
         layout = layout_or_none(model)
         offset = layout.norm_offset if layout is not None else 0.0
-        inverses = ScaleInverses()
+        inverses, norms = ScaleInverses(), NormAffines()
         for name in names:
             self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset,
-                                                         inverses))  # fmt: skip
+                                                         inverses, norms))  # fmt: skip
