@@ -8,6 +8,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from petlkit.bench import MethodEntry, Preset
 from petlkit.cli import main
@@ -141,3 +142,16 @@ def attached_and_perturbed(case, method: str, **fields):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     return petl
+
+
+class OpSizes(TorchDispatchMode):
+    """The ATen ops run inside it, each as (name, elements of its largest tensor argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
+        return func(*args, **(kwargs or {}))

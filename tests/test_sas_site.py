@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
 from petlkit.methods.sas_site import SiteTransform
+from tests.helpers import OpSizes
 
 
 def _tensors(dtype=torch.float32, x_grad=True):
@@ -103,22 +104,11 @@ def test_every_sas_configuration_trains_every_parameter(vit_case, fields, monkey
     assert grads and all(g is not None for g in grads.values()), grads.keys()
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, int]] = []  # (op, elements of its largest tensor argument)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
-        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_scale_and_shift_gradients_are_one_reduction_over_the_input_and_its_gradient():
     flat, *rest = _tensors()
     out = SiteTransform.apply(flat, *rest, 1.0)
     grad = torch.randn_like(out)
-    with _Ops() as seen:
+    with OpSizes() as seen:
         out.backward(grad)
     big = [name for name, size in seen.ops if size == flat.numel()]
     assert big.count("native_batch_norm_backward") == 1 and "sum" not in big, big

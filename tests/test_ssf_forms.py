@@ -10,10 +10,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
 from petlkit.methods.ssf import SSFTuner, _ScaleShift
+from tests.helpers import OpSizes
 
 
 def _tuner(layer: nn.Module, dtype=torch.float32) -> SSFTuner:
@@ -146,21 +146,10 @@ def test_ssf_on_a_vit_under_autocast_trains_every_scale_and_shift(vit_case):
     assert all(trained[n].grad.abs().sum() > 0 for n in norms)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, int]] = []  # (op, elements of its largest tensor argument)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
-        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
-        return func(*args, **(kwargs or {}))
-
-
 def test_on_a_layer_norm_nothing_passes_over_the_output():
     tuner = _tuner(nn.LayerNorm(8))
     x = torch.randn(3, 5, 8, requires_grad=True)
-    with _Ops() as seen:
+    with OpSizes() as seen:
         tuner(x).sum().backward()
     big = {name for name, size in seen.ops if size == x.numel()}
     assert "native_layer_norm" in big and not {"addcmul", "mul", "add"} & big
@@ -171,7 +160,7 @@ def test_a_frozen_linears_scale_and_shift_take_one_reduction_over_the_output_bac
     x = torch.randn(3, 5, 6, requires_grad=True)  # γ meets W, not the output's gradient
     out = tuner(x)
     grad = torch.randn_like(out)
-    with _Ops() as seen:
+    with OpSizes() as seen:
         out.backward(grad)
     big = [name for name, size in seen.ops if size == out.numel()]
     assert big.count("native_batch_norm_backward") == 1 and not {"mul", "sum"} & set(big), big
@@ -222,7 +211,7 @@ def test_under_autocast_the_scale_and_shift_get_float32_gradients_from_the_node_
         petl.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = petl(x).float().square().sum()
-        with _Ops() as seen, petl.accumulating_backward() if accumulate else nullcontext():
+        with OpSizes() as seen, petl.accumulating_backward() if accumulate else nullcontext():
             loss.backward()
         accumulations = [name for name, _ in seen.ops].count("detach")  # autograd's, one each
         return {n: p.grad for n, p in petl.named_parameters() if p.requires_grad}, accumulations
@@ -238,7 +227,7 @@ def test_a_linears_scale_and_shift_sum_over_leading_dims_in_one_call_each():
     out = torch.randn(3, 5, 8)  # a layer's output that needs no gradient: SSF's backward only
     scale, shift = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     loss = _ScaleShift.apply(out, scale, shift).sum()
-    with _Ops() as seen:
+    with OpSizes() as seen:
         loss.backward()
     names = [name for name, _ in seen.ops]
     assert names.count("sum") == 2 and "view" not in names, names
@@ -248,7 +237,7 @@ def test_a_norms_affine_under_ssf_takes_two_ops_backward_and_trains_the_norm_too
     tuner = _tuner(nn.LayerNorm(8))
     x = torch.randn(3, 5, 8)
     loss = tuner(x).sum()
-    with _Ops() as seen:
+    with OpSizes() as seen:
         loss.backward()
     channel_ops = [name for name, size in seen.ops if size == 8 and name != "detach"]
     assert sorted(channel_ops) == ["addcmul", "mul"]  # γ's gradient: dw ⊙ w + db ⊙ b
@@ -288,7 +277,7 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
     def step(model):
         model.zero_grad(set_to_none=True)
         loss = model(**vit_case.inputs).float().square().mean()
-        with _Ops() as seen:
+        with OpSizes() as seen:
             loss.backward()
         names = [name for name, _ in seen.ops]
         return names, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
