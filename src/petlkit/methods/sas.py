@@ -135,6 +135,7 @@ class SaS(Method):
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_key: tuple | None = None
         self._per_layer: dict = {}  # (site, dtype, device) → per-block tensors, this forward
+        # (and ("unit", width, dtype, device) → the zeros and ones every site sums with)
         self._handles: list = []
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._register_hooks(model)
@@ -221,7 +222,10 @@ class SaS(Method):
                     self._cache = self.generate()
                 a, b = self._cache[site]
                 scale, shift, wide = _rows(1.0 + a, b, x)
-                unit = unit_stats(x)
+                unit_key = ("unit", x.shape[-1], x.dtype, x.device)  # one pair for every site
+                if unit_key not in self._per_layer:
+                    self._per_layer[unit_key] = unit_stats(x)
+                unit = self._per_layer[unit_key]
             if self.config.shared:
                 depth = len(self.layout.blocks)
                 down, up = (follow(t, x).expand(depth, *t.shape).unbind(0)

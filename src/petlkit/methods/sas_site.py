@@ -57,6 +57,6 @@ class SiteTransform(torch.autograd.Function):
 
 def unit_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(zeros, ones) of x's width in the dtype `channel_sums` reads: Σ g ⊙ x and Σ g."""
-    acc = accumulate_dtype(x)
-    width = x.shape[-1]
-    return x.new_zeros(width, dtype=acc), x.new_ones(width, dtype=acc)
+    acc, width = accumulate_dtype(x), x.shape[-1]
+    return (torch.zeros(width, dtype=acc, device=x.device),
+            torch.ones(width, dtype=acc, device=x.device))  # fmt: skip
