@@ -143,13 +143,13 @@ def test_weight_gradients_come_back_in_the_weights_layout(gated):
 def test_a_per_example_gates_backward_forms_no_product_of_the_inputs_size():
     """g ⊙ G and g ⊙ A(y) are never formed: the gate's products with g are taken on rank-r
     tensors; g's own size is read by the GEMMs, one sum per example and the residual's add."""
-    from tests.test_ssf_forms import _Ops
+    from tests.helpers import OpSizes
 
     adapter = _bottleneck(gated=True)
     y = torch.randn(4, 6, 16, requires_grad=True)
     out = adapter.residual(y)
     grad = torch.linspace(-1, 1, out.numel()).view(out.shape)
-    with _Ops() as seen:
+    with OpSizes() as seen:
         out.backward(grad)
     big = sorted(name for name, size in seen.ops
                  if size == y.numel() and name not in ("view", "detach"))  # fmt: skip
