@@ -59,10 +59,48 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         extra = None if self.extra_kv is None else self.extra_kv(x)
         if extra is not None:
-            k = torch.cat([extra[0].to(k.dtype), k], dim=2)
-            v = torch.cat([extra[1].to(v.dtype), v], dim=2)
+            q, k, v = prefixed(q, k, v, extra[0].to(k.dtype), extra[1].to(v.dtype))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def prefixed(q, k, v, key_prefix, value_prefix) -> tuple[torch.Tensor, ...]:
+    """(q, [key_prefix | k], [value_prefix | v]) along the tokens, all (batch, heads, ·, dim)."""
+    if torch.compiler.is_compiling():  # the compiler plans the buffers itself
+        return q, torch.cat([key_prefix, k], dim=2), torch.cat([value_prefix, v], dim=2)
+    return _Prefixed.apply(q, k, v, key_prefix, value_prefix)
+
+
+class _Prefixed(torch.autograd.Function):
+    """The prefixed keys and values and the queries as views of one buffer, written by one cat.
+    q, k and v are views of the fused q|k|v projection's output, which attention would keep
+    whole through q alone, beside new tensors for the prefixed keys and values; with q copied
+    into the same buffer nothing keeps that output: attention keeps 3n + 2p tokens where it kept
+    3n + 2(n + p) (issue #47: prefix tuning's and UniPELT's peak memory), one kernel where it
+    took two. The gradients come back as views (the slices the two cats' backward gave)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_prefix, value_prefix):  # noqa: D102 (torch's interface)
+        p, n = key_prefix.shape[2], k.shape[2]
+        ctx.prefix, ctx.shared = p, key_prefix.shape[0] != q.shape[0]  # one for every example
+        if ctx.shared:
+            key_prefix = key_prefix.expand(q.shape[0], *key_prefix.shape[1:])
+            value_prefix = value_prefix.expand(q.shape[0], *value_prefix.shape[1:])
+        # token-major (batch, tokens, heads, dim) memory, as the fused output's views have: the
+        # attention output then comes in that layout too, and going back to (batch, tokens,
+        # width) is a view (with head-major memory CPU's attention writes its output head-major)
+        parts = [t.transpose(1, 2) for t in (key_prefix, k, value_prefix, v, q)]
+        joined = torch.cat(parts, dim=1).transpose(1, 2)
+        keys, values, queries = joined.split([p + n, p + n, q.shape[2]], dim=2)
+        return queries, keys, values
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):  # noqa: D102
+        p = ctx.prefix
+        grad_kp, grad_vp = grad_k[:, :, :p], grad_v[:, :, :p]
+        if ctx.shared:
+            grad_kp, grad_vp = grad_kp.sum(0, keepdim=True), grad_vp.sum(0, keepdim=True)
+        return grad_q, grad_k[:, :, p:], grad_v[:, :, p:], grad_kp, grad_vp
 
 
 class Mlp(nn.Module):

@@ -38,6 +38,18 @@ def token_budget(model: nn.Module, max_length: int) -> int:
     return max_length
 
 
+def without_full_mask(inputs: dict) -> dict:
+    """The batch without its attention mask where the mask masks nothing (no padding): the model
+    then attends everywhere, the same function. Decided here, on the host, where the batch is
+    built: given the mask on the device, transformers asks the device whether it is all ones,
+    which makes the host wait for the device once per step (issue #47). A padded batch keeps its
+    mask (and transformers' question)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.device.type != "cpu" or not bool(mask.all()):
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 def eval_order(task: Task, split: Split) -> torch.Tensor:
     """Texts by length, so each batch pads to about its own length (same scores, less compute);
     other inputs in order."""

@@ -39,7 +39,7 @@ from petlkit.train import language_model as lm
 from petlkit.train import metrics_log, sharding
 from petlkit.train.config import TrainConfig
 from petlkit.train.folding import FoldChoice
-from petlkit.train.inputs import BatchOrder, eval_order, token_budget
+from petlkit.train.inputs import BatchOrder, eval_order, token_budget, without_full_mask
 from petlkit.train.memory import checkpoint_activations, peak_memory_mb
 from petlkit.train.metrics_log import METRICS_LOG
 from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
@@ -129,6 +129,7 @@ class Trainer:
             pad = self.tokenizer.pad_token_id
             pack = training and self.config.packing
             inputs = lm.packed(seqs, self.max_length, pad) if pack else lm.padded(seqs, pad)
+            inputs = without_full_mask(inputs)
             inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
             labels = inputs.pop("labels")
             if pack:  # transformers reads packed position ids only where no cache is kept
@@ -147,6 +148,7 @@ class Trainer:
                                max_length=self.max_length, return_tensors="pt")
             )  # fmt: skip
         device = self.accelerator.device
+        inputs = without_full_mask(inputs)
         return {k: v.to(device) for k, v in inputs.items()}, sub.labels.to(device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
