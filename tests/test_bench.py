@@ -329,3 +329,20 @@ def test_an_untrained_baseline_is_not_another_schedule():
              {"method": "lora", "steps": 100, "shots": None}]  # fmt: skip
     assert _other_schedule(cells, 100) == ""
     assert "ran 50 and 100 steps" in _other_schedule([*cells, {"steps": 50, "shots": None}], 100)
+
+
+def test_a_preset_run_at_other_steps_says_so_in_its_reports_title(tmp_path):
+    """`--steps` overrides the schedule the preset's description names: the report's title (and
+    its plots') says what the cells ran (here the committed 200-step products grid)."""
+    from petlkit.bench.command import run_bench
+
+    source = Path(__file__).resolve().parents[1] / "results" / "lm-products-200steps"
+    for name in ("results.jsonl", "selection.jsonl"):
+        (tmp_path / name).write_text((source / name).read_text())
+    text = run_bench("lm-here-products", tmp_path, report_only=True, steps=200)
+    title = text.splitlines()[0]
+    assert "100 steps of batch 8" in title  # the preset's description
+    assert title.endswith("Run at 200 steps (--steps), not the 100 the description above names")
+    assert (tmp_path / "report.md").read_text().splitlines()[0] == title
+    plain = run_bench("lm-here-products", tmp_path, report_only=True)  # as described: no note
+    assert "Run at" not in plain.splitlines()[0]

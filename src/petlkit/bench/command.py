@@ -30,6 +30,7 @@ def run_bench(
     start = time.perf_counter()
     for preset in parts:
         order = list(preset.methods)  # the whole preset's: a folder holds other runs' methods too
+        described = preset.train.get("steps")  # the schedule the preset's description names
         preset = narrowed(preset, **narrow)
         folder = output / preset.name if len(parts) > 1 else output
         if report_only:
@@ -43,6 +44,7 @@ def run_bench(
         made = f"cells run by petlkit {', '.join(runs)}; " if runs else ""
         title = (f"{preset.name}: {preset.description}; seeds {list(preset.seeds)} ({made}"
                  f"report by petlkit {commit()}, {date.today().isoformat()})")  # fmt: skip
+        title += _given_schedule(described, preset.train.get("steps"))
         title += _other_schedule(records, preset.train.get("steps"))
         texts.append(write_report(records, folder, title, order, brief=brief))
         everything += records
@@ -52,6 +54,13 @@ def run_bench(
         texts.append(f"wall time: {time.perf_counter() - start:.0f} s; reports and plots in "
                       f"{output}")  # fmt: skip
     return "\n".join(texts)
+
+
+def _given_schedule(described: int | None, steps: int | None) -> str:
+    """A note for a preset run at another length than its description says (`--steps`)."""
+    if steps is None or steps == described:
+        return ""
+    return f". Run at {steps} steps (--steps), not the {described} the description above names"
 
 
 def _other_schedule(records: list[dict], steps: int | None) -> str:
