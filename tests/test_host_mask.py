@@ -66,6 +66,31 @@ def test_the_trainer_passes_a_mask_only_for_a_batch_with_padding(lengths, masked
         assert not bool(inputs["attention_mask"].all())
 
 
+UNEVEN = [" yes", " no no no", " yes", " no"]
+
+
+@pytest.mark.parametrize(("completions", "masked"), [([" yes"] * 4, False), (UNEVEN, True)])
+def test_a_language_model_batch_has_a_mask_only_where_it_is_padded(completions, masked):
+    """Decoders take the same rule: an LM batch goes without a mask that masks nothing."""
+    from transformers import AutoTokenizer
+
+    from petlkit.backbones.registry import minilm_path
+    from petlkit.tasks.generation import Example, lm_task
+    from tests.helpers import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    examples = [Example(completion=c, prompt="the answer is") for c in completions]
+    task = lm_task("words", {"train": examples, "val": examples})
+    config = TrainConfig(steps=1, batch_size=4, max_length=16)
+    trainer = Trainer(petlkit.attach(tiny_llama(), "lora"), task, config, tokenizer=tokenizer,
+                      progress=False)  # fmt: skip
+    inputs, labels = trainer.encode(task.splits["train"], torch.arange(4), training=True)
+    assert ("attention_mask" in inputs) is masked
+    assert labels.shape == inputs["input_ids"].shape
+    if masked:
+        assert not bool(inputs["attention_mask"].all())
+
+
 @pytest.fixture(scope="module")
 def minilm():
     return build_case("minilm-l6", batch=2, size=12, num_classes=2)
