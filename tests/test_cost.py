@@ -79,6 +79,19 @@ def test_gemm_flops_of_a_linear_step_are_forward_plus_both_gradients():
     assert c.gemm_flops == 3 * 2 * 16 * 64 * 32  # y = xW^T; dx = dy W; dW = dy^T x
 
 
+def test_a_gemm_into_its_own_addend_is_a_gemm():
+    """`y.addmm_(a, b)` (LoRA's update added into the layer's output) counts its FLOPs as addmm
+    does, and no bytes as a memory-bound op."""
+    count = StepCount()
+    with OpCounter(count):
+        y, a, b = torch.zeros(16, 32), torch.randn(16, 4), torch.randn(4, 32)
+        y.addmm_(a, b)
+        torch.addmm(y, a, b)
+    inplace, plain = count.ops[-2:]
+    assert inplace.name == "aten.addmm_" and inplace.flops == plain.flops == 2 * 16 * 4 * 32
+    assert count.other_bytes == sum(op.bytes for op in count.ops[:3])  # the three fills
+
+
 def test_views_and_allocations_launch_no_kernel_and_foreach_ops_launch_one_per_48_tensors():
     count = StepCount()
     params = [torch.zeros(3) for _ in range(100)]

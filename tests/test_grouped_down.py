@@ -10,7 +10,7 @@ import torch
 import petlkit
 from petlkit.layout import layout_of
 from petlkit.methods.grouped_down import GroupedDown
-from petlkit.methods.lora_update import LoRAUp
+from petlkit.methods.lora_update import LinearLoRAUp, LoRAUp
 
 BATCH, TOKENS, WIDTH, RANK = 2, 3, 5, 2
 LORAS, OTHERS = (1, 2), (1,)  # a plain LoRA, a fused one with two parts, a prefix-like gate
@@ -87,6 +87,87 @@ def test_the_up_node_gives_addmms_gradients():
     strided = torch.randn(BATCH, 4, TOKENS, dtype=torch.float64).transpose(1, 2)
     (grad_out, *_) = torch.autograd.grad(LoRAUp.apply(out, hidden, up), (out, hidden), strided)
     assert grad_out.is_contiguous() and torch.equal(grad_out, strided)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("trained", [False, True])
+def test_the_linear_and_up_node_is_the_layer_plus_the_update(bias, trained):
+    """x·Wᵀ + b + hidden·upᵀ: the values and float64 gradients of F.linear plus the update; W
+    and b get gradients only when they are trained."""
+    torch.manual_seed(2)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(BATCH, TOKENS, WIDTH, **f64, requires_grad=True)
+    weight = torch.randn(4, WIDTH, **f64, requires_grad=trained)
+    b = torch.randn(4, **f64, requires_grad=trained) if bias else None
+    hidden = torch.randn(BATCH * TOKENS, RANK, **f64, requires_grad=True)
+    up = torch.randn(4, RANK, **f64, requires_grad=True)
+    got = LinearLoRAUp.apply(x, weight, b, hidden, up)
+    want = torch.nn.functional.linear(x, weight, b) + (hidden @ up.T).view(BATCH, TOKENS, 4)
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(LinearLoRAUp.apply, (x, weight, b, hidden, up))
+    grads = torch.autograd.grad(got.square().sum(), (x, hidden, up))
+    torch.testing.assert_close(grads, torch.autograd.grad(want.square().sum(), (x, hidden, up)))
+    strided = torch.randn(BATCH, 4, TOKENS, **f64).transpose(1, 2)  # as attention's arrive
+    got = LinearLoRAUp.apply(x, weight, b, hidden, up)
+    torch.testing.assert_close(torch.autograd.grad(got, x, strided)[0], strided @ weight)
+
+
+def test_only_a_layer_that_is_exactly_f_linear_is_computed_inside_a_node():
+    from petlkit.methods.linears import plain_linear
+    from petlkit.methods.placement import CastLinear
+
+    layer = torch.nn.Linear(3, 2)
+    assert plain_linear(layer) is layer
+    assert plain_linear(CastLinear(3, 2)) is None  # a subclass may compute something else
+    own = torch.nn.Linear(3, 2)
+    own.forward = lambda x: x  # an instance's own forward
+    assert plain_linear(own) is None
+    handle = layer.register_forward_pre_hook(lambda m, a: None)
+    assert plain_linear(layer) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert plain_linear(layer) is None  # a global hook sees every module's call
+    finally:
+        handle.remove()
+    assert plain_linear(layer) is layer
+
+
+@pytest.mark.parametrize("name", ["bert_case", "vit_case"])
+def test_unipelts_lora_computes_its_plain_layer_in_its_own_node(name, request, monkeypatch):
+    """UniPELT's LoRA layer on a plain nn.Linear runs the layer and its update as one node
+    (`LinearLoRAUp`); a layer with a hook is called as it is (`LoRAUp` on its output); both
+    give the same outputs and gradients."""
+    import petlkit.methods.lora as lora_module
+
+    case = request.getfixturevalue(name)
+    calls = {"fused": 0, "apart": 0}
+    fused, apart = lora_module.LinearLoRAUp.apply, lora_module.LoRAUp.apply
+
+    def count(key, original):
+        return lambda *a: calls.__setitem__(key, calls[key] + 1) or original(*a)
+
+    monkeypatch.setattr(lora_module.LinearLoRAUp, "apply", count("fused", fused))
+    monkeypatch.setattr(lora_module.LoRAUp, "apply", count("apart", apart))
+    results = []
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        petl = petlkit.attach(case.make(), "unipelt")
+        layers = [m for m in petl.modules() if isinstance(m, lora_module.LoRALinear)]
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.1)  # a non-zero update
+            if hooked:
+                layer.base_layer.register_forward_hook(lambda m, a, out: out)
+        out = petl(**case.inputs)
+        loss = getattr(out, "logits", out).float().square().mean()
+        loss.backward()
+        trained = [p.grad for p in petl.parameters() if p.requires_grad and p.grad is not None]
+        results.append((loss.detach(), trained))
+        assert calls == ({"fused": 0, "apart": len(layers)} if hooked
+                         else {"fused": len(layers), "apart": 0})  # fmt: skip
+        calls.update(fused=0, apart=0)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("name", ["bert_case", "vit_case"])

@@ -31,16 +31,20 @@ class GroupedDown(torch.autograd.Function):
         weight = torch.cat(weights)
         both = torch.addmm(F.pad(torch.cat(biases), (rows, 0)), flat, weight.t())
         n_gates = weight.shape[0] - rows
-        s = torch.sigmoid(both[:, rows:]).view(batch, -1, n_gates)
+        low, logits = both.split([rows, n_gates], dim=1)
+        s = torch.sigmoid(logits).view(batch, -1, n_gates)
         gates = s if causal else s.mean(1, keepdim=True)  # (batch, tokens or 1, gates)
         outputs: list[torch.Tensor] = []
         h = g = None
+        if others:  # (batch, tokens or 1, its outputs); one gate per example: (batch, outputs)
+            mine, *rest = gates.split([parts, *others], dim=-1)
+            outputs_rest = rest if causal else [o.view(batch, o.shape[-1]) for o in rest]
+        else:
+            mine, outputs_rest = gates, []
         if loras:  # every member's parts at once: (batch, tokens, parts, r) ⊙ (…, parts, 1)
-            h, g = both[:, :rows].view(batch, -1, parts, r), gates[..., :parts].unsqueeze(-1)
+            h, g = low.view(batch, -1, parts, r), mine.unsqueeze(-1)
             outputs += (h * g).view(-1, rows).split([n * r for n in loras], dim=1)
-        if others:
-            rest = gates if causal else gates.view(batch, n_gates)
-            outputs += rest.split([parts, *others], dim=-1)[1:]
+        outputs += outputs_rest
         ctx.save_for_backward(flat, s, gates, weight, h, g)  # h, g: views of both, gates
         ctx.plan, ctx.causal, ctx.x_shape = plan, causal, x.shape
         return tuple(outputs)

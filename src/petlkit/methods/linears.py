@@ -29,3 +29,16 @@ def as_weight(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 def out_in_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in), whatever its storage."""
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def plain_linear(module: nn.Module) -> nn.Linear | None:
+    """The module when calling it is exactly `F.linear(x, weight, bias)` (an nn.Linear with no
+    hooks, no parametrization and its own forward), so a method may compute it inside a node of
+    its own; else None (call the module)."""
+    from torch.nn.modules import module as torch_module
+
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return None
+    hooks = (module._forward_hooks, module._forward_pre_hooks, torch_module._global_forward_hooks,
+             torch_module._global_forward_pre_hooks)  # fmt: skip
+    return None if any(hooks) else module

@@ -33,8 +33,8 @@ from petlkit.layout import layout_of, layout_or_none
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
-from petlkit.methods.linears import LINEARS, as_weight, in_out
-from petlkit.methods.lora_update import GatedLoRAUpdate, LoRAUp, LoRAUpdate
+from petlkit.methods.linears import LINEARS, as_weight, in_out, plain_linear
+from petlkit.methods.lora_update import GatedLoRAUpdate, LinearLoRAUp, LoRAUp, LoRAUpdate
 from petlkit.methods.placement import compute_input, follow
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
@@ -150,6 +150,17 @@ class LoRALinear(Tuner):
         if not self.enabled:
             return self.base_layer(x)
         x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
+        if (self.gate is not None and isinstance(self.dropout, nn.Identity)
+                and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
+            group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
+            hidden = None if group is None else group.lora_hidden(self, x)
+            if hidden is not None:
+                up = self.up_matrix(follow(self.lora_B, x))
+                linear = plain_linear(self.base_layer)
+                if linear is None:
+                    return LoRAUp.apply(self.base_layer(x), hidden, up)
+                bias = None if linear.bias is None else follow(linear.bias, x)
+                return LinearLoRAUp.apply(x, follow(linear.weight, x), bias, hidden, up)
         out = self.base_layer(x)
         if (self.gate is None and isinstance(self.dropout, nn.Identity)
                 and not torch.compiler.is_compiling()):  # fmt: skip
@@ -157,10 +168,6 @@ class LoRALinear(Tuner):
             return LoRAUpdate.apply(x, out, follow(self.lora_A, x), up, self.scaling)
         if (self.gate is not None and isinstance(self.dropout, nn.Identity)
                 and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
-            group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
-            hidden = None if group is None else group.lora_hidden(self, x)
-            if hidden is not None:
-                return LoRAUp.apply(out, hidden, self.up_matrix(follow(self.lora_B, x)))
             g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, n_parts, 1)
             up = self.up_matrix(follow(self.lora_B, x))
             return GatedLoRAUpdate.apply(x, out, follow(self.lora_A, x), up, g)

@@ -86,6 +86,35 @@ class LoRAUp(torch.autograd.Function):
         return _same_layout(grad, g), torch.mm(g, up), torch.mm(g.t(), hidden)
 
 
+class LinearLoRAUp(torch.autograd.Function):
+    """x·Wᵀ + b + hidden·upᵀ as one node: a plain linear layer and a LoRA member's update from
+    its gated hidden (`LoRAUp` on the layer's output), so that the layer's output is never
+    reshaped between the two: two GEMMs forward, the second adding into the first's output;
+    backward the input's gradient, the hidden's and up's from one 2-D view of the output's
+    gradient (autograd's linear and addmm nodes and `LoRAUp` each reshaped and transposed it).
+    W and b are used as given (cast by the caller, as autocast would cast them); their
+    gradients are formed only where they are trained."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, hidden, up):  # noqa: D102 (torch's interface)
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+        y.addmm_(hidden, up.t())
+        ctx.save_for_backward(flat if weight.requires_grad else None, weight, hidden, up)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        flat, weight, hidden, up = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.mm(g, weight).view(ctx.x_shape) if needs_x else None
+        grad_w = torch.mm(g.t(), flat) if needs_w else None
+        grad_b = g.sum(0) if needs_b else None
+        return grad_x, grad_w, grad_b, torch.mm(g, up), torch.mm(g.t(), hidden)
+
+
 def _same_layout(grad: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The layer output's gradient, passed through: the contiguous copy `flat` the GEMMs read
     where `grad` is not contiguous (attention's gradient of q or v arrives transposed), so the

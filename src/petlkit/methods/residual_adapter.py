@@ -64,23 +64,24 @@ class GatedResidualBottleneck(torch.autograd.Function):
         low = (source if source.dtype == dtype else source.to(dtype)).reshape(-1, width)
         w_both, b_both = torch.cat([w_down, w_gate]), torch.cat([b_down, b_gate])
         both = torch.addmm(b_both, low, w_both.t())
-        hidden, s = torch.relu(both[:, :rank]), torch.sigmoid(both[:, rank:])
+        hidden, logit = both.split([rank, both.shape[1] - rank], dim=1)
+        hidden, s = torch.relu(hidden), torch.sigmoid(logit)
         positions = s.view(y.shape[0], -1, 1)
         gate = positions if causal else positions.mean(1, keepdim=True)
         update = torch.addmm(b_up, hidden, w_up.t()).view(y.shape)
         with _no_autocast(y):  # CUDA autocast would cast A(y) to float32 first: one pass more
             out = torch.addcmul(y, update, gate)
-        # a separate x in the compute dtype; else y itself, or what recovers it
-        kept = low.view(y.shape) if x is not None else y if y.dtype == dtype else out
+        # a separate x in the compute dtype, (tokens, width); else y itself, or what recovers it
+        kept = low if x is not None else y if y.dtype == dtype else out
         ctx.save_for_backward(kept, hidden, positions, gate, w_both, w_up, b_up)  # s per example
         ctx.dtype, ctx.causal, ctx.rank, ctx.recover = dtype, causal, rank, kept is out
-        ctx.separate = x is not None
+        ctx.separate, ctx.shape = x is not None, y.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         kept, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors  # s: (batch, positions, 1)
-        shape = kept.shape
+        shape = ctx.shape
         g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
         flat = g.reshape(-1, shape[-1])
         if ctx.causal:
@@ -142,9 +143,9 @@ def _per_example(g, flat, gate, hidden, w_up, b_up):
 def _input(ctx, kept, hidden, gate, w_up, b_up, update):
     """The adapter's input in the compute dtype, (tokens, width): kept, or recovered as
     out − G·A(y) from the output (A(y) made again: a rank-r GEMM), to float32 rounding."""
-    shape = kept.shape
+    shape = ctx.shape
     if not ctx.recover:
-        return kept.reshape(-1, shape[-1])
+        return kept if kept.dim() == 2 else kept.reshape(-1, shape[-1])
     if update is None:
         update = torch.addmm(b_up, hidden, w_up.t()).view(shape)
     low = torch.empty(shape, dtype=ctx.dtype, device=kept.device)
