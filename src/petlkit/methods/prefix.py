@@ -135,8 +135,7 @@ class Prefix(Method):
         kv = self._block_key_values(x)[index]  # (2, kv heads, length, head_dim)
         batch = x.shape[0]
         if self.config.gated and not self.layout.causal:  # keys and values gated in one product
-            g = self.gates[index](x).view(batch, 1, 1, 1, 1).to(kv.dtype)
-            key, value = (kv * g).unbind(1)
+            key, value = GatedPrefix.apply(kv, self.gates[index](x).to(kv.dtype)).unbind(1)
             return key, value
         key, value = kv.unbind(0)
         key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
@@ -148,13 +147,17 @@ class Prefix(Method):
     def _block_key_values(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every block's keys and values, (2, kv heads, length, head_dim), in the dtype the
         attention computes in (bf16 under autocast, where x, a layer-norm output, is float32),
-        cast once per forward for all blocks and split with one unbind (whose backward is one
+        cast once per forward for all blocks (gated on an encoder, into a contiguous tensor: one
+        copy where no cast is needed) and split with one unbind (whose backward is one
         stack)."""
         key = (compute_dtype(x), x.device)
         if key not in self._per_block:
             if self._kv is None:
                 self._kv = self.key_values()
-            self._per_block[key] = list(self._kv.to(device=x.device, dtype=key[0]).unbind(0))
+            kv = self._kv.to(device=x.device, dtype=key[0], memory_format=torch.contiguous_format)
+            if self.config.gated and not self.layout.causal:  # as GatedPrefix reads them
+                kv = kv.contiguous()
+            self._per_block[key] = list(kv.unbind(0))
         return self._per_block[key]
 
     @torch.no_grad()
@@ -173,3 +176,23 @@ class Prefix(Method):
         state = {k: v for k, v in self.trainable(model).items() if not k.startswith(training_only)}
         state["method.prefix"] = self.values().detach()
         return self.config.replace(reparameterize=False), state
+
+
+class GatedPrefix(torch.autograd.Function):
+    """G_b · kv for every example b: (batch, 2, heads, length, head_dim) from a block's keys and
+    values kv (2, heads, length, head_dim) and its gate (batch, 1). The same function as the
+    broadcast product; backward, kv's gradient Σ_b G_b·g_b and the gate's ⟨g_b, kv⟩ are one
+    small GEMM each, where autograd's product node launches a product and a sum for each."""
+
+    @staticmethod
+    def forward(ctx, kv, gate):  # noqa: D102 (torch's interface)
+        ctx.save_for_backward(kv, gate)
+        return kv * gate.view(-1, 1, 1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        kv, gate = ctx.saved_tensors
+        flat = grad.reshape(gate.shape[0], -1)
+        grad_kv = torch.mm(gate.t(), flat).view(kv.shape) if ctx.needs_input_grad[0] else None
+        grad_gate = torch.mm(flat, kv.reshape(-1, 1)) if ctx.needs_input_grad[1] else None
+        return grad_kv, grad_gate

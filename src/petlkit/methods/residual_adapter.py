@@ -50,12 +50,11 @@ class GatedResidualBottleneck(torch.autograd.Function):
     of σ(w_G·x + b_G), or per position on causal models). The gate's logit is one more output
     column of the down-projection's GEMM, and its gradient one more column of the GEMM that
     returns x's gradient, where alone it costs a GEMM, an outer product and an add of y's size.
-    Nothing of y's size is kept beyond what the model keeps: the adapter's output A(y), which
-    the gate's gradient reads, is made again in the backward (a rank-r GEMM), and a float32 y
-    (a pre-norm residual stream) is recovered as out − G·A(y) from the output, which the next
-    layer norm keeps, to float32 rounding, then cast; UniPELT's peak memory is bounded by what
-    its parts keep per block. A separate x (a post-norm layer norm's output) is kept in the
-    compute dtype, as the adapter's own GEMM would keep it."""
+    It keeps the adapter's input in the compute dtype, as the adapter's own GEMM would keep it:
+    the (tokens, width) matrix the down-projection read (a view of y or x where no cast was
+    needed). The adapter's output A(x), which the gate's gradient reads, is made again in the
+    backward on causal models (a rank-r GEMM); with one gate per example the backward needs
+    only rank-r products (`_per_example`)."""
 
     @staticmethod
     def forward(ctx, y, x, dtype, causal, w_down, b_down, w_up, b_up, w_gate, b_gate):  # noqa: D102
@@ -71,16 +70,14 @@ class GatedResidualBottleneck(torch.autograd.Function):
         update = torch.addmm(b_up, hidden, w_up.t()).view(y.shape)
         with _no_autocast(y):  # CUDA autocast would cast A(y) to float32 first: one pass more
             out = torch.addcmul(y, update, gate)
-        # a separate x in the compute dtype, (tokens, width); else y itself, or what recovers it
-        kept = low if x is not None else y if y.dtype == dtype else out
-        ctx.save_for_backward(kept, hidden, positions, gate, w_both, w_up, b_up)  # s per example
-        ctx.dtype, ctx.causal, ctx.rank, ctx.recover = dtype, causal, rank, kept is out
+        ctx.save_for_backward(low, hidden, positions, gate, w_both, w_up, b_up)  # s per example
+        ctx.dtype, ctx.causal, ctx.rank = dtype, causal, rank
         ctx.separate, ctx.shape = x is not None, y.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        kept, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors  # s: (batch, positions, 1)
+        low, hidden, s, gate, w_both, w_up, b_up = ctx.saved_tensors  # s: (batch, positions, 1)
         shape = ctx.shape
         g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
         flat = g.reshape(-1, shape[-1])
@@ -91,7 +88,6 @@ class GatedResidualBottleneck(torch.autograd.Function):
             grad_w_up, grad_b_up = grad_update.t() @ hidden, grad_update.sum(0)
             grad_hidden = grad_update @ w_up
         else:  # one gate per example: its products with g are formed on rank-r tensors
-            update = None
             grad_s, grad_hidden, grad_w_up, grad_b_up = _per_example(g, flat, gate, hidden,
                                                                      w_up, b_up)  # fmt: skip
         batch = shape[0]  # the gate's gradient broadcast over the positions it spans
@@ -99,8 +95,7 @@ class GatedResidualBottleneck(torch.autograd.Function):
         grad_s = torch.ops.aten.sigmoid_backward(grad_s, s).view(-1, 1)
         grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)
         grad_both = torch.cat([grad_hidden, grad_s], dim=1)
-        grad_w_both, grad_b_both = grad_both.t() @ _input(ctx, kept, hidden, gate, w_up, b_up,
-                                                          update), grad_both.sum(0)  # fmt: skip
+        grad_w_both, grad_b_both = grad_both.t() @ low, grad_both.sum(0)
         grad_y, grad_x = _input_grads(ctx, grad, grad_both, w_both)
         sizes = [ctx.rank, grad_both.shape[1] - ctx.rank]
         grad_w_down, grad_w_gate = grad_w_both.split(sizes)
@@ -138,19 +133,6 @@ def _per_example(g, flat, gate, hidden, w_up, b_up):
     grad_hidden = (g_up.view(batch, positions, rank) * gate).view(-1, rank)
     grad_b_up = torch.mv(per_example.t(), gate.view(batch))
     return grad_gate.view(batch, 1, 1), grad_hidden, flat.t() @ gate_h, grad_b_up
-
-
-def _input(ctx, kept, hidden, gate, w_up, b_up, update):
-    """The adapter's input in the compute dtype, (tokens, width): kept, or recovered as
-    out − G·A(y) from the output (A(y) made again: a rank-r GEMM), to float32 rounding."""
-    shape = ctx.shape
-    if not ctx.recover:
-        return kept if kept.dim() == 2 else kept.reshape(-1, shape[-1])
-    if update is None:
-        update = torch.addmm(b_up, hidden, w_up.t()).view(shape)
-    low = torch.empty(shape, dtype=ctx.dtype, device=kept.device)
-    torch.addcmul(kept, update, gate, value=-1, out=low)
-    return low.reshape(-1, shape[-1])
 
 
 def _no_autocast(x: torch.Tensor):
