@@ -60,3 +60,15 @@ def test_a_cast_up_projection_builds_in_its_dtype():
     matrix = tuner.up_matrix(low)
     assert matrix.dtype == torch.bfloat16
     assert torch.equal(matrix.float(), _by_pads(tuner, (4, 4, 4)).to(torch.bfloat16).float())
+
+
+def test_evenly_spaced_parts_of_one_size_are_written_by_one_copy():
+    from petlkit.cost.counter import OpCounter, StepCount
+
+    for parts, copies in (([0, 2], 1), ([0, 1, 2], 1), ([2, 0], 2)):
+        tuner = _tuner((4, 4, 4), parts)
+        count = StepCount()
+        with OpCounter(count):
+            matrix = tuner.up_matrix()
+        assert sum(op.name == "aten.copy_" for op in count.ops) == copies, parts
+        assert torch.equal(matrix, _by_pads(tuner, (4, 4, 4)))

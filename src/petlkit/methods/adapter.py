@@ -31,7 +31,7 @@ from petlkit.config import (
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
-from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input
+from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input, join
 from petlkit.methods.residual_adapter import GatedResidualBottleneck, ResidualBottleneck
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
@@ -76,8 +76,10 @@ class Bottleneck(nn.Module):
             return y + self(source)
         dtype = compute_dtype(source)
         weights = [self.down.weight, self.down.bias, self.up.weight, self.up.bias]
-        if self.gate is not None:
+        if self.gate is not None:  # the gate's row beside the down-projection's (placement.py)
             weights += [self.gate.linear.weight, self.gate.linear.bias]
+            join((self.down.weight, self.gate.linear.weight))
+            join((self.down.bias, self.gate.linear.bias))
         low = [cast_to(t, dtype, source.device) for t in weights]
         if self.gate is None:
             return ResidualBottleneck.apply(y, x, dtype, *low)

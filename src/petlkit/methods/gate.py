@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from petlkit.methods.grouped_down import GroupedDown
-from petlkit.methods.placement import CastLinear, compute_input, follow
+from petlkit.methods.placement import CastLinear, compute_input, follow, join
 
 
 class Gate(nn.Module):
@@ -112,9 +112,11 @@ class GateGroup:
     def _compute(self, h: torch.Tensor) -> None:
         loras = self.loras
         others = self.gates[len(loras) :]
-        weights = [follow(lora.lora_A, h) for lora in loras]
-        weights += [follow(g.linear.weight, h) for g in self.gates]
-        biases = [follow(g.linear.bias, h) for g in self.gates]
+        weights = [lora.lora_A for lora in loras] + [g.linear.weight for g in self.gates]
+        biases = [g.linear.bias for g in self.gates]
+        join(tuple(weights))  # read side by side by the node (placement.py)
+        join(tuple(biases))
+        weights, biases = [follow(w, h) for w in weights], [follow(b, h) for b in biases]
         plan = (tuple(lora.gate.linear.out_features for lora in loras), self.rank,
                 tuple(g.linear.out_features for g in others))  # fmt: skip
         outputs = GroupedDown.apply(h, plan, self.gates[0].causal, *weights, *biases)

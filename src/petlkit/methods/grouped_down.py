@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from petlkit.methods.placement import side_by_side
+
 
 class GroupedDown(torch.autograd.Function):
     @staticmethod
@@ -28,8 +30,8 @@ class GroupedDown(torch.autograd.Function):
         parts, batch, width = sum(loras), x.shape[0], x.shape[-1]
         rows = parts * r
         flat = x.reshape(-1, width)
-        weight = torch.cat(weights)
-        both = torch.addmm(F.pad(torch.cat(biases), (rows, 0)), flat, weight.t())
+        weight = side_by_side(list(weights))
+        both = torch.addmm(F.pad(side_by_side(list(biases)), (rows, 0)), flat, weight.t())
         n_gates = weight.shape[0] - rows
         low, logits = both.split([rows, n_gates], dim=1)
         s = torch.sigmoid(logits).view(batch, -1, n_gates)

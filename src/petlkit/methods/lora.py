@@ -56,13 +56,20 @@ def qkv_segments(layout) -> list[Segment]:
 class _PartsUp(torch.autograd.Function):
     """The parts' up-projections in one zero matrix (rows of q|k|v, n·r): part i's B (`up[i]`,
     or its rows of a 2-D `up`) at its output rows and its own rank columns. One fill and one
-    copy per part forward, one stack (or cat) of the blocks backward: autograd's pads, selects
-    and cat launch a zero-filled copy per part each way."""
+    copy forward (a copy per part where the parts are not evenly spaced or of one size), one
+    stack (or cat) of the blocks backward: autograd's pads, selects and cat launch a
+    zero-filled copy per part each way."""
 
     @staticmethod
     def forward(ctx, up, blocks, rows: int, r: int):  # noqa: D102 (torch's interface)
         ctx.blocks, ctx.r, ctx.stacked = blocks, r, up.dim() == 3
         matrix = up.new_zeros(rows, len(blocks) * r)
+        width, starts = len(blocks) * r, [start for start, _, _, _ in blocks]
+        steps = {b - a for a, b in zip(starts, starts[1:], strict=False)}
+        if ctx.stacked and up.is_contiguous() and len(steps) == 1 and min(steps) > 0:
+            step = steps.pop() * width + r  # part i + 1 starts this many elements after part i
+            matrix.as_strided(up.shape, (step, width, 1), starts[0] * width).copy_(up)
+            return matrix
         for i, (start, end, first, last) in enumerate(blocks):
             part = up[i] if ctx.stacked else up[first:last]
             matrix[start:end, i * r : (i + 1) * r] = part

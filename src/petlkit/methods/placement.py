@@ -93,6 +93,8 @@ class TrainedCasts:
         self._tables: dict = {}
         self._read: set[int] = set()  # the listed parameters this forward read
         self._missed = False  # this forward read a trained parameter that was not listed
+        self._joins: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}  # see `join`
+        self._rejoin = False  # a join was declared since the parameters were ordered
         self.forward = object()  # a token of the forward running now (a new one per forward)
 
     def __getstate__(self) -> dict:
@@ -116,7 +118,16 @@ class TrainedCasts:
 
     def stale(self) -> None:
         """The trained parameters changed (a method added, removed or switched): list again."""
-        self._params = None
+        self._params, self._joins = None, {}
+
+    def join(self, params: tuple[torch.Tensor, ...]) -> None:
+        """`params` are read side by side by one node (`side_by_side`): from the next forward on,
+        their copies are cast next to each other, in this order, so the node reads them as one
+        tensor without a copy."""
+        key = tuple(id(p) for p in params)
+        if key not in self._joins:
+            self._joins[key] = params
+            self._rejoin = True
 
     def begin(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():  # the compiler fuses each cast into its reader
@@ -132,6 +143,9 @@ class TrainedCasts:
             self._params = None
         elif self._tables and self._params:  # the next forward casts only what this one read
             self._params = [p for p in self._params if id(p) in self._read]
+        if self._rejoin and self._params:
+            self._params = _in_join_order(self._params, self._joins.values())
+        self._rejoin = False
         self._tables, self._read, self._missed = {}, set(), False
         _OPEN.casts = tuple(c for c in _OPEN.casts if c is not self)
 
@@ -142,6 +156,7 @@ class TrainedCasts:
         if table is None:
             if self._params is None:
                 listed = [p for p in self.trained() if p.is_floating_point()]
+                listed = _in_join_order(listed, self._joins.values())
                 self._params = [] if any(_sharded(p) for p in listed) else listed
             table = self._tables[key] = self._cast_all(dtype, device)
         made = table.get(id(t))
@@ -159,6 +174,60 @@ class TrainedCasts:
             return {}
         made = _CastAll.apply(self, dtype, *params)
         return {id(p): (p, m) for p, m in zip(params, made, strict=True)}
+
+
+def _in_join_order(params: list[torch.Tensor], joins) -> list[torch.Tensor]:
+    """`params` with the members of each join (`TrainedCasts.join`) side by side, in the join's
+    order, where its first member stood; a join with a member missing is left as it is."""
+    of: dict[int, tuple[torch.Tensor, ...]] = {}
+    for members in joins:
+        for p in members:
+            of.setdefault(id(p), members)
+    if not of:
+        return params
+    present = {id(p) for p in params}
+    ordered, placed = [], set()
+    for p in params:
+        if id(p) in placed:
+            continue
+        members = of.get(id(p))
+        whole = members is not None and all(id(q) in present and id(q) not in placed
+                                            for q in members)  # fmt: skip
+        for q in members if whole else (p,):
+            ordered.append(q)
+            placed.add(id(q))
+    return ordered
+
+
+def join(params: tuple[torch.Tensor, ...]) -> None:
+    """Declares that one node reads these trained parameters side by side (`side_by_side`),
+    to the casts of the forward running now (nothing outside one)."""
+    casts = open_casts()
+    if casts is not None:
+        casts.join(params)
+
+
+def side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)` along the first dim; a view, with no copy, where they are contiguous
+    pieces of one storage one after the other (the casts lay joined parameters out so). For a
+    node's forward, where autograd does not record the view."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first
+    if first.is_contiguous() and first.numel() > 0:
+        storage, at = first.untyped_storage()._cdata, first.storage_offset()
+        for t in tensors:
+            if (t.untyped_storage()._cdata != storage or t.storage_offset() != at
+                    or not t.is_contiguous() or t.shape[1:] != first.shape[1:]
+                    or t.dtype != first.dtype):  # fmt: skip
+                return torch.cat(tensors)
+            at += t.numel()
+        shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        return first.as_strided(shape, strides)
+    return torch.cat(tensors)
 
 
 class _CastAll(torch.autograd.Function):

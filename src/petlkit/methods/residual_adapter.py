@@ -19,6 +19,8 @@ import contextlib
 
 import torch
 
+from petlkit.methods.placement import side_by_side
+
 
 class ResidualBottleneck(torch.autograd.Function):
     @staticmethod
@@ -61,7 +63,7 @@ class GatedResidualBottleneck(torch.autograd.Function):
         width, rank = y.shape[-1], w_down.shape[0]
         source = y if x is None else x
         low = (source if source.dtype == dtype else source.to(dtype)).reshape(-1, width)
-        w_both, b_both = torch.cat([w_down, w_gate]), torch.cat([b_down, b_gate])
+        w_both, b_both = side_by_side([w_down, w_gate]), side_by_side([b_down, b_gate])
         both = torch.addmm(b_both, low, w_both.t())
         hidden, logit = both.split([rank, both.shape[1] - rank], dim=1)
         hidden, s = torch.relu(hidden), torch.sigmoid(logit)
