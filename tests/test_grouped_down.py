@@ -133,6 +133,20 @@ def test_only_a_layer_that_is_exactly_f_linear_is_computed_inside_a_node():
     assert plain_linear(layer) is layer
 
 
+def _count_calls(monkeypatch, **nodes) -> dict[str, int]:
+    """Each autograd Function's `apply` counted under its key (the counts fill as it runs)."""
+    calls = dict.fromkeys(nodes, 0)
+    for key, node in nodes.items():
+        original = node.apply
+
+        def counted(*args, key=key, original=original):
+            calls[key] += 1
+            return original(*args)
+
+        monkeypatch.setattr(node, "apply", counted)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["bert_case", "vit_case"])
 def test_unipelts_lora_computes_its_plain_layer_in_its_own_node(name, request, monkeypatch):
     """UniPELT's LoRA layer on a plain nn.Linear runs the layer and its update as one node
@@ -141,14 +155,7 @@ def test_unipelts_lora_computes_its_plain_layer_in_its_own_node(name, request, m
     import petlkit.methods.lora as lora_module
 
     case = request.getfixturevalue(name)
-    calls = {"fused": 0, "apart": 0}
-    fused, apart = lora_module.LinearLoRAUp.apply, lora_module.LoRAUp.apply
-
-    def count(key, original):
-        return lambda *a: calls.__setitem__(key, calls[key] + 1) or original(*a)
-
-    monkeypatch.setattr(lora_module.LinearLoRAUp, "apply", count("fused", fused))
-    monkeypatch.setattr(lora_module.LoRAUp, "apply", count("apart", apart))
+    calls = _count_calls(monkeypatch, fused=lora_module.LinearLoRAUp, apart=lora_module.LoRAUp)
     results = []
     for hooked in (False, True):
         torch.manual_seed(0)
@@ -176,14 +183,8 @@ def test_unipelts_lora_reads_its_hidden_from_one_node_per_block(name, request, m
     import petlkit.methods.lora as lora_module
 
     case = request.getfixturevalue(name)
-    calls = {"grouped": 0, "alone": 0}
-    grouped, alone = gate_module.GroupedDown.apply, lora_module.GatedLoRAUpdate.apply
-
-    def count(key, original):
-        return lambda *a: calls.__setitem__(key, calls[key] + 1) or original(*a)
-
-    monkeypatch.setattr(gate_module.GroupedDown, "apply", count("grouped", grouped))
-    monkeypatch.setattr(lora_module.GatedLoRAUpdate, "apply", count("alone", alone))
+    calls = _count_calls(monkeypatch, grouped=gate_module.GroupedDown,
+                         alone=lora_module.GatedLoRAUpdate)  # fmt: skip
     petl = petlkit.attach(case.make(), "unipelt")
     out = petl(**case.inputs)
     getattr(out, "logits", out).float().square().mean().backward()

@@ -157,27 +157,23 @@ class LoRALinear(Tuner):
         if not self.enabled:
             return self.base_layer(x)
         x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
-        if (self.gate is not None and isinstance(self.dropout, nn.Identity)
-                and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
+        node = isinstance(self.dropout, nn.Identity) and not torch.compiler.is_compiling()
+        if node and self.gate is None:
+            up = self.up_matrix(follow(self.lora_B, x))
+            return LoRAUpdate.apply(x, self.base_layer(x), follow(self.lora_A, x), up, self.scaling)
+        if node and x.dim() == 3:  # gated
+            up = self.up_matrix(follow(self.lora_B, x))
             group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
             hidden = None if group is None else group.lora_hidden(self, x)
-            if hidden is not None:
-                up = self.up_matrix(follow(self.lora_B, x))
-                linear = plain_linear(self.base_layer)
-                if linear is None:
-                    return LoRAUp.apply(self.base_layer(x), hidden, up)
-                bias = None if linear.bias is None else follow(linear.bias, x)
-                return LinearLoRAUp.apply(x, follow(linear.weight, x), bias, hidden, up)
+            if hidden is None:
+                g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, parts, 1)
+                return GatedLoRAUpdate.apply(x, self.base_layer(x), follow(self.lora_A, x), up, g)
+            linear = plain_linear(self.base_layer)
+            if linear is None:
+                return LoRAUp.apply(self.base_layer(x), hidden, up)
+            bias = None if linear.bias is None else follow(linear.bias, x)
+            return LinearLoRAUp.apply(x, follow(linear.weight, x), bias, hidden, up)
         out = self.base_layer(x)
-        if (self.gate is None and isinstance(self.dropout, nn.Identity)
-                and not torch.compiler.is_compiling()):  # fmt: skip
-            up = self.up_matrix(follow(self.lora_B, x))
-            return LoRAUpdate.apply(x, out, follow(self.lora_A, x), up, self.scaling)
-        if (self.gate is not None and isinstance(self.dropout, nn.Identity)
-                and not torch.compiler.is_compiling() and x.dim() == 3):  # fmt: skip
-            g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, n_parts, 1)
-            up = self.up_matrix(follow(self.lora_B, x))
-            return GatedLoRAUpdate.apply(x, out, follow(self.lora_A, x), up, g)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         scaling = self.scaling
         if self.gate is not None:  # one gate per adapted projection, on its rank block
