@@ -1,4 +1,4 @@
-"""Trained tensors one node reads side by side (placement.py: `join`, `side_by_side`): the
+"""Trained tensors one node reads side by side (trained_casts.py: `join`, `side_by_side`): the
 forward's casts lay them out next to each other, so the node reads them as one tensor without
 the copy a `torch.cat` makes (UniPELT's gated adapter and grouped node, issue #47)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import petlkit
 from petlkit.cost.counter import OpCounter, StepCount
-from petlkit.methods.placement import _in_join_order, side_by_side
+from petlkit.methods.trained_casts import _in_join_order, side_by_side
 
 
 def test_adjacent_pieces_are_one_view_and_anything_else_is_concatenated():

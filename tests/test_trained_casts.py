@@ -1,4 +1,4 @@
-"""A forward casts every trained parameter to the compute dtype at once (methods/placement.py,
+"""A forward casts every trained parameter to the compute dtype at once (methods/trained_casts.py,
 TrainedCasts): the same outputs and gradients as casting each where it is read, one foreach copy
 each way, and never a stale or foreign copy."""
 
@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import petlkit
-from petlkit.methods.placement import _OPEN, TrainedCasts, empty_alike, follow
+from petlkit.methods.placement import follow
+from petlkit.methods.trained_casts import _OPEN, TrainedCasts, empty_alike
 from tests.helpers import attached_and_perturbed
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}

@@ -17,12 +17,12 @@ from petlkit.families import ModelLayout
 from petlkit.layout import head_names, layout_or_none, set_heads, use_layout
 from petlkit.methods.base import Method
 from petlkit.methods.placement import (
-    TrainedCasts,
     backbone_anchor,
     parse_dtype,
     place,
     place_head,
 )
+from petlkit.methods.trained_casts import TrainedCasts
 from petlkit.registry import make_config, method_class
 
 
@@ -179,7 +179,7 @@ class PetlModel(nn.Module):
     def accumulating_backward(self):
         """A context for `loss.backward()`: the trained parameters' gradients are written into
         their `.grad` by the node that casts them back, not one accumulation per parameter
-        (placement.TrainedCasts; off with more than one process, where DDP hooks those). Not
+        (trained_casts.TrainedCasts; off with more than one process, where DDP hooks those). Not
         for `autograd.grad`, which must receive the gradients."""
         return self._casts.accumulating()
 

@@ -31,9 +31,10 @@ from petlkit.config import (
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
 from petlkit.methods.gate import Gate
-from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input, join
+from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input
 from petlkit.methods.residual_adapter import GatedResidualBottleneck, ResidualBottleneck
 from petlkit.methods.targeting import get_module
+from petlkit.methods.trained_casts import join
 from petlkit.registry import register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -59,7 +60,7 @@ class Bottleneck(nn.Module):
         self.gate = Gate(width, causal=causal) if cfg.gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = compute_input(x)  # one cast read by down and the gate (placement.py)
+        x = compute_input(x)  # one cast read by down and the gate (placement.compute_input)
         update = self.up(self.dropout(self.act(self.down(x))))
         if self.gate is not None:
             update = update * self.gate.per_position(x)  # (batch, positions or 1, 1)
@@ -76,7 +77,7 @@ class Bottleneck(nn.Module):
             return y + self(source)
         dtype = compute_dtype(source)
         weights = [self.down.weight, self.down.bias, self.up.weight, self.up.bias]
-        if self.gate is not None:  # the gate's row beside the down-projection's (placement.py)
+        if self.gate is not None:  # the gate's row beside the down-projection's (trained_casts.py)
             weights += [self.gate.linear.weight, self.gate.linear.bias]
             join((self.down.weight, self.gate.linear.weight))
             join((self.down.bias, self.gate.linear.bias))

@@ -43,7 +43,7 @@ def inverse(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class ScaleInverses:
     """1/γ of every scale a method's nodes read, made for all of them by one foreach launch per
     op when a backward first asks for one, where each alone costs two kernels per site and
-    step. Made once per forward (`placement.forward_token`: values written through `.data`
+    step. Made once per forward (`trained_casts.forward_token`: values written through `.data`
     between steps are seen) and again if a scale changed in place since; the last few forwards
     are kept (micro-batches backward together). Scales are noted as forwards read them
     (weakly: a scale that is gone is forgotten). One process only: FSDP frees and refills

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from petlkit.methods.grouped_down import GroupedDown
-from petlkit.methods.placement import CastLinear, compute_input, follow, join
+from petlkit.methods.placement import CastLinear, compute_input, follow
+from petlkit.methods.trained_casts import join
 
 
 class Gate(nn.Module):
@@ -114,7 +115,7 @@ class GateGroup:
         others = self.gates[len(loras) :]
         weights = [lora.lora_A for lora in loras] + [g.linear.weight for g in self.gates]
         biases = [g.linear.bias for g in self.gates]
-        join(tuple(weights))  # read side by side by the node (placement.py)
+        join(tuple(weights))  # read side by side by the node (trained_casts.py)
         join(tuple(biases))
         weights, biases = [follow(w, h) for w in weights], [follow(b, h) for b in biases]
         plan = (tuple(lora.gate.linear.out_features for lora in loras), self.rank,

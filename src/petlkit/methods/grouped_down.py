@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from petlkit.methods.placement import side_by_side
+from petlkit.methods.trained_casts import side_by_side
 
 
 class GroupedDown(torch.autograd.Function):

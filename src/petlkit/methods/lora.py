@@ -156,7 +156,7 @@ class LoRALinear(Tuner):
             return self.forward_folded(x)
         if not self.enabled:
             return self.base_layer(x)
-        x = compute_input(x)  # one cast read by the layer, A and the gate (placement.py)
+        x = compute_input(x)  # one cast read by the layer, A and the gate (placement.compute_input)
         node = isinstance(self.dropout, nn.Identity) and not torch.compiler.is_compiling()
         if node and self.gate is None:
             up = self.up_matrix(follow(self.lora_B, x))

@@ -4,7 +4,7 @@ Alone, each norm's affine is two small kernels forward and two backward (γ's gr
 dw ⊙ w + db ⊙ b): four launches per norm and step, 100 on ViT-B/16, where the host and the
 launches are the cost. Here one autograd node makes every norm's pair with two foreach launches
 and returns every γ's gradient with two more. A batch is made when a norm asks for its pair and
-the batch of the forward running (`placement.forward_token`) has none unused for it: the first
+the batch of the forward running (`trained_casts.forward_token`) has none unused for it: the first
 norm of each forward (each forward's graph gets its own node; micro-batches accumulate as
 usual), or a norm read twice in one forward. Outside a model's forward (activation
 checkpointing's recomputation) each norm makes its own.
@@ -37,7 +37,7 @@ class NormAffines:
 
     def pair(self, owner, inputs, forward: object) -> tuple[torch.Tensor, torch.Tensor]:
         """(w ⊙ γ, b ⊙ γ + β) of `owner`'s norm from the batch of the forward `forward`
-        (`placement.forward_token`); `inputs(owner)` gives any norm's (w, b, γ, β) as read
+        (`trained_casts.forward_token`); `inputs(owner)` gives any norm's (w, b, γ, β) as read
         now."""
         self._norms[owner] = None
         made = self._batch.pop(id(owner), None) if forward is self._forward else None

@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from petlkit.methods.placement import side_by_side
+from petlkit.methods.trained_casts import side_by_side
 
 
 class ResidualBottleneck(torch.autograd.Function):
@@ -38,7 +38,7 @@ class ResidualBottleneck(torch.autograd.Function):
         low, hidden, w_down, w_up = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         g = g if g.dtype == ctx.dtype else g.to(ctx.dtype)
-        grad_w_up = g.t() @ hidden  # contiguous, as the parameter is (see placement._CastAll)
+        grad_w_up = g.t() @ hidden  # contiguous, as the parameter is (see trained_casts._CastAll)
         grad_b_up = g.sum(0)
         grad_hidden = torch.ops.aten.threshold_backward(g @ w_up, hidden, 0)
         grad_w_down = grad_hidden.t() @ low

@@ -23,21 +23,14 @@ from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.channel_sums import ScaleInverses, accumulate_dtype, channel_sums, inverse
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.norm_affines import NormAffines
-from petlkit.methods.placement import (
-    compute_dtype,
-    compute_input,
-    distributed,
-    follow,
-    forward_token,
-    hand_over,
-    open_casts,
-)
+from petlkit.methods.placement import compute_dtype, compute_input, follow
 from petlkit.methods.targeting import (
     canonical_name,
     find_targets,
     inside_a_method,
     read_directly,
 )
+from petlkit.methods.trained_casts import distributed, forward_token, hand_over, open_casts
 from petlkit.registry import register_method
 
 
