@@ -90,6 +90,13 @@ def test_a_gemm_into_its_own_addend_is_a_gemm():
     inplace, plain = count.ops[-2:]
     assert inplace.name == "aten.addmm_" and inplace.flops == plain.flops == 2 * 16 * 4 * 32
     assert count.other_bytes == sum(op.bytes for op in count.ops[:3])  # the three fills
+    count = StepCount()
+    with OpCounter(count):
+        y, a, b = torch.zeros(2, 16, 32), torch.randn(2, 16, 4), torch.randn(2, 4, 32)
+        y.baddbmm_(a, b)
+        torch.baddbmm(y, a, b)
+    inplace, plain = count.ops[-2:]
+    assert inplace.name == "aten.baddbmm_" and inplace.flops == plain.flops == 2 * 2 * 16 * 4 * 32
 
 
 def test_views_and_allocations_launch_no_kernel_and_foreach_ops_launch_one_per_48_tensors():

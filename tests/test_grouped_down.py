@@ -156,6 +156,7 @@ def test_unipelts_lora_computes_its_plain_layer_in_its_own_node(name, request, m
 
     case = request.getfixturevalue(name)
     calls = _count_calls(monkeypatch, fused=lora_module.LinearLoRAUp, apart=lora_module.LoRAUp)
+    padded = _count_calls(monkeypatch, matrix=lora_module._PartsUp)
     results = []
     for hooked in (False, True):
         torch.manual_seed(0)
@@ -172,7 +173,11 @@ def test_unipelts_lora_computes_its_plain_layer_in_its_own_node(name, request, m
         results.append((loss.detach(), trained))
         assert calls == ({"fused": 0, "apart": len(layers)} if hooked
                          else {"fused": len(layers), "apart": 0})  # fmt: skip
+        fused_qkv = any(layer.parts is not None for layer in layers)  # the ViT's q|k|v
+        # a plain fused layer writes its parts by one batched GEMM: no zero-padded matrix
+        assert padded["matrix"] == (len(layers) if hooked and fused_qkv else 0)
         calls.update(fused=0, apart=0)
+        padded.update(matrix=0)
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
 

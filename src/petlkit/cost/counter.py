@@ -55,8 +55,8 @@ def gemm_flops(func, args, kwargs, out) -> int | None:
         return _attention_flops(args[1], args[2], backward=True)
     if packet is aten._addmm_activation:  # addmm with its activation in the GEMM's epilogue
         packet, kwargs = aten.addmm, {k: v for k, v in kwargs.items() if k != "use_gelu"}
-    if packet is aten.addmm_:  # into its own addend: the same GEMM
-        packet = aten.addmm
+    if packet in (aten.addmm_, aten.baddbmm_):  # into its own addend: the same GEMM
+        packet = aten.addmm if packet is aten.addmm_ else aten.baddbmm
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=out))
     return None

@@ -136,6 +136,18 @@ class LoRALinear(Tuner):
     def _part_rows(self, part: int) -> int:
         return sum(rows for p, _, rows in self.segments if p == part)
 
+    def spaced(self) -> tuple[int, int] | None:
+        """(start, step) where the parts' output rows are of one size and evenly spaced in the
+        layer's output (q and v of a fused q|k|v): part i's from start + i·step. Else None."""
+        if self.parts is None or self.lora_B.dim() != 3 or self._row_order is not None:
+            return None
+        first = [sum(self._part_rows(p) for p in range(part)) for part in range(3)]
+        starts = [first[part] for part in self.parts]
+        steps = {b - a for a, b in zip(starts, starts[1:], strict=False)}
+        if len(steps) > 1 or min(steps, default=1) <= 0:
+            return None
+        return starts[0], steps.pop() if steps else 0
+
     def up_matrix(self, up: torch.Tensor | None = None) -> torch.Tensor:
         """Every part's up-projection in one (out_features, n_parts·r) matrix: part p's B sits in
         its rows (q, k or v) and its own rank columns, zeros elsewhere. Formed once per forward
@@ -162,17 +174,18 @@ class LoRALinear(Tuner):
             up = self.up_matrix(follow(self.lora_B, x))
             return LoRAUpdate.apply(x, self.base_layer(x), follow(self.lora_A, x), up, self.scaling)
         if node and x.dim() == 3:  # gated
-            up = self.up_matrix(follow(self.lora_B, x))
             group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
             hidden = None if group is None else group.lora_hidden(self, x)
+            linear = None if hidden is None else plain_linear(self.base_layer)
+            spaced = None if linear is None else self.spaced()
+            up = follow(self.lora_B, x) if spaced else self.up_matrix(follow(self.lora_B, x))
             if hidden is None:
                 g = self.gate.per_position(x).to(x.dtype).unsqueeze(-1)  # (batch, ·, parts, 1)
                 return GatedLoRAUpdate.apply(x, self.base_layer(x), follow(self.lora_A, x), up, g)
-            linear = plain_linear(self.base_layer)
             if linear is None:
                 return LoRAUp.apply(self.base_layer(x), hidden, up)
             bias = None if linear.bias is None else follow(linear.bias, x)
-            return LinearLoRAUp.apply(x, follow(linear.weight, x), bias, hidden, up)
+            return LinearLoRAUp.apply(x, follow(linear.weight, x), bias, hidden, up, spaced)
         out = self.base_layer(x)
         h = F.linear(self.dropout(x), follow(self.lora_A, x))  # (..., n_parts·r)
         scaling = self.scaling

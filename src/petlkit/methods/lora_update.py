@@ -93,15 +93,29 @@ class LinearLoRAUp(torch.autograd.Function):
     backward the input's gradient, the hidden's and up's from one 2-D view of the output's
     gradient (autograd's linear and addmm nodes and `LoRAUp` each reshaped and transposed it).
     W and b are used as given (cast by the caller, as autocast would cast them); their
-    gradients are formed only where they are trained."""
+    gradients are formed only where they are trained.
+
+    `spaced` (start, step): `up` is every part's B, (parts, rows, r), and part i's output
+    columns are rows wide from start + i·step (the q and v of a fused q|k|v). The update is then
+    one GEMM per part into its columns of the output, and backward one batched GEMM each for the
+    hidden's and up's gradients, read and written as strided views: no zero-padded
+    (out, parts·r) matrix, formed (a fill and a copy) and read by GEMMs three times the size, and
+    no stack of its gradient's blocks (two kernels a block fewer on ViT, issue #47). Not one
+    batched GEMM forward: CPU's oneDNN cannot write into parts whose batch stride is below the
+    row stride (q, v with k between), and on failing it turns itself off for the process."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, hidden, up):  # noqa: D102 (torch's interface)
+    def forward(ctx, x, weight, bias, hidden, up, spaced=None):  # noqa: D102 (torch's interface)
         flat = x.reshape(-1, x.shape[-1])
         y = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
-        y.addmm_(hidden, up.t())
+        if spaced is None:
+            y.addmm_(hidden, up.t())
+        else:
+            for out, h, b in zip(_columns(y, spaced, up.shape), _by_part(hidden, up.shape), up,
+                                 strict=True):  # fmt: skip
+                out.addmm_(h, b.t())
         ctx.save_for_backward(flat if weight.requires_grad else None, weight, hidden, up)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.spaced = x.shape, spaced
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -112,7 +126,27 @@ class LinearLoRAUp(torch.autograd.Function):
         grad_x = torch.mm(g, weight).view(ctx.x_shape) if needs_x else None
         grad_w = torch.mm(g.t(), flat) if needs_w else None
         grad_b = g.sum(0) if needs_b else None
-        return grad_x, grad_w, grad_b, torch.mm(g, up), torch.mm(g.t(), hidden)
+        if ctx.spaced is None:
+            return grad_x, grad_w, grad_b, torch.mm(g, up), torch.mm(g.t(), hidden), None
+        parts = _columns(g, ctx.spaced, up.shape)  # (parts, tokens, rows)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        torch.bmm(parts, up, out=_by_part(grad_hidden, up.shape))  # written in hidden's layout
+        grad_up = torch.bmm(parts.transpose(1, 2), _by_part(hidden, up.shape))
+        return grad_x, grad_w, grad_b, grad_hidden, grad_up, None
+
+
+def _columns(out: torch.Tensor, spaced: tuple[int, int], parts: torch.Size) -> torch.Tensor:
+    """The 2-D `out`'s columns of each part as one (parts, tokens, rows) view."""
+    (start, step), (n, rows, _) = spaced, parts
+    row, col = out.stride()
+    return out.as_strided((n, out.shape[0], rows), (step * col, row, col),
+                          out.storage_offset() + start * col)  # fmt: skip
+
+
+def _by_part(hidden: torch.Tensor, parts: torch.Size) -> torch.Tensor:
+    """The (tokens, parts·r) `hidden` as a (parts, tokens, r) view."""
+    n, _, r = parts
+    return hidden.view(hidden.shape[0], n, r).transpose(0, 1)
 
 
 def _same_layout(grad: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
