@@ -403,3 +403,18 @@ def test_prompt_tokens_add_no_zero_filled_copy_of_the_sequence_in_backward(metho
     per-block prompts come from one unbind (its backward: one stack)."""
     for op in ("aten.slice_backward", "aten.select_backward"):
         assert _added(method, 4, op) == 0, op
+
+
+def test_sas_hypernetworks_read_the_forwards_casts_of_their_parameters():
+    """SaS runs its hypernetworks once per forward in a pre-hook on the model. The casts open
+    before any method's pre-hook, and the hypernetworks compute in autocast's dtype from the
+    layer embeddings' cast, so their parameters come from the one foreach copy (and return
+    through one): no cast of their own each way, neither by autocast nor by `cast_to`."""
+    from petlkit.cost.cases import count as count_step
+
+    step = count_step(_vit_case(2), "sas", sources=True)
+    own = [op.source for op in step.ops if op.name == "aten._to_copy"
+           and op.source.startswith(("methods/placement.py:forward", "methods/placement.py:cast_to",
+                                     "methods/sas.py:generate"))]  # fmt: skip
+    assert own == []
+    assert sum(op.name == "aten._foreach_copy_" for op in step.ops) == 2  # one each way

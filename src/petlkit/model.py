@@ -185,12 +185,13 @@ class PetlModel(nn.Module):
 
     def _sync_casts(self) -> None:
         """The casts' hooks are on the model while an active method is unmerged (a merged or
-        bare model keeps no hook of petlkit's)."""
+        bare model keeps no hook of petlkit's). They open before any method's own pre-hook on
+        the model (SaS's hypernetworks, run once per forward there, read the casts too)."""
         self._casts.stale()
         wanted = any(not self.methods[name].merged for name in self.active)
         if wanted and not self._cast_hooks:
             self._cast_hooks = [
-                self.model.register_forward_pre_hook(self._casts.begin),
+                self.model.register_forward_pre_hook(self._casts.begin, prepend=True),
                 self.model.register_forward_hook(self._casts.end, always_call=True),
             ]
         elif not wanted:

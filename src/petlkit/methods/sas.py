@@ -32,7 +32,7 @@ from petlkit.methods.base import Method, Tuner
 from petlkit.methods.channel_sums import accumulate_dtype
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
-from petlkit.methods.placement import CastLinear, compute_input, follow
+from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input, follow
 from petlkit.methods.sas_site import SiteTransform, unit_stats
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
@@ -182,10 +182,14 @@ class SaS(Method):
             self._cache_key = key if inference else None
 
     def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per site: (scale a, shift b), each (depth, width), from the layer embeddings."""
+        """Per site: (scale a, shift b), each (depth, width), from the layer embeddings, computed
+        in the dtype the backbone computes in (autocast's bf16: what autocast would cast the
+        hypernetworks' inputs to), from the forward's casts of the parameters, not a cast each."""
+        e = self.layer_embeddings
+        e = cast_to(e, compute_dtype(e), e.device)
         out = {}
         for site, sm in self.site_modules.items():
-            a, b = sm.hyper(self.layer_embeddings).chunk(2, dim=-1)
+            a, b = sm.hyper(e).chunk(2, dim=-1)
             out[site] = (a, b)
         return out
 
