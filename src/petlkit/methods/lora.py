@@ -121,6 +121,7 @@ class LoRALinear(Tuner):
             self.lora_B = nn.Parameter(torch.zeros(sum(sizes), r))
         self._offsets = [sum(sizes[:i]) for i in range(n_parts + 1)]
         self.register_buffer("_row_order", self._output_order(), persistent=False)
+        self._spacing = self._parts_spacing()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = Gate(in_features, n_parts, causal) if gated else None
 
@@ -139,6 +140,9 @@ class LoRALinear(Tuner):
     def spaced(self) -> tuple[int, int] | None:
         """(start, step) where the parts' output rows are of one size and evenly spaced in the
         layer's output (q and v of a fused q|k|v): part i's from start + i·step. Else None."""
+        return self._spacing
+
+    def _parts_spacing(self) -> tuple[int, int] | None:
         if self.parts is None or self.lora_B.dim() != 3 or self._row_order is not None:
             return None
         first = [sum(self._part_rows(p) for p in range(part)) for part in range(3)]
