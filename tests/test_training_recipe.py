@@ -11,7 +11,7 @@ import torch
 
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
-from petlkit.train.optim import weight_decay_groups
+from petlkit.train.optim import adamw, weight_decay_groups
 from petlkit.train.trainer import Trainer
 from tests.train_job import build
 
@@ -64,6 +64,24 @@ def test_weight_decay_reaches_matrices_only():
                                                          if p.dim() >= 2}  # fmt: skip
     assert any("bias" in by_id[id(p)] for p in kept["params"])  # the head's bias, SaS's shifts
     assert len(decayed["params"]) + len(kept["params"]) == len(params)
+
+
+def test_adamw_is_fused_on_cuda_tensors_and_pytorchs_default_elsewhere(monkeypatch):
+    """On CUDA the fused AdamW (two launches per tensor chunk, where the default multi-tensor
+    form launches nine); on the CPU PyTorch's default, as every published CPU run trained; a
+    sharded (FSDP) tensor keeps the default. CUDA tensors here are fake (no GPU in CI)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import petlkit.train.optim as optim
+
+    cpu = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+    assert adamw(weight_decay_groups(dict(enumerate(cpu)), 0.1), 1e-3).defaults["fused"] is None
+    with FakeTensorMode():
+        cuda = {i: torch.nn.Parameter(torch.zeros(2, 2, device="cuda")) for i in range(2)}
+        groups = weight_decay_groups(cuda, 0.1)
+        assert adamw(groups, 1e-3).defaults["fused"] is True
+        monkeypatch.setattr(optim, "sharded", lambda t: t is cuda[1])
+        assert adamw(groups, 1e-3).defaults["fused"] is None
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path):

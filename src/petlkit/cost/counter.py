@@ -211,7 +211,7 @@ class OpCounter(TorchDispatchMode):
         flops = gemm_flops(func, args, kwargs, out)
         if func.is_view or packet in NO_KERNEL or not _tensors((args, kwargs, out)):
             kernels = 0  # views, allocations, and ops on no tensor at all (promote_types)
-        elif packet.__name__.startswith("_foreach_"):
+        elif packet.__name__.startswith(("_foreach_", "_fused_")):  # multi_tensor_apply
             kernels = math.ceil(len(args[0]) / FOREACH_TENSORS_PER_KERNEL)
         else:
             kernels = 1

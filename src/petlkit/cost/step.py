@@ -2,10 +2,13 @@
 
 The step is the one of the GPU ground truth: under autocast, `loss = cross_entropy(logits.float(),
 labels)`, `loss.backward()` (as `petlkit train` runs it on one process: the trained parameters'
-gradients filled by the node that casts them back), then AdamW (its multi-tensor form, as on
-CUDA) over the trained tensors and `zero_grad(set_to_none=True)`. With nothing trained it is
-the floor: forward and backward to the inputs. A warm-up step first, uncounted, creates the
-optimiser's state and the lazily built caches of the model. torch only (see counter.py).
+gradients filled by the node that casts them back), then AdamW (its fused form, as the trainer
+steps CUDA tensors: train/optim.adamw) over the trained tensors and `zero_grad(set_to_none=True)`.
+The ground truth was measured with PyTorch's default there, the multi-tensor form; the fit reads
+the counts of that code (calibration.json), and no floor row has an optimiser. With nothing
+trained it is the floor: forward and backward to the inputs. A warm-up step first, uncounted,
+creates the optimiser's state and the lazily built caches of the model. torch only (see
+counter.py).
 """
 
 from __future__ import annotations
@@ -65,13 +68,14 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
         batch = {k: _fake_input(v, mode) for k, v in batch.items()}
         labels = mode.from_tensor(labels)
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=1e-6, foreach=True) if trained else None
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, fused=True) if trained else None
     count = StepCount()
     with mode, CudaAutocastPolicy(), _no_fake_shortcuts():
         with OpCounter(StepCount()):  # warm-up; the counter answers the host's reads
             _step(model, batch, labels, forward, optimizer, dtype)
         steps = optimizer.state.values() if optimizer is not None else []
-        host = {id(state["step"]) for state in steps}
+        host = {id(state["step"]) for state in steps if state["step"].device.type == "cpu"
+                and optimizer.defaults["fused"] is not True}  # fused: on the device  # fmt: skip
         for t in batch.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None

@@ -32,9 +32,10 @@ class TrainedCasts:
     casts before its forward and drop them after (they carry autograd history). A parameter
     read outside the model's forward (activation checkpointing recomputes in the backward) or
     unknown to `trained` (listed again at the next forward) is cast where it is read, as before;
-    a listed parameter a forward did not read is not cast by the next (prefix tuning's
-    reparameterisation computes in float32). Sharded (DTensor) parameters are never listed:
-    FSDP swaps in their gathered copies itself. Copies and pickles start empty.
+    a listed parameter a forward did not read is not cast by the next (the first layer of prefix
+    tuning's reparameterisation reads a float32 input, and autocast casts its weights). Sharded
+    (DTensor) parameters are never listed: FSDP swaps in their gathered copies itself. Copies and
+    pickles start empty.
 
     Inside `accumulating()` (the trainer's `loss.backward()`, one process), the backward
     writes the gradients it casts back into the parameters' `.grad` itself (a fresh one as pieces
@@ -115,7 +116,7 @@ class TrainedCasts:
             if self._params is None:
                 listed = [p for p in self.trained() if p.is_floating_point()]
                 listed = _in_join_order(listed, self._joins.values())
-                self._params = [] if any(_sharded(p) for p in listed) else listed
+                self._params = [] if any(sharded(p) for p in listed) else listed
             table = self._tables[key] = self._cast_all(dtype, device)
         made = table.get(id(t))
         if made is None:
@@ -294,7 +295,8 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _sharded(t: torch.Tensor) -> bool:
+def sharded(t: torch.Tensor) -> bool:
+    """A DTensor: a shard of a parameter that FSDP gathers and frees itself."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed has no sharded tensors

@@ -42,7 +42,7 @@ from petlkit.train.folding import FoldChoice
 from petlkit.train.inputs import BatchOrder, eval_order, token_budget, without_full_mask
 from petlkit.train.memory import checkpoint_activations, peak_memory_mb
 from petlkit.train.metrics_log import METRICS_LOG
-from petlkit.train.optim import catch_interrupt, default_lr, weight_decay_groups
+from petlkit.train.optim import adamw, catch_interrupt, default_lr, weight_decay_groups
 from petlkit.train.state import CHECKPOINT, load_training_state, save_training_state
 
 BEST = "best.safetensors"
@@ -224,7 +224,7 @@ class Trainer:
             self.model.to(acc.device)
             sharding.shard(self.model)
             params = self.trained_parameters()
-        optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.weight_decay), lr=self.lr)
+        optimizer = adamw(weight_decay_groups(params, cfg.weight_decay), self.lr)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
         )
