@@ -67,6 +67,7 @@ def test_requirements_are_ranges_and_the_pins_live_in_constraints():
     assert "torch==2.13.0" in pins.splitlines()
 
 
+@pytest.mark.slow  # a real install of torch and every dependency: 90 s, the default suite's longest
 def test_the_wheel_installs_beside_an_installed_torch_and_leaves_it(wheel, tmp_path):
     python = _fresh_env(tmp_path / "env")
     _pip(python, "install", "-q", "--no-deps", "-c", str(ROOT / "constraints.txt"), "torch")
