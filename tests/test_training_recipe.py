@@ -66,22 +66,36 @@ def test_weight_decay_reaches_matrices_only():
     assert len(decayed["params"]) + len(kept["params"]) == len(params)
 
 
-def test_adamw_is_fused_on_cuda_tensors_and_pytorchs_default_elsewhere(monkeypatch):
+def test_adamw_is_fused_where_the_run_steps_on_cuda_and_pytorchs_default_elsewhere():
     """On CUDA the fused AdamW (two launches per tensor chunk, where the default multi-tensor
     form launches nine); on the CPU PyTorch's default, as every published CPU run trained; a
-    sharded (FSDP) tensor keeps the default. CUDA tensors here are fake (no GPU in CI)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    sharded (FSDP) run keeps the default. Decided by the run's device, not the parameters': the
+    trainer makes the optimizer before it moves the model there."""
+    params = {0: torch.nn.Parameter(torch.zeros(2, 2)), 1: torch.nn.Parameter(torch.zeros(2))}
+    groups = weight_decay_groups(params, 0.1)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert adamw(groups, 1e-3, cuda, sharded=False).defaults["fused"] is True
+    assert adamw(groups, 1e-3, cpu, sharded=False).defaults["fused"] is None
+    assert adamw(groups, 1e-3, cuda, sharded=True).defaults["fused"] is None
 
-    import petlkit.train.optim as optim
 
-    cpu = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
-    assert adamw(weight_decay_groups(dict(enumerate(cpu)), 0.1), 1e-3).defaults["fused"] is None
-    with FakeTensorMode():
-        cuda = {i: torch.nn.Parameter(torch.zeros(2, 2, device="cuda")) for i in range(2)}
-        groups = weight_decay_groups(cuda, 0.1)
-        assert adamw(groups, 1e-3).defaults["fused"] is True
-        monkeypatch.setattr(optim, "sharded", lambda t: t is cuda[1])
-        assert adamw(groups, 1e-3).defaults["fused"] is None
+def test_the_trainer_asks_for_the_optimizer_of_its_device(tmp_path, monkeypatch):
+    import petlkit.train.trainer as trainer_module
+
+    asked = []
+
+    def recording(groups, lr, device, sharded):
+        asked.append((device, sharded))
+        raise KeyboardInterrupt  # enough: the rest of the run is other tests' subject
+
+    monkeypatch.setattr(trainer_module, "adamw", recording)
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=0, checkpoint_every=0, seed=0)
+    trainer = Trainer(build("lora"), load_task("digits"), cfg, tmp_path, progress=False)
+    cuda = torch.device("cuda")  # a run on a GPU, whose model is still on the CPU at this point
+    monkeypatch.setattr(type(trainer.accelerator), "device", property(lambda self: cuda))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert asked == [(cuda, False)]
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path):

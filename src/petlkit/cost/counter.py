@@ -169,11 +169,10 @@ def call_source() -> str:
 class OpCounter(TorchDispatchMode):
     """Records every op below autograd and autocast, and the storages alive at each moment."""
 
-    def __init__(self, count: StepCount, host: set[int] = frozenset(), sources: bool = False):
+    def __init__(self, count: StepCount, sources: bool = False):
         super().__init__()
         self.count = count
         self.sources = sources  # record each call's source (call_source: a stack walk per call)
-        self.host = host  # ids of tensors a CUDA run keeps on the host (AdamW's step counts)
         self.live = 0
         self.seen: weakref.WeakSet = weakref.WeakSet()
 
@@ -181,9 +180,6 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace in IGNORED:
             return func(*args, **kwargs)
-        operands = _tensors((args, kwargs))
-        if operands and all(id(t) in self.host for t in operands):
-            return func(*args, **kwargs)  # host arithmetic: no kernel, no sync
         packet = func._overloadpacket
         if packet in SYNC_OPS:
             self.count.syncs += 1

@@ -73,15 +73,12 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
     with mode, CudaAutocastPolicy(), _no_fake_shortcuts():
         with OpCounter(StepCount()):  # warm-up; the counter answers the host's reads
             _step(model, batch, labels, forward, optimizer, dtype)
-        steps = optimizer.state.values() if optimizer is not None else []
-        host = {id(state["step"]) for state in steps if state["step"].device.type == "cpu"
-                and optimizer.defaults["fused"] is not True}  # fused: on the device  # fmt: skip
         for t in batch.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None
-        with OpCounter(count, host=host, sources=sources):
+        with OpCounter(count, sources=sources):
             _step(model, batch, labels, forward, optimizer, dtype)
-        _count_saved(count, host, lambda: _step(model, batch, labels, forward, optimizer, dtype))
+        _count_saved(count, lambda: _step(model, batch, labels, forward, optimizer, dtype))
     return count
 
 
@@ -108,11 +105,11 @@ def _fake_input(value, mode: FakeTensorMode):
     return mode.from_tensor(value.detach()).requires_grad_(value.requires_grad)
 
 
-def _count_saved(count: StepCount, host: set[int], step: Callable[[], None]) -> None:
+def _count_saved(count: StepCount, step: Callable[[], None]) -> None:
     """The bytes of step-made storages autograd saves for backward (each once), from one more
     step run apart: the hooks that see them change the op stream (autograd then detaches what
     a custom Function unpacks, and no longer what a node saves of its own output)."""
-    counter = OpCounter(StepCount(), host=host)
+    counter = OpCounter(StepCount())
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:

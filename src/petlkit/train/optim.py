@@ -10,7 +10,6 @@ from collections.abc import Callable
 import torch
 
 from petlkit.errors import PetlError
-from petlkit.methods.trained_casts import sharded
 from petlkit.model import PetlModel
 
 
@@ -34,14 +33,14 @@ def weight_decay_groups(params: dict[str, torch.nn.Parameter], decay: float) -> 
     return [{"params": with_decay, "weight_decay": decay}, {"params": without, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW as the trainer steps it. Where every trained tensor is a CUDA tensor, not a shard,
-    the fused form: two multi-tensor launches per chunk of tensors, where PyTorch's default there
-    (its multi-tensor form) launches nine (issue #47: a PETL method's many small tensors make the
-    step a queue of launches). Elsewhere PyTorch's default for the device: on the CPU its
-    per-tensor loop, the form every published CPU number was trained with."""
-    params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.device.type == "cuda" and not sharded(p) for p in params)
+def adamw(groups: list[dict], lr: float, device: torch.device, sharded: bool) -> torch.optim.AdamW:
+    """AdamW as the trainer steps it on `device`, where the parameters go before the first step
+    (they may still be on the CPU when it is made). On CUDA, unsharded, the fused form: two
+    multi-tensor launches per chunk of tensors, where PyTorch's default there (its multi-tensor
+    form) launches nine (issue #47: a PETL method's many small tensors make the step a queue of
+    launches). Elsewhere PyTorch's default for the device: on the CPU its per-tensor loop, the
+    form every published CPU number was trained with."""
+    fused = device.type == "cuda" and not sharded
     return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)
 
 

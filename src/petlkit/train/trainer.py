@@ -224,7 +224,8 @@ class Trainer:
             self.model.to(acc.device)
             sharding.shard(self.model)
             params = self.trained_parameters()
-        optimizer = adamw(weight_decay_groups(params, cfg.weight_decay), self.lr)
+        groups = weight_decay_groups(params, cfg.weight_decay)
+        optimizer = adamw(groups, self.lr, acc.device, sharded=cfg.fsdp)  # made before the move
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
         )
