@@ -65,7 +65,7 @@ def test_a_gate_called_outside_a_forward_computes_alone(vit_case):
 
 
 def test_one_gate_computation_per_block_and_detach_releases_the_groups(vit_case):
-    from tests.test_cost import _vit_case
+    from tests.test_cost_methods import _vit_case
 
     added = {depth: count(_vit_case(depth), "unipelt").by_op()["aten.sigmoid"]["calls"]
              - count(_vit_case(depth), FLOOR).by_op().get("aten.sigmoid", {}).get("calls", 0)
