@@ -34,17 +34,19 @@ class GroupedDown(torch.autograd.Function):
         both = torch.addmm(F.pad(side_by_side(list(biases)), (rows, 0)), flat, weight.t())
         n_gates = weight.shape[0] - rows
         low, logits = both.split([rows, n_gates], dim=1)
-        s = torch.sigmoid(logits).view(batch, -1, n_gates)
-        gates = s if causal else s.mean(1, keepdim=True)  # (batch, tokens or 1, gates)
+        # (batch, tokens, gates, 1): the members' gates broadcast over rank as they are
+        s = torch.sigmoid(logits).view(batch, -1, n_gates, 1)
+        gates = s if causal else s.mean(1, keepdim=True)  # (batch, tokens or 1, gates, 1)
         outputs: list[torch.Tensor] = []
         h = g = None
-        if others:  # (batch, tokens or 1, its outputs); one gate per example: (batch, outputs)
-            mine, *rest = gates.split([parts, *others], dim=-1)
-            outputs_rest = rest if causal else [o.view(batch, o.shape[-1]) for o in rest]
+        if others:  # (batch, tokens, its outputs); one gate per example: (batch, outputs)
+            g, *rest = gates.split([parts, *others], dim=-2)
+            shape = (batch, -1) if not causal else (batch, s.shape[1], -1)
+            outputs_rest = [o.view(shape) for o in rest]
         else:
-            mine, outputs_rest = gates, []
+            g, outputs_rest = gates, []
         if loras:  # every member's parts at once: (batch, tokens, parts, r) ⊙ (…, parts, 1)
-            h, g = low.view(batch, -1, parts, r), mine.unsqueeze(-1)
+            h = low.view(batch, -1, parts, r)
             outputs += (h * g).view(-1, rows).split([n * r for n in loras], dim=1)
         outputs += outputs_rest
         ctx.save_for_backward(flat, s, gates, weight, h, g)  # h, g: views of both, gates
@@ -55,7 +57,7 @@ class GroupedDown(torch.autograd.Function):
     def backward(ctx, *grads):  # noqa: D102
         flat, s, gates, weight, h, g = ctx.saved_tensors
         loras, r, others = ctx.plan
-        batch, positions, n_gates = s.shape
+        batch, positions, n_gates, _ = s.shape
         parts, spans = sum(loras), gates.shape[1]  # spans: positions, or 1
         gate_grads, firsts = [], []
         if loras:
@@ -66,11 +68,11 @@ class GroupedDown(torch.autograd.Function):
                 batch, -1, parts, r)  # fmt: skip
             firsts.append((grad * g).view(-1, rows))
             keep = (3,) if ctx.causal else (1, 3)  # over rank, and positions a gate spans
-            gate_grads.append((grad * h).sum(keep, keepdim=True).view(batch, spans, parts))
+            gate_grads.append((grad * h).sum(keep, keepdim=True))  # (batch, spans, parts, 1)
         for width_out, grad in zip(others, grads[len(loras) :], strict=True):
-            shape = (batch, spans, width_out)
+            shape = (batch, spans, width_out, 1)
             gate_grads.append(gates.new_zeros(shape) if grad is None else grad.view(shape))
-        grad_gates = torch.cat(gate_grads, dim=-1) if len(gate_grads) > 1 else gate_grads[0]
+        grad_gates = torch.cat(gate_grads, dim=-2) if len(gate_grads) > 1 else gate_grads[0]
         if not ctx.causal:  # the mean over positions
             grad_gates = grad_gates / positions
         grad_logits = torch.ops.aten.sigmoid_backward(grad_gates, s).view(-1, n_gates)

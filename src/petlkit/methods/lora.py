@@ -35,7 +35,12 @@ from petlkit.methods.folding import fold_refusal
 from petlkit.methods.gate import Gate
 from petlkit.methods.linears import LINEARS, as_weight, in_out, plain_linear
 from petlkit.methods.lora_update import GatedLoRAUpdate, LinearLoRAUp, LoRAUp, LoRAUpdate
-from petlkit.methods.placement import compute_input, follow
+from petlkit.methods.placement import (
+    compute_input,
+    follow,
+    share_input_cast,
+    unshare_input_cast,
+)
 from petlkit.methods.targeting import find_targets
 from petlkit.registry import register_method
 
@@ -287,3 +292,25 @@ class LoRA(Method):
                     causal=causal,
                 ),
             )
+        self._siblings = _siblings(layout, names) if layout is not None else []
+        for name in self._siblings:
+            share_input_cast(model.get_submodule(name))
+
+    def detach(self, model: nn.Module) -> None:
+        super().detach(model)
+        for name in getattr(self, "_siblings", []):
+            unshare_input_cast(model.get_submodule(name))
+        self._siblings = []
+
+
+def _siblings(layout, adapted: Sequence[str]) -> list[str]:
+    """The linears that read the same input as an adapted one and are not adapted themselves
+    (BERT's key beside LoRA's query and value): they read the adapted ones' cast of it."""
+    chosen = set(adapted)
+    found: list[str] = []
+    for block in layout.blocks:
+        for kind in ("attn_in", "mlp_in"):
+            group = [n for n in block.site(kind)[1] if n]
+            if chosen.intersection(group):
+                found += [n for n in group if n not in chosen and n not in found]
+    return found

@@ -100,6 +100,38 @@ def compute_input(x: torch.Tensor) -> torch.Tensor:
     return made
 
 
+def share_input_cast(module: nn.Module) -> None:
+    """Make `module`, a linear beside a method's wrapped ones that reads their input (BERT's
+    key beside LoRA's query and value), read it through `compute_input` too: autocast would cast
+    that input once more for it, and its gradient once more back (issue #47). The same values
+    either way; `unshare_input_cast` undoes it (one call per `share_input_cast`)."""
+    readers = module.__dict__.get(_READERS, 0)
+    if readers == 0:
+        module.register_forward_pre_hook(_read_shared_cast)
+    module.__dict__[_READERS] = readers + 1
+
+
+def unshare_input_cast(module: nn.Module) -> None:
+    """Undo one `share_input_cast(module)`; the hook goes with the last."""
+    readers = module.__dict__.get(_READERS, 0) - 1
+    if readers > 0:
+        module.__dict__[_READERS] = readers
+        return
+    module.__dict__.pop(_READERS, None)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _read_shared_cast:
+            del module._forward_pre_hooks[key]
+
+
+_READERS = "_petlkit_shared_cast_readers"
+
+
+def _read_shared_cast(module: nn.Module, args: tuple) -> tuple | None:
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    return (compute_input(args[0]), *args[1:])
+
+
 class CastLinear(nn.Linear):
     """An nn.Linear that computes in its input's dtype and device (its weights may be float32)."""
 
