@@ -12,7 +12,7 @@ import petlkit
 from petlkit.layout import layout_of
 from petlkit.methods.base import innermost
 from petlkit.methods.lora import LoRAConfig, _siblings
-from petlkit.methods.placement import _read_shared_cast, unshare_input_cast
+from petlkit.methods.placement import read_shared_cast, unshare_input_cast
 
 
 def _names(petl):
@@ -26,7 +26,7 @@ def _capture(module, seen: list):
 
 def _hooked(petl, name) -> bool:
     module = petl.model.get_submodule(name)
-    return any(h is _read_shared_cast for h in module._forward_pre_hooks.values())
+    return any(h is read_shared_cast for h in module._forward_pre_hooks.values())
 
 
 def _perturb(petl):

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from petlkit.methods.grouped_down import GroupedDown
-from petlkit.methods.placement import CastLinear, compute_input, follow
-from petlkit.methods.trained_casts import join
+from petlkit.methods.linears import plain_linear
+from petlkit.methods.placement import CastLinear, cast_side_by_side, compute_input, follow
+from petlkit.methods.projections import JointProjections
+from petlkit.methods.trained_casts import join, sharded
 
 
 class Gate(nn.Module):
@@ -72,6 +74,8 @@ class GateGroup:
             raise ValueError("a gate group's LoRA members need one rank")
         self.rank = self.loras[0].r if self.loras else 0
         self.active = False
+        self.callers: list[nn.Module] = []  # see join_projections
+        self.linears: list[nn.Module] = []
         self._forget()
         for gate in self.gates:
             gate.__dict__["_group"] = self
@@ -79,9 +83,66 @@ class GateGroup:
     def release(self) -> None:
         for gate in self.gates:
             gate.__dict__.pop("_group", None)
+        self.callers, self.linears = [], []
+
+    def join_projections(self, callers: Sequence[nn.Module], query: int) -> None:
+        """Compute the block's separate projections as one node (projections.py): callers[i]
+        is the module whose forward returns linear i's output, a LoRA member of this group or a
+        `SharedProjection`; each wraps its plain linear directly. `query`: the index of the
+        query's, which gets a storage of its own (JointProjections)."""
+        self.callers, self._query = list(callers), query
+        self.linears = [caller.base_layer for caller in callers]
+        self._members = tuple(self.callers.index(lora) for lora in self.loras)
+
+    def projection(self, caller: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+        """`caller`'s output on h from the block's joint node, or None: compute alone (the
+        node applies where autocast casts the linears' frozen weights, inside the model's
+        forward, with every LoRA member on)."""
+        if not self.callers or not _usable(self, h):
+            return None
+        index = next((i for i, c in enumerate(self.callers) if c is caller), None)
+        if index is None:
+            return None
+        state = (h._version, torch.is_grad_enabled())
+        if self._joint_source is None or self._joint_source() is not h or self._joint[0] != state:
+            self._joint_source = weakref.ref(h)
+            self._joint = (state, self._compute_projections(h))
+            # h alive until every caller has its output, so that compute_input gives the next
+            # caller this h (where nothing else keeps it: under activation checkpointing)
+            self._held, self._handed = h, set()
+        outputs = self._joint[1]
+        self._handed.add(index)
+        if len(self._handed) == len(self.callers):  # each has its output: the group keeps none
+            self._held, self._joint_source, self._joint = None, None, None
+        return None if outputs is None else outputs[index]
+
+    def _compute_projections(self, h: torch.Tensor) -> tuple | None:
+        linears = self.linears
+        if any(not lora.enabled or lora.folded for lora in self.loras):
+            return None
+        if any(plain_linear(m) is None for m in linears):
+            return None
+        tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+        if (len(tensors) not in (len(linears), 2 * len(linears))
+                or any(t.requires_grad or t.device != h.device or t.dtype == h.dtype
+                       or sharded(t) for t in tensors)):  # fmt: skip
+            return None  # autocast casts nothing here: each linear alone reads its own weight
+        hidden = [self.lora_hidden(lora, h) for lora in self.loras]
+        if any(x is None for x in hidden):
+            return None
+        weights = [m.weight for m in linears]
+        biases = [m.bias for m in linears] if linears[0].bias is not None else []
+        joined = cast_side_by_side([weights, biases] if biases else [weights], h.dtype)
+        bias = joined[1] if biases else None
+        pairs = [t for x, lora in zip(hidden, self.loras, strict=True)
+                 for t in (x, follow(lora.lora_B, h))]  # fmt: skip
+        sizes = tuple(m.out_features for m in linears)
+        return JointProjections.apply(h, joined[0], bias, sizes, self._members, self._query,
+                                      *pairs)  # fmt: skip
 
     def _forget(self) -> None:
         self._source, self._state, self._outputs = None, None, {}
+        self._joint_source, self._joint, self._held, self._handed = None, None, None, set()
 
     def begin(self, module: nn.Module, args: tuple) -> None:
         self._forget()
@@ -100,7 +161,7 @@ class GateGroup:
         return self._lookup(lora.gate, h, ("lora", id(lora)))
 
     def _lookup(self, gate: Gate, h: torch.Tensor, key: tuple) -> torch.Tensor | None:
-        if torch.compiler.is_compiling() or not (self.active or _in_backward()) or h.dim() != 3:
+        if not _usable(self, h):
             return None
         state = (h._version, torch.is_grad_enabled())
         if self._source is None or (self._source() is not h and gate is self.gates[0]):
@@ -123,6 +184,14 @@ class GateGroup:
         outputs = GroupedDown.apply(h, plan, self.gates[0].causal, *weights, *biases)
         keys = [("lora", id(lora)) for lora in loras] + [("gate", id(g)) for g in others]
         self._outputs = dict(zip(keys, outputs, strict=True))
+
+
+def _usable(group: GateGroup, h: torch.Tensor) -> bool:
+    """The group computes for h: inside the model's forward (or a backward's recomputation),
+    eagerly, on a (batch, tokens, width) input."""
+    if torch.compiler.is_compiling() or h.dim() != 3:
+        return False
+    return group.active or _in_backward()
 
 
 def _in_backward() -> bool:

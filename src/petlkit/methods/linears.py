@@ -33,12 +33,16 @@ def out_in_weight(module: nn.Module) -> torch.Tensor:
 
 def plain_linear(module: nn.Module) -> nn.Linear | None:
     """The module when calling it is exactly `F.linear(x, weight, bias)` (an nn.Linear with no
-    hooks, no parametrization and its own forward), so a method may compute it inside a node of
-    its own; else None (call the module)."""
+    hooks, no parametrization and its own forward; petlkit's `share_input_cast` reader is allowed:
+    the layer reads the cast its caller passes), so a method may compute it inside a node of its
+    own; else None (call the module)."""
     from torch.nn.modules import module as torch_module
 
     if type(module) is not nn.Linear or "forward" in module.__dict__:
         return None
-    hooks = (module._forward_hooks, module._forward_pre_hooks, torch_module._global_forward_hooks,
+    from petlkit.methods.placement import read_shared_cast
+
+    pre = [h for h in module._forward_pre_hooks.values() if h is not read_shared_cast]
+    hooks = (module._forward_hooks, pre, torch_module._global_forward_hooks,
              torch_module._global_forward_pre_hooks)  # fmt: skip
     return None if any(hooks) else module

@@ -184,6 +184,9 @@ class LoRALinear(Tuner):
             return LoRAUpdate.apply(x, self.base_layer(x), follow(self.lora_A, x), up, self.scaling)
         if node and x.dim() == 3:  # gated
             group = self.gate.__dict__.get("_group")  # UniPELT: one node per block (gate.py)
+            joint = None if group is None else group.projection(self, x)
+            if joint is not None:  # the block's q, k and v as one node (projections.py)
+                return joint
             hidden = None if group is None else group.lora_hidden(self, x)
             linear = None if hidden is None else plain_linear(self.base_layer)
             spaced = None if linear is None else self.spaced()
@@ -294,12 +297,12 @@ class LoRA(Method):
             )
         self._siblings = _siblings(layout, names) if layout is not None else []
         for name in self._siblings:
-            share_input_cast(model.get_submodule(name))
+            share_input_cast(innermost(model.get_submodule(name)))
 
     def detach(self, model: nn.Module) -> None:
         super().detach(model)
         for name in getattr(self, "_siblings", []):
-            unshare_input_cast(model.get_submodule(name))
+            unshare_input_cast(innermost(model.get_submodule(name)))
         self._siblings = []
 
 

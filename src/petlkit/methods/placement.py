@@ -107,7 +107,7 @@ def share_input_cast(module: nn.Module) -> None:
     either way; `unshare_input_cast` undoes it (one call per `share_input_cast`)."""
     readers = module.__dict__.get(_READERS, 0)
     if readers == 0:
-        module.register_forward_pre_hook(_read_shared_cast)
+        module.register_forward_pre_hook(read_shared_cast)
     module.__dict__[_READERS] = readers + 1
 
 
@@ -119,17 +119,35 @@ def unshare_input_cast(module: nn.Module) -> None:
         return
     module.__dict__.pop(_READERS, None)
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is _read_shared_cast:
+        if hook is read_shared_cast:
             del module._forward_pre_hooks[key]
 
 
 _READERS = "_petlkit_shared_cast_readers"
 
 
-def _read_shared_cast(module: nn.Module, args: tuple) -> tuple | None:
+def read_shared_cast(module: nn.Module, args: tuple) -> tuple | None:
+    """The pre-hook of `share_input_cast`: the module reads `compute_input` of its input."""
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     return (compute_input(args[0]), *args[1:])
+
+
+def cast_side_by_side(groups: list[list[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per group, `torch.cat(group).to(dtype)`: its tensors cast side by side along the first
+    dim into one new tensor, with one foreach copy for all groups, where autocast casts each
+    tensor alone (the frozen weights of linears computed as one GEMM, projections.py). Not
+    differentiable: for tensors that are not trained."""
+    wholes, pieces, sources = [], [], []
+    for group in groups:
+        first = group[0]
+        rows = [t.shape[0] for t in group]
+        whole = torch.empty((sum(rows), *first.shape[1:]), dtype=dtype, device=first.device)
+        wholes.append(whole)
+        pieces += whole.split(rows)
+        sources += group
+    torch._foreach_copy_(pieces, sources)
+    return wholes
 
 
 class CastLinear(nn.Linear):

@@ -116,7 +116,7 @@ class TrainedCasts:
             if self._params is None:
                 listed = [p for p in self.trained() if p.is_floating_point()]
                 listed = _in_join_order(listed, self._joins.values())
-                self._params = [] if any(_sharded(p) for p in listed) else listed
+                self._params = [] if any(sharded(p) for p in listed) else listed
             table = self._tables[key] = self._cast_all(dtype, device)
         made = table.get(id(t))
         if made is None:
@@ -295,7 +295,7 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _sharded(t: torch.Tensor) -> bool:
+def sharded(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed has no sharded tensors

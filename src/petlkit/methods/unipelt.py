@@ -31,7 +31,9 @@ from petlkit.methods.base import Method
 from petlkit.methods.gate import GateGroup
 from petlkit.methods.lora import LoRAConfig
 from petlkit.methods.prefix import PrefixConfig
+from petlkit.methods.projections import SharedProjection
 from petlkit.methods.prompt import PROMPT_INITS, PromptConfig, check_init_tokens
+from petlkit.methods.targeting import get_slot
 from petlkit.registry import method_class, register_method
 
 SUBMODULES = ("adapter", "prefix", "lora")
@@ -148,10 +150,36 @@ class UniPELT(Method):
             # a LoRA layer without dropout reads its gated hidden from the group's node
             members = {id(t.gate): t for t in tuners if isinstance(t.dropout, nn.Identity)}
             if len(gates) > 1:
-                self._groups.append(GateGroup(gates, members))
+                group = GateGroup(gates, members)
+                self._groups.append(group)
+                self._join_projections(model, group, block, lora)
         if self._groups:
             self._handles = [model.register_forward_pre_hook(self._begin),
                              model.register_forward_hook(self._end)]  # fmt: skip
+
+    def _join_projections(self, model: nn.Module, group: GateGroup, block, lora: dict) -> None:
+        """Where a block's q, k and v are separate plain linears and the group's LoRA members
+        adapt some of them (BERT: q and v), the group computes all three as one node
+        (projections.py); the others are wrapped to hand out their columns."""
+        names = [n for n in block.site("attn_in")[1] if n]
+        if len(names) != 3 or len(set(names)) != 3 or block.query not in names or not group.loras:
+            return
+        modules = [model.get_submodule(n) for n in names]
+        callers = [lora.get(n) if lora.get(n) in group.loras else m
+                   for n, m in zip(names, modules, strict=True)]  # fmt: skip
+        if any(lora.get(n) is not None and c is not lora[n]
+               for n, c in zip(names, callers, strict=True)):  # fmt: skip
+            return  # a LoRA layer outside the group (with dropout) computes alone
+        linears = [c.base_layer if c in group.loras else c for c in callers]
+        if any(type(m) is not nn.Linear or m.in_features != linears[0].in_features
+               or (m.bias is None) != (linears[0].bias is None) for m in linears):  # fmt: skip
+            return
+        for i, (name, caller) in enumerate(zip(names, callers, strict=True)):
+            if caller not in group.loras:
+                shared = self.wrap(model, name, lambda base: SharedProjection(base, self.name))
+                shared.group = group
+                callers[i] = shared
+        group.join_projections(callers, names.index(block.query))
 
     def _begin(self, module: nn.Module, args: tuple) -> None:
         for group in self._groups:
@@ -162,6 +190,9 @@ class UniPELT(Method):
             group.end(module, args, output)
 
     def detach(self, model: nn.Module) -> None:
+        for name, tuner in self.tuners(model):
+            if isinstance(tuner, SharedProjection):
+                self._unwrap(*get_slot(model, name), tuner)
         for handle in getattr(self, "_handles", []):
             handle.remove()
         for group in getattr(self, "_groups", []):
