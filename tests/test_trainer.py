@@ -15,11 +15,11 @@ import torch
 
 import petlkit
 from petlkit.backbones import vit
-from petlkit.errors import CheckpointError, PetlError
+from petlkit.errors import CheckpointError, PetlError, TrainingInterrupted
 from petlkit.io import read_safetensors
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import Trainer, TrainingInterrupted
+from petlkit.train.trainer import Trainer
 from tests.helpers import run_results
 from tests.train_job import CONFIG, build
 

@@ -13,10 +13,10 @@ import torch
 
 import petlkit
 from petlkit.backbones import vit
-from petlkit.errors import PetlError
+from petlkit.errors import PetlError, TrainingInterrupted
 from petlkit.tasks import load_task
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import Trainer, TrainingInterrupted
+from petlkit.train.trainer import Trainer
 
 CONFIG = TrainConfig(steps=40, batch_size=32, eval_every=10, checkpoint_every=10, lr=3e-3, seed=5)
 

@@ -378,7 +378,7 @@ DATA_DIR_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from petlkit.train.trainer import TrainingInterrupted
+    from petlkit.errors import TrainingInterrupted
 
     try:
         args.handler(args)

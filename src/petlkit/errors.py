@@ -23,3 +23,11 @@ class NotMergeableError(PetlError):
 
 class NotFoldableError(PetlError):
     """A method was asked to train folded into weights it cannot fold into."""
+
+
+class TrainingInterrupted(PetlError):
+    """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
+
+
+class TrainingDiverged(PetlError):
+    """The loss became inf or NaN (a learning rate too high for the method, usually)."""

@@ -32,7 +32,7 @@ from petlkit.bench.presets import Preset
 from petlkit.bench.revision import commit
 from petlkit.bench.selection import Choice, choose, initial_grid, next_rate
 from petlkit.bench.tasks import TaskCache, train_and_val, without_test
-from petlkit.errors import PetlError
+from petlkit.errors import PetlError, TrainingDiverged
 from petlkit.io import atomic_write
 from petlkit.methods.prompt import text_init_args
 from petlkit.model import PetlModel, attach
@@ -40,7 +40,7 @@ from petlkit.run import RunSpec, build_for_task
 from petlkit.tasks import Task
 from petlkit.tasks.metrics import selection_value
 from petlkit.train.config import TrainConfig
-from petlkit.train.trainer import BEST, METRICS_LOG, Trainer, TrainingDiverged
+from petlkit.train.trainer import BEST, METRICS_LOG, Trainer
 
 RESULTS = "results.jsonl"
 SELECTION = "selection.jsonl"

@@ -75,7 +75,6 @@ class GateGroup:
         self.rank = self.loras[0].r if self.loras else 0
         self.active = False
         self.callers: list[nn.Module] = []  # see join_projections
-        self.linears: list[nn.Module] = []
         self._forget()
         for gate in self.gates:
             gate.__dict__["_group"] = self
@@ -83,15 +82,14 @@ class GateGroup:
     def release(self) -> None:
         for gate in self.gates:
             gate.__dict__.pop("_group", None)
-        self.callers, self.linears = [], []
+        self.callers = []
 
     def join_projections(self, callers: Sequence[nn.Module], query: int) -> None:
         """Compute the block's separate projections as one node (projections.py): callers[i]
         is the module whose forward returns linear i's output, a LoRA member of this group or a
-        `SharedProjection`; each wraps its plain linear directly. `query`: the index of the
+        `SharedProjection`, whose `base_layer` is the linear. `query`: the index of the
         query's, which gets a storage of its own (JointProjections)."""
         self.callers, self._query = list(callers), query
-        self.linears = [caller.base_layer for caller in callers]
         self._members = tuple(self.callers.index(lora) for lora in self.loras)
 
     def projection(self, caller: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
@@ -117,7 +115,7 @@ class GateGroup:
         return None if outputs is None else outputs[index]
 
     def _compute_projections(self, h: torch.Tensor) -> tuple | None:
-        linears = self.linears
+        linears = [caller.base_layer for caller in self.callers]  # as they are now
         if any(not lora.enabled or lora.folded for lora in self.loras):
             return None
         if any(plain_linear(m) is None for m in linears):

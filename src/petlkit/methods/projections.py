@@ -8,6 +8,8 @@ LoRA adapts (the key) is wrapped by `SharedProjection`, which hands out its colu
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -27,7 +29,7 @@ class JointProjections(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sizes: tuple, members: tuple, own: int, *pairs):  # noqa: D102
         flat = x.reshape(-1, x.shape[-1])
         y = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
-        starts = _starts(sizes)
+        starts = list(itertools.accumulate(sizes, initial=0))
         hiddens, ups = pairs[0::2], []
         for i, hidden, up in zip(members, hiddens, pairs[1::2], strict=True):
             ups.append(up.view(-1, up.shape[-1]))
@@ -49,18 +51,11 @@ class JointProjections(torch.autograd.Function):
         g = torch.cat(grads, dim=-1)  # contiguous, whatever layout each gradient came in
         flat = g.view(-1, g.shape[-1])
         grad_x = torch.mm(flat, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        starts, out = _starts(ctx.sizes), []
+        starts, out = list(itertools.accumulate(ctx.sizes, initial=0)), []
         for i, hidden, up, shape in zip(ctx.members, hiddens, ups, ctx.up_shapes, strict=True):
             part = flat[:, starts[i] : starts[i + 1]]
             out += [torch.mm(part, up), torch.mm(part.t(), hidden).view(shape)]
         return grad_x, None, None, None, None, None, *out
-
-
-def _starts(sizes: tuple) -> list[int]:
-    starts = [0]
-    for rows in sizes:
-        starts.append(starts[-1] + rows)
-    return starts
 
 
 class SharedProjection(Tuner):

@@ -164,18 +164,16 @@ class UniPELT(Method):
         names = [n for n in block.site("attn_in")[1] if n]
         if len(names) != 3 or len(set(names)) != 3 or block.query not in names or not group.loras:
             return
-        modules = [model.get_submodule(n) for n in names]
-        callers = [lora.get(n) if lora.get(n) in group.loras else m
-                   for n, m in zip(names, modules, strict=True)]  # fmt: skip
-        if any(lora.get(n) is not None and c is not lora[n]
-               for n, c in zip(names, callers, strict=True)):  # fmt: skip
+        members = {id(m) for m in group.loras}
+        if any(n in lora and id(lora[n]) not in members for n in names):
             return  # a LoRA layer outside the group (with dropout) computes alone
-        linears = [c.base_layer if c in group.loras else c for c in callers]
+        callers = [lora[n] if n in lora else model.get_submodule(n) for n in names]
+        linears = [c.base_layer if n in lora else c for n, c in zip(names, callers, strict=True)]
         if any(type(m) is not nn.Linear or m.in_features != linears[0].in_features
                or (m.bias is None) != (linears[0].bias is None) for m in linears):  # fmt: skip
             return
-        for i, (name, caller) in enumerate(zip(names, callers, strict=True)):
-            if caller not in group.loras:
+        for i, name in enumerate(names):
+            if name not in lora:
                 shared = self.wrap(model, name, lambda base: SharedProjection(base, self.name))
                 shared.group = group
                 callers[i] = shared

@@ -28,7 +28,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from petlkit.errors import CheckpointError, PetlError
+from petlkit.errors import CheckpointError, PetlError, TrainingDiverged, TrainingInterrupted
 from petlkit.io import read_safetensors, write_json, write_safetensors
 from petlkit.model import PetlModel
 from petlkit.tasks.base import Split, Task
@@ -53,14 +53,6 @@ def model_logits(output: Any) -> torch.Tensor:
     """The logits of a forward: petlkit's task models return them, transformers' own task
     models (`*ForSequenceClassification`, ...) a ModelOutput holding them."""
     return getattr(output, "logits", output)
-
-
-class TrainingInterrupted(PetlError):
-    """Ctrl-C (SIGINT) during training: the finished steps are checkpointed, the run can resume."""
-
-
-class TrainingDiverged(PetlError):
-    """The loss became inf or NaN (a learning rate too high for the method, usually)."""
 
 
 class Trainer:
