@@ -99,6 +99,20 @@ def test_a_gemm_into_its_own_addend_is_a_gemm():
     assert inplace.name == "aten.baddbmm_" and inplace.flops == plain.flops == 2 * 2 * 16 * 4 * 32
 
 
+def test_an_out_argument_is_written_once_and_an_in_place_operand_read_and_written():
+    """`torch.mul(x, s, out=y)` with float32 operands and a bf16 y (SaS's scaled cast) reads x
+    and s and writes y: y is not also read. `x.add_(z)` reads x and z and writes x."""
+    count = StepCount()
+    with OpCounter(count):
+        x, s = torch.randn(16, 32), torch.randn(32)
+        y = torch.empty(16, 32, dtype=torch.bfloat16)
+        torch.mul(x, s, out=y)
+        x.add_(x)
+    mul, add = count.ops[-2:]
+    assert mul.name == "aten.mul" and mul.bytes == 16 * 32 * 4 + 32 * 4 + 16 * 32 * 2
+    assert add.name == "aten.add_" and add.bytes == 3 * 16 * 32 * 4
+
+
 def test_views_and_allocations_launch_no_kernel_and_foreach_ops_launch_one_per_48_tensors():
     count = StepCount()
     params = [torch.zeros(3) for _ in range(100)]

@@ -164,7 +164,20 @@ def test_a_frozen_linears_scale_and_shift_take_one_reduction_over_the_output_bac
         out.backward(grad)
     big = [name for name, size in seen.ops if size == out.numel()]
     assert big.count("native_batch_norm_backward") == 1 and not {"mul", "sum"} & set(big), big
-    assert ("mul", 8 * 6) in seen.ops  # γ ⊙ W
+    assert ("mul", 8 * 6) not in seen.ops  # γ ⊙ W is kept from the forward, not made again
+
+
+def test_a_frozen_linears_scaled_weight_is_one_product_from_its_own_weight_under_autocast():
+    """γ ⊙ W is made from the float32 weight and scale by one product that writes bf16 (the
+    cast autocast makes of W, with γ in it): no cast of W, and no cast of γ."""
+    tuner = _tuner(nn.Linear(6, 8))
+    x = torch.randn(3, 5, 6)
+    with OpSizes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tuner(x)
+    weight_sized = [name for name, size in seen.ops if size == 8 * 6 and name != "t"]
+    assert out.dtype == torch.bfloat16 and weight_sized == ["mul"], weight_sized
+    want = _plain(tuner, x.bfloat16().float())
+    torch.testing.assert_close(out.float(), want, rtol=0.02, atol=0.02)
 
 
 def test_a_frozen_linears_scale_keeps_only_its_output():
@@ -175,6 +188,7 @@ def test_a_frozen_linears_scale_keeps_only_its_output():
 
 
 def test_a_frozen_linears_scale_node_passes_gradcheck_in_float64():
+    from petlkit.methods.linear_offsets import linear_offset
     from petlkit.methods.ssf import _ScaledLinear
 
     torch.manual_seed(0)
@@ -184,7 +198,10 @@ def test_a_frozen_linears_scale_node_passes_gradcheck_in_float64():
     shift = torch.randn(4, dtype=torch.float64, requires_grad=True)
     for b in (bias, None):
         assert torch.autograd.gradcheck(
-            lambda x, g, s, b=b: _ScaledLinear.apply(x, weight, b, g, s, g, s), (x, scale, shift)
+            lambda x, g, s, b=b: _ScaledLinear.apply(
+                x, weight, linear_offset(b, g, s, g.dtype), g, s
+            ),
+            (x, scale, shift),
         )
 
 
@@ -304,12 +321,49 @@ def test_one_step_makes_every_sites_inverse_scale_at_once_and_the_next_anew(vit_
     assert names.count("_foreach_reciprocal") == 1 and "reciprocal" not in names
 
 
+def test_one_forward_makes_every_scaled_linears_bias_at_once_and_the_next_anew(vit_case):
+    """γ ⊙ c + β of every scaled linear: one foreach addcmul and one foreach copy (the cast to
+    bf16) per forward, no addcmul or bias cast per linear; made again after an optimizer step
+    or a write through .data; the same outputs as each linear making its own."""
+    petl = petlkit.attach(vit_case.make(), "ssf")
+    for tuner in petl.modules():  # the layer norms' affines alone: their foreach is not counted
+        if isinstance(tuner, SSFTuner):
+            tuner._norms = None
+    linears = [m for m in petl.modules() if isinstance(m, SSFTuner)
+               and type(m.base_layer) is nn.Linear]  # fmt: skip
+    optimizer = torch.optim.SGD([p for p in petl.parameters() if p.requires_grad], lr=0.5)
+
+    def forward(model):
+        with OpSizes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**vit_case.inputs)
+        return out, seen.ops
+
+    with torch.no_grad():  # a first forward notes the linears as it reads them
+        petl(**vit_case.inputs)
+    for moved in ("", "optimizer", "data"):
+        if moved == "optimizer":
+            petl(**vit_case.inputs).float().square().mean().backward()
+            optimizer.step()
+        elif moved == "data":
+            for tuner in linears:
+                tuner.ssf_shift.data.add_(0.25)
+        out, ops = forward(petl)
+        names = [name for name, _ in ops]
+        assert names.count("_foreach_addcmul") == 1, moved
+        want, alone_ops = forward(_each_alone(petl))
+        alone = [name for name, _ in alone_ops]
+        assert "_foreach_addcmul" not in alone and len(linears) > 1
+        for op in ("addcmul", "_to_copy"):  # each linear's bias: a cast and an addcmul
+            assert alone.count(op) - names.count(op) == len(linears), op
+        torch.testing.assert_close(out, want, rtol=0, atol=0, msg=moved)
+
+
 def _each_alone(petl):
     """A copy whose SSF sites each make their own 1/γ and norm affine where they need it."""
     alone = copy.deepcopy(petl)  # a copy starts empty, and copies make theirs too
     for tuner in alone.modules():
         if isinstance(tuner, SSFTuner):
-            tuner._inverses = tuner._norms = None
+            tuner._inverses = tuner._norms = tuner._offsets = None
     return alone
 
 
@@ -377,3 +431,26 @@ def test_a_norm_skipped_by_one_forward_and_read_first_by_the_next_gets_the_new_v
             opt.step()
         for (name, p), q in zip(petl.named_parameters(), alone.parameters(), strict=True):
             torch.testing.assert_close(p, q, msg=name)
+
+
+def test_linear_offsets_are_made_per_forward_in_the_dtype_each_linear_asks_for():
+    """Within one forward a linear computing in another dtype (autocast switched off around
+    it) gets its bias in that dtype, and the values are each linear's own γ ⊙ c + β."""
+    from petlkit.methods.linear_offsets import LinearOffsets, linear_offset
+
+    class Linear:  # what the batch reads of a linear: (c, γ, β)
+        def __init__(self, width):
+            self.tensors = (torch.randn(width), torch.randn(width), torch.randn(width))
+
+    def inputs(owner):
+        return owner.tensors
+
+    first, second = Linear(4), Linear(6)
+    offsets, forward = LinearOffsets(), object()
+    for owner in (first, second):  # noted as a forward reads them
+        offsets.of(owner, inputs, torch.bfloat16, forward)
+    for owner, dtype in [(first, torch.bfloat16), (second, torch.float32),
+                         (first, torch.bfloat16)]:  # fmt: skip
+        made = offsets.of(owner, inputs, dtype, forward)
+        assert made.dtype == dtype
+        torch.testing.assert_close(made, linear_offset(*owner.tensors, dtype), rtol=0, atol=0)

@@ -70,9 +70,12 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def _touched_bytes(args, kwargs, out) -> int:
-    """Bytes a kernel reads and writes: its tensor operands' and results' own elements."""
-    return sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+def _touched_bytes(func, args, kwargs, out) -> int:
+    """Bytes a kernel reads and writes: its tensor operands' and results' own elements. An
+    `out=` argument is the result, written once (not also read)."""
+    written = {a.name for a in func._schema.arguments if a.is_out}
+    read = {k: v for k, v in kwargs.items() if k not in written}
+    return sum(t.numel() * t.element_size() for t in _tensors((args, read, out)))
 
 
 def _masked(out: tuple, mask) -> tuple:
@@ -211,7 +214,7 @@ class OpCounter(TorchDispatchMode):
             kernels = math.ceil(len(args[0]) / FOREACH_TENSORS_PER_KERNEL)
         else:
             kernels = 1
-        touched = _touched_bytes(args, kwargs, out) if kernels else 0
+        touched = _touched_bytes(func, args, kwargs, out) if kernels else 0
         source = call_source() if self.sources else ""
         self.count.ops.append(OpRecord(str(packet), kernels, flops or 0, touched, source))
         for t in _tensors(out):

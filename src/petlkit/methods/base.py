@@ -17,6 +17,21 @@ from petlkit.methods.folding import run_folded
 from petlkit.methods.targeting import canonical_name, get_slot
 
 
+class StartsEmpty:
+    """A helper its method's tuners share, to make per-forward work once for all of them (1/γ
+    of every scale, every layer norm's affine, every scaled linear's bias): what it holds
+    belongs to the process running, so copies and pickles start empty."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo: dict):
+        return type(self)()
+
+
 class Tuner(nn.Module):
     """A wrapper around one module of the backbone, owned by one named method instance."""
 

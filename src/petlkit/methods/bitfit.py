@@ -17,7 +17,7 @@ from torch import nn
 
 from petlkit.config import MethodConfig, check_bool
 from petlkit.errors import TargetError
-from petlkit.methods.base import Method, Tuner, innermost
+from petlkit.methods.base import Method, StartsEmpty, Tuner, innermost
 from petlkit.methods.folding import fold_refusal, run_with
 from petlkit.methods.linears import Conv1D
 from petlkit.methods.placement import follow
@@ -37,7 +37,7 @@ def _out_features(module: nn.Module) -> int:
     return module.normalized_shape[-1]
 
 
-class BiasGroup:
+class BiasGroup(StartsEmpty):
     """The biases b + δ of a BitFit's layers, formed for all of them in one foreach add (not one
     add kernel per layer), once per forward of the model: hooks on the model open the group
     before its forward and empty it after (a foreach add's backward keeps its inputs, so its
@@ -56,15 +56,6 @@ class BiasGroup:
     def end(self, module: nn.Module, args: tuple, output) -> None:
         self.totals.clear()
         self.active = False
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def __deepcopy__(self, memo: dict) -> BiasGroup:
-        return BiasGroup()
 
     def bias(self, tuner: BiasTuner) -> torch.Tensor:
         made = self.totals.get(tuner)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from petlkit.methods.base import StartsEmpty
+
 
 def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype batch norm's reduction reads its statistics in for `t`."""
@@ -40,7 +42,7 @@ def inverse(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale.to(dtype).reciprocal().clamp_(-LARGEST_INVERSE, LARGEST_INVERSE)
 
 
-class ScaleInverses:
+class ScaleInverses(StartsEmpty):
     """1/γ of every scale a method's nodes read, made for all of them by one foreach launch per
     op when a backward first asks for one, where each alone costs two kernels per site and
     step. Made once per forward (`trained_casts.forward_token`: values written through `.data`
@@ -57,15 +59,6 @@ class ScaleInverses:
 
         self._read = WeakIdKeyDictionary()  # every scale read so far
         self._made: dict[object, object] = {}  # forward token → {scale: (version, 1/scale)}
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def __deepcopy__(self, memo: dict) -> ScaleInverses:
-        return ScaleInverses()
 
     def read(self, scale: torch.Tensor) -> None:
         self._read[scale] = None

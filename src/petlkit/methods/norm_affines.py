@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import torch
 
+from petlkit.methods.base import StartsEmpty
 
-class NormAffines:
+
+class NormAffines(StartsEmpty):
     def __init__(self) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         self._norms = WeakIdKeyDictionary()  # owner → None: every norm read so far
         self._forward: object = None  # the forward the batch was made in
         self._batch: dict[int, tuple] = {}  # id(owner) → (owner, weight', bias'), not taken yet
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def __deepcopy__(self, memo: dict) -> NormAffines:
-        return NormAffines()
 
     def pair(self, owner, inputs, forward: object) -> tuple[torch.Tensor, torch.Tensor]:
         """(w ⊙ γ, b ⊙ γ + β) of `owner`'s norm from the batch of the forward `forward`

@@ -33,7 +33,7 @@ from petlkit.methods.channel_sums import accumulate_dtype
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
 from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input, follow
-from petlkit.methods.sas_site import SiteTransform, unit_stats
+from petlkit.methods.sas_site import SiteTransform, site_constants, site_rows
 from petlkit.methods.targeting import get_module
 from petlkit.registry import register_method
 
@@ -194,48 +194,66 @@ class SaS(Method):
         return out
 
     def transform(self, site: str, index: int, x: torch.Tensor) -> torch.Tensor:
-        """x + x⊙a_l + b_l + s·(x·down)·up in the dtype the site's linears compute in: three
-        kernels (addcmul, the rank-r product, addmm adding the second GEMM to the first term);
-        with both modules and no dropout, one autograd node (sas_site.py, a cheaper backward)."""
+        """x + x⊙a_l + b_l + s·(x·down)·up in the dtype the site's linears compute in. With both
+        modules and no dropout acting, one autograd node (sas_site.py) that reads x as it comes (a
+        float32 layer-norm output under autocast: the node's one pass is the cast the linears
+        would make); otherwise three kernels (addcmul, the rank-r product, addmm)."""
+        dropping = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        if (self.config.shared and self.config.specific and not dropping
+                and not torch.compiler.is_compiling()):  # fmt: skip
+            rows, (ones, zeros) = self._site_rows(site, x)
+            flat = x.reshape(-1, x.shape[-1])
+            y = SiteTransform.apply(flat, *rows[index], ones, zeros)
+            return y.view(x.shape)
         x = compute_input(x)
         scale, shift, down, up = self._layer_tensors(site, x)
         flat = x.reshape(-1, x.shape[-1])
-        if (scale is not None and down is not None and isinstance(self.dropout, nn.Identity)
-                and not torch.compiler.is_compiling()):  # fmt: skip
-            wide_scale, wide_shift, unit = self._per_layer[(site, x.dtype, x.device)][4:]
-            y = SiteTransform.apply(flat, scale[index], shift[index], down[index], up[index],
-                                    self.config.scale, wide_scale[index], wide_shift[index],
-                                    unit)  # fmt: skip
-            return y.view(x.shape)
         y = flat if scale is None else torch.addcmul(shift[index], flat, scale[index])
         if down is not None:
             y = torch.addmm(y, self.dropout(flat) @ down[index], up[index], alpha=self.config.scale)
         return y.view(x.shape)
 
+    def _site_rows(self, site: str, x: torch.Tensor) -> tuple[list, tuple]:
+        """Every block's SiteTransform inputs for this site kind (sas_site.site_rows), made
+        once per forward: a in float32 (at least) from the hypernetwork's output, b and B in
+        the compute dtype, A in its own."""
+        dtype, device = compute_dtype(x), x.device
+        key = (site, "node", dtype, device)
+        if key not in self._per_layer:
+            sm = self.site_modules[site]
+            if self._cache is None:
+                self._cache = self.generate()
+            a, b = self._cache[site]
+            acc = accumulate_dtype(torch.empty(0, dtype=dtype))
+            scale = a.to(device=device, dtype=acc) + 1.0
+            up = cast_to(sm.up, dtype, device)
+            down = cast_to(sm.down, sm.down.dtype, device)
+            rows = site_rows(scale, cast_to(b, dtype, device), down, up, self.config.scale, dtype)
+            unit = ("unit", x.shape[-1], dtype, device)
+            if unit not in self._per_layer:
+                self._per_layer[unit] = site_constants(self.config.rank, x.shape[-1], dtype,
+                                                       device)  # fmt: skip
+            self._per_layer[key] = (rows, self._per_layer[unit])
+        return self._per_layer[key]
+
     def _layer_tensors(self, site: str, x: torch.Tensor) -> tuple:
         """Per block: (1 + a_l, b_l) and the shared (down, up), in x's dtype and device, cast
-        once per forward for all blocks (not once per block) and split with one unbind; each
-        block reads its own view of the shared pair, so their gradients meet in one stack and
-        one sum, not one add per block."""
+        once per forward for all blocks (not once per block) and split with one unbind."""
         key = (site, x.dtype, x.device)
         if key not in self._per_layer:
             sm = self.site_modules[site]
-            scale = shift = down = up = wide = unit = None
+            scale = shift = down = up = None
             if self.config.specific:
                 if self._cache is None:
                     self._cache = self.generate()
                 a, b = self._cache[site]
-                scale, shift, wide = _rows(1.0 + a, b, x)
-                unit_key = ("unit", x.shape[-1], x.dtype, x.device)  # one pair for every site
-                if unit_key not in self._per_layer:
-                    self._per_layer[unit_key] = unit_stats(x)
-                unit = self._per_layer[unit_key]
+                scale, shift = (follow(t, x).unbind(0) for t in (1.0 + a, b))
             if self.config.shared:
                 depth = len(self.layout.blocks)
                 down, up = (follow(t, x).expand(depth, *t.shape).unbind(0)
                             for t in (sm.down, sm.up))  # fmt: skip
-            self._per_layer[key] = (scale, shift, down, up, *(wide or (None, None)), unit)
-        return self._per_layer[key][:4]
+            self._per_layer[key] = (scale, shift, down, up)
+        return self._per_layer[key]
 
     # -- folded training (methods/folding.py) -------------------------------------------------
     def _consumers(self) -> list[tuple[str, int, str]]:
@@ -369,17 +387,3 @@ class SaS(Method):
         self._originals.clear()
         self._cache, self._per_layer = None, {}
         self._register_hooks(model)
-
-
-def _rows(scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor) -> tuple:
-    """Per block: the scale and shift rows in x's dtype on x's device (one cast for all blocks,
-    one unbind), and the same rows in the dtype their gradients are summed in (the tensors
-    themselves where they are in it already), which receive those gradients."""
-    acc = accumulate_dtype(x)
-    cast = [follow(t, x) for t in (scale, shift)]
-    wide = [c if c.dtype == acc else t.to(device=x.device, dtype=acc)
-            for c, t in zip(cast, (scale, shift), strict=True)]  # fmt: skip
-    rows = [t.unbind(0) for t in cast]
-    wide_rows = [r if w is c else w.unbind(0)
-                 for r, w, c in zip(rows, wide, cast, strict=True)]  # fmt: skip
-    return rows[0], rows[1], tuple(wide_rows)

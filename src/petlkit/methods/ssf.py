@@ -22,6 +22,7 @@ from petlkit.layout import layout_or_none, untargetable
 from petlkit.methods.base import Method, Tuner, innermost
 from petlkit.methods.channel_sums import ScaleInverses, accumulate_dtype, channel_sums, inverse
 from petlkit.methods.folding import fold_refusal
+from petlkit.methods.linear_offsets import LinearOffsets, linear_offset
 from petlkit.methods.norm_affines import NormAffines
 from petlkit.methods.placement import compute_dtype, compute_input, follow
 from petlkit.methods.targeting import (
@@ -50,10 +51,12 @@ def _is_conv1d(module: nn.Module) -> bool:
 class SSFTuner(Tuner):
     def __init__(self, base_layer: nn.Module, owner: str, std: float, offset: float = 0.0,
                  inverses: ScaleInverses | None = None,
-                 norms: NormAffines | None = None):  # fmt: skip
+                 norms: NormAffines | None = None,
+                 offsets: LinearOffsets | None = None):  # fmt: skip
         super().__init__(base_layer, owner)
         self._inverses = inverses  # shared by the method's tuners: 1/γ for all at once
         self._norms = norms  # and every layer norm's affine
+        self._offsets = offsets  # and every scaled linear's bias
         inner = innermost(base_layer)
         channels = _channels(base_layer)
         self._channel_dim = 1 if isinstance(inner, nn.Conv2d) else -1
@@ -93,16 +96,21 @@ class SSFTuner(Tuner):
 
     def _scaled_linear(self, x: torch.Tensor) -> torch.Tensor:
         x = compute_input(x)  # the dtype autocast would compute the layer in
-        base = self.base_layer
-        weight = base.weight.to(x.dtype)  # autocast's cast of a frozen weight (not cached)
-        bias = None if base.bias is None else base.bias.to(x.dtype)
-        scale, shift = follow(self.ssf_scale, x), follow(self.ssf_shift, x)
         forward = forward_token()
-        inverses = None if distributed() or forward is None else self._inverses
+        batched = not distributed() and forward is not None
+        inverses = self._inverses if batched else None
         if inverses is not None and torch.is_grad_enabled():
             inverses.read(self.ssf_scale)
-        return _ScaledLinear.apply(x, weight, bias, scale, shift, self.ssf_scale, self.ssf_shift,
-                                   inverses, forward)  # fmt: skip
+        if batched and self._offsets is not None:
+            bias = self._offsets.of(self, SSFTuner._offset_inputs, x.dtype, forward)
+        else:
+            bias = linear_offset(*self._offset_inputs(), x.dtype)
+        return _ScaledLinear.apply(x, self.base_layer.weight, bias, self.ssf_scale,
+                                   self.ssf_shift, inverses, forward)  # fmt: skip
+
+    def _offset_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(c, γ, β) of this linear: its frozen bias and the trained scale and shift."""
+        return self.base_layer.bias, self.ssf_scale, self.ssf_shift
 
     def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
         """γ ⊙ LN(x) + β as the layer norm with weight γ ⊙ w and bias γ ⊙ b + β: the same
@@ -163,44 +171,42 @@ class _ScaleShift(torch.autograd.Function):
 
 class _ScaledLinear(torch.autograd.Function):
     """γ ⊙ (x·Wᵀ + c) + β on a frozen linear as one GEMM: x·(γ ⊙ W)ᵀ + (γ ⊙ c + β), the scaled
-    weight and bias formed from channel-sized tensors (no pass over the output forward).
+    weight made from W and γ as they are (float32) by one product that writes the compute dtype
+    (the cast autocast would make of W, with γ in it), and kept for the backward; the bias
+    comes made (linear_offsets.py). No pass over the output forward.
 
-    Backward, x's gradient is one GEMM with γ ⊙ W. γ's and β's, Σ g ⊙ (x·Wᵀ + c) and Σ g over
-    the tokens, come from one reduction over g and the node's own output y: x·Wᵀ + c is
-    (y − β)/γ, and batch norm's backward reduction with mean β and inverse std 1/γ computes
+    Backward, x's gradient is one GEMM with the kept γ ⊙ W. γ's and β's, Σ g ⊙ (x·Wᵀ + c) and
+    Σ g over the tokens, come from one reduction over g and the node's own output y: x·Wᵀ + c
+    is (y − β)/γ, and batch norm's backward reduction with mean β and inverse std 1/γ computes
     exactly Σ g ⊙ (y − β)/γ and Σ g in one read of each (where a product and two sums read and
     wrote the activation five times). Only y is kept: the layer's output, which its consumer
     often keeps anyway (a GELU, attention's q, k, v), not a second activation beside it. The
     recovery is exact in exact arithmetic; in floating point it carries y's rounding times
     |β/γ| (a channel whose scale is exactly 0 gets a zero scale gradient, not a NaN). The
     reduction runs in float32 on the parameters themselves (`scale_param`, `shift_param`),
-    which receive the gradients in their own dtype: the compute-dtype copies only feed the
-    forward (no cast of the gradients back)."""
+    which receive the gradients in their own dtype (no cast of the gradients back)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, scale_param, shift_param,  # noqa: D102
-                inverses=None, forward=None):  # fmt: skip
+    def forward(ctx, x, weight, bias, scale_param, shift_param, inverses=None, forward=None):  # noqa: D102
         flat = x.reshape(-1, x.shape[-1])
-        column = scale.unsqueeze(1)
-        offset = shift if bias is None else torch.addcmul(shift, bias, scale)
-        y = torch.addmm(offset, flat, (weight * column).t())
-        ctx.save_for_backward(y, weight, column, scale_param, shift_param)
+        scaled = torch.empty(weight.shape, dtype=x.dtype, device=x.device)
+        torch.mul(weight, scale_param.unsqueeze(1), out=scaled)
+        y = torch.addmm(bias, flat, scaled.t())
+        ctx.save_for_backward(y, scaled, scale_param, shift_param)
         ctx.x_shape, ctx.casts, ctx.inverses = x.shape, open_casts(), (inverses, forward)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        y, weight, column, scale_param, shift_param = ctx.saved_tensors
+        y, scaled, scale_param, shift_param = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ (weight * column)).view(ctx.x_shape)
+        grad_x = (g @ scaled).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grads = [None, None]
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             params = (scale_param, shift_param)
             sums = _scale_shift_grads(g, y, *params, ctx.inverses)
             grads = hand_over(ctx.casts, params, sums)
-        return grad_x, None, None, None, None, *grads, None, None
+        return grad_x, None, None, *grads, None, None
 
 
 def _scale_shift_grads(g, y, scale, shift, inverses: tuple[ScaleInverses | None, object]):
@@ -307,8 +313,8 @@ class SSF(Method):
                 if _scalable(model.get_submodule(n))
             ]
         layout = layout_or_none(model)
-        offset = layout.norm_offset if layout is not None else 0.0
-        inverses, norms = ScaleInverses(), NormAffines()
+        norm_offset = layout.norm_offset if layout is not None else 0.0
+        inverses, norms, offsets = ScaleInverses(), NormAffines(), LinearOffsets()
         for name in names:
-            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, offset,
-                                                         inverses, norms))  # fmt: skip
+            self.wrap(model, name, lambda base: SSFTuner(base, self.name, cfg.init_std, norm_offset,
+                                                         inverses, norms, offsets))  # fmt: skip
