@@ -29,7 +29,6 @@ from petlkit.config import (
 from petlkit.errors import ConfigError, NotFoldableError, NotMergeableError
 from petlkit.layout import layout_of
 from petlkit.methods.base import Method, Tuner
-from petlkit.methods.channel_sums import accumulate_dtype
 from petlkit.methods.folding import fold_refusal
 from petlkit.methods.linears import as_weight, out_in_weight
 from petlkit.methods.placement import CastLinear, cast_to, compute_dtype, compute_input, follow
@@ -134,8 +133,9 @@ class SaS(Method):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cache_key: tuple | None = None
-        self._per_layer: dict = {}  # (site, dtype, device) → per-block tensors, this forward
-        # (and ("unit", width, dtype, device) → the zeros and ones every site sums with)
+        self._per_layer: dict = {}  # this forward's per-block tensors: (site, dtype, device) →
+        # the plain ops', (site, "node", dtype, device) → the site nodes' rows, and
+        # ("unit", width, dtype, device) → the (ones, zeros) every site node reads
         self._handles: list = []
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._register_hooks(model)
@@ -224,15 +224,15 @@ class SaS(Method):
             if self._cache is None:
                 self._cache = self.generate()
             a, b = self._cache[site]
-            acc = accumulate_dtype(torch.empty(0, dtype=dtype))
-            scale = a.to(device=device, dtype=acc) + 1.0
-            up = cast_to(sm.up, dtype, device)
-            down = cast_to(sm.down, sm.down.dtype, device)
-            rows = site_rows(scale, cast_to(b, dtype, device), down, up, self.config.scale, dtype)
             unit = ("unit", x.shape[-1], dtype, device)
             if unit not in self._per_layer:
                 self._per_layer[unit] = site_constants(self.config.rank, x.shape[-1], dtype,
                                                        device)  # fmt: skip
+            zeros = self._per_layer[unit][1]  # in the dtype the scale's gradient is summed in
+            scale = a.to(device=device, dtype=zeros.dtype) + 1.0
+            up = cast_to(sm.up, dtype, device)
+            down = cast_to(sm.down, sm.down.dtype, device)
+            rows = site_rows(scale, cast_to(b, dtype, device), down, up, self.config.scale, dtype)
             self._per_layer[key] = (rows, self._per_layer[unit])
         return self._per_layer[key]
 
