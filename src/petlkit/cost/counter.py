@@ -73,8 +73,10 @@ def _storage_bytes(t: torch.Tensor) -> int:
 def _touched_bytes(func, args, kwargs, out) -> int:
     """Bytes a kernel reads and writes: its tensor operands' and results' own elements. An
     `out=` argument is the result, written once (not also read)."""
-    written = {a.name for a in func._schema.arguments if a.is_out}
-    read = {k: v for k, v in kwargs.items() if k not in written}
+    read = kwargs
+    if kwargs:
+        written = {a.name for a in func._schema.arguments if a.is_out}
+        read = {k: v for k, v in kwargs.items() if k not in written}
     return sum(t.numel() * t.element_size() for t in _tensors((args, read, out)))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from petlkit.methods.base import StartsEmpty
-from petlkit.methods.placement import cast_side_by_side
+from petlkit.methods.trained_casts import empty_alike
 
 
 def linear_offset(bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
@@ -35,16 +35,17 @@ class LinearOffsets(StartsEmpty):
 
         self._read = WeakIdKeyDictionary()  # owner → None: every scaled linear read so far
         self._forward: object = None
-        self._made: dict[int, tuple] = {}  # id(owner) → (owner, offset)
+        self._made: dict[tuple, tuple] = {}  # (id(owner), dtype) → (owner, offset)
 
     def of(self, owner, inputs, dtype: torch.dtype, forward: object) -> torch.Tensor:
         """`owner`'s γ ⊙ c + β in `dtype`, from the batch of the forward `forward`;
         `inputs(owner)` gives any linear's (c, γ, β) as read now."""
         self._read[owner] = None
-        made = self._made.get(id(owner)) if forward is self._forward else None
-        if made is None or made[0] is not owner or made[1].dtype != dtype:
+        key = (id(owner), dtype)
+        made = self._made.get(key) if forward is self._forward else None
+        if made is None:  # (the batch holds its owners, so an id is not reused while in it)
             self._make(owner, inputs, dtype, forward)
-            made = self._made[id(owner)]
+            made = self._made[key]
         return made[1]
 
     def _make(self, asking, inputs, dtype: torch.dtype, forward: object) -> None:
@@ -58,8 +59,12 @@ class LinearOffsets(StartsEmpty):
         biases, scales, shifts = (list(part) for part in zip(*read, strict=True))
         with torch.no_grad():
             wide = shifts if mine[0] is None else torch._foreach_addcmul(shifts, biases, scales)
-            if wide[0].dtype != dtype:
-                whole = cast_side_by_side([wide], dtype)[0]
-                wide = list(whole.split([t.shape[0] for t in wide]))
-        self._forward = forward
-        self._made = {id(o): (o, w) for o, w in zip(owners, wide, strict=True)}
+            if wide[0].dtype != dtype:  # pieces of one allocation, one foreach copy
+                made = empty_alike(wide, [dtype] * len(wide))
+                torch._foreach_copy_(made, wide)
+                wide = made
+        made = {(id(o), dtype): (o, w) for o, w in zip(owners, wide, strict=True)}
+        if forward is self._forward:  # another dtype or device in the same forward: kept beside
+            self._made.update(made)
+        else:
+            self._forward, self._made = forward, made
