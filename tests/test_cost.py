@@ -139,6 +139,34 @@ def test_the_peak_is_the_most_memory_alive_at_once_in_allocator_blocks():
     assert b.numel() == 100
 
 
+def _blocks(*nbytes: int) -> int:
+    return sum(-(-n // 512) * 512 for n in nbytes)
+
+
+def test_resident_memory_is_what_the_device_holds_before_the_step():
+    """Parameters, buffers, the optimiser's state (AdamW: two moments and a step count per
+    trained tensor) and the batch, each storage once in allocator blocks; the floor trains
+    nothing, so it holds no optimiser state."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    x, labels = torch.randn(16, 64), torch.zeros(16, dtype=torch.long)
+    linear = (64 * 32 * 4, 32 * 4)
+    norm = (32 * 4, 32 * 4, 32 * 4, 32 * 4, 8)  # weight, bias, running mean and var, batches
+    batch = (16 * 64 * 4, 16 * 8)
+    adam = (*linear, *linear, 4, 4)  # exp_avg, exp_avg_sq and a float32 step per tensor
+    forward = lambda m, b: m(b["x"])  # noqa: E731
+    for fake in (True, False):
+        inputs = {"x": x, "first_half": x[:8]}  # a view: its storage is held once
+        trained = count_step(copy.deepcopy(model), inputs, labels, forward, fake=fake)
+        assert trained.resident_bytes == _blocks(*linear, *norm, *batch, *adam)
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        wanted = x.clone().requires_grad_(True)  # the floor's backward to the input
+        floor = count_step(frozen, {"x": wanted}, labels, forward, fake=fake)
+        assert floor.resident_bytes == _blocks(*linear, *norm, *batch)
+    assert trained.totals()["resident_bytes"] == trained.resident_bytes
+
+
 def test_a_host_read_inside_the_step_is_a_sync_and_the_optimizers_step_count_is_not():
     class Reads(nn.Module):
         def __init__(self):
@@ -275,12 +303,15 @@ def test_the_calibration_counts_every_measured_configuration():
     assert set(calibration["counts"]) == {row["name"] for row in truth["vit_b16"]["rows"]}
 
 
-def test_the_counter_still_counts_the_calibrated_floor():
-    """The floor's code has not changed since the ground truth was measured: a counter change
-    that moves its counts needs `python benchmarks/cost_calibration.py` again."""
+@pytest.mark.parametrize("row", [FLOOR, "linear"])
+def test_the_counter_still_counts_the_calibrated_rows_whose_code_is_unchanged(row):
+    """The floor's and linear probing's code have not changed since the ground truth was
+    measured, so today's counter counts them as calibration.json has them (linear probing with
+    the multi-tensor AdamW the table was measured with, its step counts on the host): a counter
+    change that moves these counts needs `python benchmarks/cost_calibration.py` again."""
     truth = load("ground_truth.json")["vit_b16"]
     case = build_case(truth["backbone"], truth["batch"], truth["size"])
-    assert count(case, FLOOR).totals() == load("calibration.json")["counts"]["floor"]
+    assert count(case, row, fused=False).totals() == load("calibration.json")["counts"][row]
 
 
 def test_simulated_peaks_match_the_measured_ones_within_two_percent():
@@ -313,7 +344,7 @@ def _cost(capsys, *args: str) -> tuple[int, str, str]:
 
 def _rows(out: str) -> dict[str, list[str]]:
     cells = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
-    return {c[0].strip(): [x.strip() for x in c[1:]] for c in cells if len(c) == 12}
+    return {c[0].strip(): [x.strip() for x in c[1:]] for c in cells if len(c) == 14}
 
 
 def test_cost_prints_the_floor_each_method_its_folded_form_and_the_ops_it_adds(capsys):
@@ -321,6 +352,10 @@ def test_cost_prints_the_floor_each_method_its_folded_form_and_the_ops_it_adds(c
     rows = _rows(out)
     assert code == 0 and set(rows) == {"method", "floor", "lora", "lora folded", "prompt"}
     assert rows["floor"][1] == rows["floor"][6] == rows["floor"][8] == "1.00"  # ÷ floor columns
+    assert rows["method"][9:11] == ["resident GiB", "total GiB"]
+    for name in ("floor", "lora", "prompt"):  # total: resident + peak, both printed rounded
+        peak, resident, total = (float(v) for v in (rows[name][7], *rows[name][9:11]))
+        assert resident > 0 and abs(total - resident - peak) <= 0.011
     assert fit_ground_truth().describe() in out
     assert "lora − floor, by op" in out and "| aten.mm |" in out
     by_calls = out.split("by ATen calls:")[1].split("\n\n")[0].splitlines()[3:]

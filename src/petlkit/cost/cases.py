@@ -78,16 +78,19 @@ def method_model(case: Case, method: str, **kwargs) -> nn.Module:
 
 
 def count(case: Case, method: str, kwargs: dict | None = None, dtype: torch.dtype = torch.bfloat16,
-          fake: bool = True, fold: bool = False, sources: bool = False) -> StepCount:  # fmt: skip
+          fake: bool = True, fold: bool = False, sources: bool = False,
+          fused: bool = True) -> StepCount:  # fmt: skip
     """One step of `method` (or FLOOR) on `case`, counted; `fold`: trained folded into the
-    weights it adapts (methods/folding.py); `sources`: where each call comes from."""
+    weights it adapts (methods/folding.py); `sources`: where each call comes from; `fused`:
+    AdamW's fused form (False: the multi-tensor form, step.count_step)."""
     if method == FLOOR:
         model, batch = floor_model(case)
     else:
         model, batch = method_model(case, method, **(kwargs or {})), case.batch
         if fold:
             model.set_folded(True)
-    return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake, sources=sources)
+    return count_step(model, batch, case.labels, _logits, dtype=dtype, fake=fake, sources=sources,
+                      fused=fused)  # fmt: skip
 
 
 def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -97,6 +100,8 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def count_rows(spec: dict) -> dict[str, dict[str, int]]:
     """Totals per row of a ground-truth table ({backbone, batch, size, rows: [{name, method,
-    kwargs}]}), keyed by row name."""
+    kwargs}]}), keyed by row name, counted with the multi-tensor AdamW the table was measured
+    with."""
     case = build_case(spec["backbone"], spec["batch"], spec["size"])
-    return {row["name"]: count(case, row["method"], row["kwargs"]).totals() for row in spec["rows"]}
+    return {row["name"]: count(case, row["method"], row["kwargs"], fused=False).totals()
+            for row in spec["rows"]}  # fmt: skip

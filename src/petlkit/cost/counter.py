@@ -102,8 +102,9 @@ class StepCount:
 
     ops: list[OpRecord] = field(default_factory=list)
     syncs: int = 0
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # the most allocated during the step, above what it began with
     saved_bytes: int = 0
+    resident_bytes: int = 0  # held before the step: parameters, buffers, optimiser state, batch
 
     @property
     def aten_calls(self) -> int:
@@ -126,7 +127,7 @@ class StepCount:
         return {"aten_calls": self.aten_calls, "kernels": self.kernels,
                 "gemm_flops": self.gemm_flops, "other_bytes": self.other_bytes,
                 "peak_bytes": self.peak_bytes, "saved_bytes": self.saved_bytes,
-                "syncs": self.syncs}  # fmt: skip
+                "resident_bytes": self.resident_bytes, "syncs": self.syncs}  # fmt: skip
 
     def by_op(self) -> dict[str, dict[str, int]]:
         """Per op name: calls, kernels, GEMM FLOPs and other bytes."""
@@ -174,17 +175,18 @@ def call_source() -> str:
 class OpCounter(TorchDispatchMode):
     """Records every op below autograd and autocast, and the storages alive at each moment."""
 
-    def __init__(self, count: StepCount, sources: bool = False):
+    def __init__(self, count: StepCount, sources: bool = False, host: frozenset[int] = frozenset()):
         super().__init__()
         self.count = count
         self.sources = sources  # record each call's source (call_source: a stack walk per call)
+        self.host = host  # ids of tensors a CUDA run keeps on the host (multi-tensor AdamW's steps)
         self.live = 0
         self.seen: weakref.WeakSet = weakref.WeakSet()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace in IGNORED:
-            return func(*args, **kwargs)
+        if func.namespace in IGNORED or self.host and self._on_host(args, kwargs):
+            return func(*args, **kwargs)  # not the stream, or host arithmetic: no kernel
         packet = func._overloadpacket
         if packet in SYNC_OPS:
             self.count.syncs += 1
@@ -195,6 +197,10 @@ class OpCounter(TorchDispatchMode):
             out = _masked(out, kwargs.get("output_mask", args[-1]))
         self._record(func, packet, args, kwargs, out)
         return out
+
+    def _on_host(self, args, kwargs) -> bool:
+        operands = _tensors((args, kwargs))
+        return bool(operands) and all(id(t) in self.host for t in operands)
 
     @staticmethod
     def _scalar(func, args):

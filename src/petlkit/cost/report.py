@@ -58,15 +58,16 @@ def _folds(case: Case, method: str, kwargs: dict) -> bool:
 def table(rows: list[Row]) -> str:
     floor = rows[0]
     lines = ["| method | ATen calls | ÷ floor | kernels | GEMM TFLOP | other GiB | predicted ms | "
-             "÷ floor | peak GiB | ÷ floor | saved GiB | syncs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "÷ floor | peak GiB | ÷ floor | resident GiB | total GiB | saved GiB | syncs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         c = row.count
         lines.append(
             f"| {row.name} | {c.aten_calls:,} | {c.aten_calls / floor.count.aten_calls:.2f} | "
             f"{c.kernels:,} | {c.gemm_flops / 1e12:.2f} | {c.other_bytes / GIB:.1f} | "
             f"{row.ms:.1f} | {row.ms / floor.ms:.2f} | {c.peak_bytes / GIB:.2f} | "
-            f"{c.peak_bytes / floor.count.peak_bytes:.2f} | {c.saved_bytes / GIB:.2f} | "
+            f"{c.peak_bytes / floor.count.peak_bytes:.2f} | {c.resident_bytes / GIB:.2f} | "
+            f"{(c.resident_bytes + c.peak_bytes) / GIB:.2f} | {c.saved_bytes / GIB:.2f} | "
             f"{c.syncs} |"
         )
     return "\n".join(lines)
@@ -132,7 +133,9 @@ def report(backbone: str, batch: int, size: int, methods: list[str] | None = Non
            "counted on fake tensors as a CUDA device would run it (AdamW, cross-entropy).",
            f"Predicted ms: H100 {fit.describe()} (fitted on ViT-B/16 b128; other shapes "
            "extrapolate). Peak: memory allocated during the step above what was allocated "
-           "before it.", "", table(rows)]  # fmt: skip
+           "before it (resident: the parameters, buffers, optimiser state and batch); total: "
+           "resident + peak, the most the step has allocated (torch.cuda.max_memory_allocated; "
+           "the CUDA context and library workspaces come on top).", "", table(rows)]  # fmt: skip
     out += [f"not applicable: {line}" for line in skipped]
     by_name = {row.name: row for row in rows}
     for name in ops or []:

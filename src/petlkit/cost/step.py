@@ -4,8 +4,9 @@ The step is the one of the GPU ground truth: under autocast, `loss = cross_entro
 labels)`, `loss.backward()` (as `petlkit train` runs it on one process: the trained parameters'
 gradients filled by the node that casts them back), then AdamW (its fused form, as the trainer
 steps CUDA tensors: train/optim.adamw) over the trained tensors and `zero_grad(set_to_none=True)`.
-The ground truth was measured with PyTorch's default there, the multi-tensor form; the fit reads
-the counts of that code (calibration.json), and no floor row has an optimiser. With nothing
+The ground truth was measured with PyTorch's default there, the multi-tensor form (its step
+counts on the host), which `fused=False` counts: the fit reads the counts of that code and form
+(calibration.json, `count_rows`), and no floor row has an optimiser. With nothing
 trained it is the floor: forward and backward to the inputs. A warm-up step first, uncounted,
 creates the optimiser's state and the lazily built caches of the model. torch only (see
 counter.py).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .counter import OpCounter, StepCount
+from .counter import BLOCK, OpCounter, StepCount
 from .cuda_policy import CudaAutocastPolicy
 
 Forward = Callable[[nn.Module, dict], torch.Tensor]
@@ -58,17 +59,20 @@ def _step(model, batch, labels, forward, optimizer, dtype) -> None:
 
 def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: Forward,
                dtype: torch.dtype = torch.bfloat16, fake: bool = True,
-               sources: bool = False) -> StepCount:  # fmt: skip
+               sources: bool = False, fused: bool = True) -> StepCount:  # fmt: skip
     """Counts one training step of `model` (changed in place: pass a copy). Tensors in `batch`
     that require grad get their gradient (the floor's backward to the inputs). `sources`:
-    record where each call comes from (counter.call_source)."""
+    record where each call comes from (counter.call_source). `fused`: AdamW's fused form, as
+    the trainer steps CUDA tensors; False, PyTorch's default multi-tensor form, as the ground
+    truth was measured (the calibration)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     if fake:
         to_fake(model, mode)
         batch = {k: _fake_input(v, mode) for k, v in batch.items()}
         labels = mode.from_tensor(labels)
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=1e-6, fused=True) if trained else None
+    form = {"fused": True} if fused else {"foreach": True}
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, **form) if trained else None
     count = StepCount()
     with mode, CudaAutocastPolicy(), _no_fake_shortcuts():
         with OpCounter(StepCount()):  # warm-up; the counter answers the host's reads
@@ -76,10 +80,26 @@ def count_step(model: nn.Module, batch: dict, labels: torch.Tensor, forward: For
         for t in batch.values():
             if isinstance(t, torch.Tensor):
                 t.grad = None
-        with OpCounter(count, sources=sources):
+        count.resident_bytes = resident_bytes(model, [*batch.values(), labels], optimizer)
+        host = frozenset()  # the multi-tensor form keeps its step counts on the host
+        if optimizer is not None and not fused:
+            host = frozenset(id(state["step"]) for state in optimizer.state.values())
+        with OpCounter(count, sources=sources, host=host):
             _step(model, batch, labels, forward, optimizer, dtype)
-        _count_saved(count, lambda: _step(model, batch, labels, forward, optimizer, dtype))
+        _count_saved(count, host, lambda: _step(model, batch, labels, forward, optimizer, dtype))
     return count
+
+
+def resident_bytes(model: nn.Module, inputs: list, optimizer) -> int:
+    """What the device holds before a step, each storage once, in the caching allocator's
+    blocks: the model's parameters and buffers, the optimiser's state and the batch."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor)]  # fmt: skip
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(-(-size // BLOCK) * BLOCK for size in storages.values())
 
 
 @contextlib.contextmanager
@@ -105,11 +125,11 @@ def _fake_input(value, mode: FakeTensorMode):
     return mode.from_tensor(value.detach()).requires_grad_(value.requires_grad)
 
 
-def _count_saved(count: StepCount, step: Callable[[], None]) -> None:
+def _count_saved(count: StepCount, host: frozenset[int], step: Callable[[], None]) -> None:
     """The bytes of step-made storages autograd saves for backward (each once), from one more
     step run apart: the hooks that see them change the op stream (autograd then detaches what
     a custom Function unpacks, and no longer what a node saves of its own output)."""
-    counter = OpCounter(StepCount())
+    counter = OpCounter(StepCount(), host=host)
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
