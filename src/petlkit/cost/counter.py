@@ -34,6 +34,8 @@ NO_KERNEL = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
              aten._has_compatible_shallow_copy_type, aten.resize_, aten._unsafe_view,
              aten._reshape_alias}  # fmt: skip
 IGNORED = ("prim", "prims", "profiler")  # fake tensors' own ops, profiler marks: not the stream
+# Indexing ops that, given a boolean (or uint8) mask, find its true positions first: a sync.
+MASK_INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
 
 def _attention_flops(query: torch.Tensor, key: torch.Tensor, backward: bool) -> int:
@@ -78,6 +80,45 @@ def _touched_bytes(func, args, kwargs, out) -> int:
         written = {a.name for a in func._schema.arguments if a.is_out}
         read = {k: v for k, v in kwargs.items() if k not in written}
     return sum(t.numel() * t.element_size() for t in _tensors((args, read, out)))
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
+def _call(func, packet, args, kwargs):
+    """The op's result. On fake tensors an op whose result's size depends on the data (the
+    true positions of a mask) has no size to give; it is run as if every position were true,
+    as `OpCounter._scalar` answers a host's test: the counted batches are all real tokens."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    try:
+        return func(*args, **kwargs)
+    except DynamicOutputShapeException:
+        if packet is aten.nonzero:
+            mask = args[0]
+            return torch.empty(mask.numel(), mask.dim(), dtype=torch.long, device=mask.device)
+        if packet is aten.masked_select:
+            numel = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
+            return args[0].new_empty(numel)
+        if packet in MASK_INDEXING:
+            return func(args[0], _all_true(args[1]), *args[2:], **kwargs)
+        raise NotImplementedError(
+            f"{packet}: its result's size depends on the data, which fake tensors do not hold; "
+            "count this model with fake=False (a real CPU run), or leave the op out of the step"
+        ) from None
+
+
+def _all_true(indices: list) -> list:
+    """Indices with each mask replaced by the positions it selects when all are true."""
+    out = []
+    for index in indices:
+        if not _is_mask(index):
+            out.append(index)
+            continue
+        ranges = [torch.arange(n, device=index.device) for n in index.shape]
+        out += [grid.reshape(-1) for grid in torch.meshgrid(*ranges, indexing="ij")]
+    return out
 
 
 def _masked(out: tuple, mask) -> tuple:
@@ -188,11 +229,11 @@ class OpCounter(TorchDispatchMode):
         if func.namespace in IGNORED or self.host and self._on_host(args, kwargs):
             return func(*args, **kwargs)  # not the stream, or host arithmetic: no kernel
         packet = func._overloadpacket
-        if packet in SYNC_OPS:
+        if packet in SYNC_OPS or packet in MASK_INDEXING and any(map(_is_mask, args[1])):
             self.count.syncs += 1
             if packet in (aten._local_scalar_dense, aten.is_nonzero):
                 return self._scalar(func, args)
-        out = func(*args, **kwargs)
+        out = _call(func, packet, args, kwargs)
         if packet is aten.native_batch_norm_backward:
             out = _masked(out, kwargs.get("output_mask", args[-1]))
         self._record(func, packet, args, kwargs, out)
