@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import petlkit
 from petlkit.backbones import vit
+from petlkit.errors import PetlError
 
 from .counter import StepCount
 from .step import count_step
@@ -36,9 +38,14 @@ class Case:
 
 
 def build_case(backbone: str, batch: int, size: int, num_classes: int = 10) -> Case:
-    """`size`: image side in pixels (vision) or tokens per sequence (text)."""
+    """`size`: image side in pixels (vision) or tokens per sequence (text). A transformers
+    config (a config.json, or a folder holding one) is counted at its shapes without its
+    weights (`case_from_config`)."""
     torch.manual_seed(0)
     labels = torch.randint(0, num_classes, (batch,))
+    config = _config_file(backbone)
+    if config is not None:
+        return case_from_config(config, batch, size, num_classes)
     if backbone in VIT_SHAPES:
         shape = dict(VIT_SHAPES[backbone])
         model = vit(shape.pop("preset"), img_size=size, num_classes=num_classes, **shape)
@@ -51,6 +58,42 @@ def build_case(backbone: str, batch: int, size: int, num_classes: int = 10) -> C
         labels = torch.randint(1000, 20000, (batch, size))
     # no padding, so no mask: the trainer leaves out a mask that masks nothing (train/inputs.py)
     return Case(built.model, {"input_ids": ids}, labels, "text")
+
+
+def _config_file(backbone: str) -> Path | None:
+    path = Path(backbone)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    return path if path.is_file() and path.suffix == ".json" else None
+
+
+def case_from_config(config_file: Path, batch: int, size: int, num_classes: int = 10,
+                     device: str = "meta") -> Case:  # fmt: skip
+    """A text task model of the architecture a transformers config describes, built on the
+    meta device (`device`): no weights are read or made, so a model too large for this
+    machine is counted as well (the counter makes each meta tensor a fake CPU one). A decoder
+    pools its last token, an encoder its first, as `petlkit train` would."""
+    from transformers import AutoConfig, AutoModel
+
+    from petlkit.backbones.text import TextClassifier
+    from petlkit.layout import layout_of
+
+    config = AutoConfig.from_pretrained(config_file)
+    vocabulary = getattr(config, "vocab_size", None)
+    if not vocabulary:
+        raise PetlError(f"{config_file}: counting from a config takes a text model's "
+                        "config (one with vocab_size); a ViT is counted by its shape name, "
+                        "such as vit-b16")  # fmt: skip
+    with torch.device(device):
+        try:
+            encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler
+            encoder = AutoModel.from_config(config)
+        pooling = "last" if layout_of(encoder).causal else "cls"
+        model = TextClassifier(encoder, num_classes, pooling)
+    labels = torch.randint(0, num_classes, (batch,))
+    ids = torch.randint(0, vocabulary, (batch, size))
+    return Case(model, {"input_ids": ids}, labels, "text")
 
 
 def floor_model(case: Case) -> tuple[nn.Module, dict]:

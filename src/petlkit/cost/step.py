@@ -37,13 +37,22 @@ def to_fake(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
         for name, p in list(module._parameters.items()):
             if p is not None:
                 if id(p) not in memo:
-                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), p.requires_grad)
+                    memo[id(p)] = nn.Parameter(_fake(mode, p.detach()), p.requires_grad)
                 module._parameters[name] = memo[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None:
-                memo.setdefault(id(b), mode.from_tensor(b))
+                if id(b) not in memo:
+                    memo[id(b)] = _fake(mode, b)
                 module._buffers[name] = memo[id(b)]
     return model
+
+
+def _fake(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    """t as a fake tensor; one on the meta device (a model built without its weights) as a
+    fake CPU tensor, so that CPU autocast acts on it as on the rest."""
+    if t.is_meta:
+        return mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))
+    return mode.from_tensor(t)
 
 
 def _step(model, batch, labels, forward, optimizer, dtype) -> None:

@@ -1,0 +1,55 @@
+"""`petlkit cost` on a transformers config alone: the architecture built on the meta device, no
+weights read or made, counted as the same architecture with weights is."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import BertConfig, LlamaConfig, ViTConfig
+
+from petlkit.cost.cases import FLOOR, build_case, case_from_config, count
+from petlkit.errors import PetlError
+
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=500)  # fmt: skip
+
+
+@pytest.fixture(params=["bert", "llama"])
+def config_folder(request, tmp_path):
+    if request.param == "bert":
+        BertConfig(**SHAPE).save_pretrained(tmp_path)
+    else:
+        LlamaConfig(num_key_value_heads=2, **SHAPE).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("method", [FLOOR, "lora", "sas", "unipelt-prompt"])
+def test_a_config_is_counted_as_the_same_model_with_weights(config_folder, method):
+    without = case_from_config(config_folder / "config.json", batch=2, size=8)
+    assert next(without.model.parameters()).is_meta  # nothing was made
+    weighted = case_from_config(config_folder / "config.json", batch=2, size=8, device="cpu")
+    assert count(without, method).totals() == count(weighted, method).totals()
+
+
+def test_a_folder_or_its_config_file_names_the_backbone(config_folder):
+    by_folder = build_case(str(config_folder), batch=2, size=8)
+    by_file = build_case(str(config_folder / "config.json"), batch=2, size=8)
+    assert by_folder.family == by_file.family == "text"
+    assert count(by_folder, "lora").totals() == count(by_file, "lora").totals()
+    decoder = "llama" in type(by_folder.model.encoder).__name__.lower()
+    assert by_folder.model.pooling == ("last" if decoder else "cls")
+    ids = by_folder.batch["input_ids"]
+    assert ids.shape == (2, 8) and int(ids.max()) < SHAPE["vocab_size"]
+
+
+def test_the_cost_command_counts_a_config_and_refuses_one_without_a_vocabulary(tmp_path, capsys):
+    from petlkit.cli import main
+
+    LlamaConfig(num_key_value_heads=2, **SHAPE).save_pretrained(tmp_path / "llama")
+    code = main(["cost", "--backbone", str(tmp_path / "llama"), "--batch", "2", "--size", "8",
+                 "--methods", "lora", "--no-folded"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "| lora |" in out and "| floor |" in out
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+              intermediate_size=64).save_pretrained(tmp_path / "vit")  # fmt: skip
+    with pytest.raises(PetlError, match="text model's config"):
+        build_case(str(tmp_path / "vit"), batch=2, size=8)
