@@ -107,8 +107,7 @@ def save_adapter(
     if method.merged:
         raise PetlError("the model is merged: call unmerge() before saving the adapter")
     folder = Path(folder)
-    with petl.disable():  # full fine-tuning must not hide its weights; fingerprint is shape-only
-        fingerprint = backbone_fingerprint(petl.model)
+    fingerprint = backbone_fingerprint(petl.model)  # names and shapes: the same enabled or not
     method_config, state = _state_to_save(petl, name, compact)
     config = {
         "format_version": FORMAT_VERSION,

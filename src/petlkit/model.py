@@ -131,15 +131,24 @@ class PetlModel(nn.Module):
         """Apply and train only these methods; the others stay attached but bypassed."""
         for name in names:
             self._get(name)
+        self._check_bypass(n for n in self.methods if n not in names)
         self.active = list(names)
         for name, method in self.methods.items():
             method.set_enabled(self.model, name in self.active)
         self._apply_trainability()
 
+    def _check_bypass(self, names) -> None:
+        """Refuse before anything changes when a method to bypass cannot be."""
+        for name in names:
+            reason = self.methods[name].disable_refusal()
+            if reason is not None:
+                raise PetlError(reason)
+
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:
         """Inside the block the model computes exactly the untouched backbone (+ head). A merged
         model is unmerged for the block (the original weights are kept) and merged again after."""
+        self._check_bypass(self.methods)
         saved = list(self.active)
         merged = any(m.merged for m in self.methods.values())
         if merged:

@@ -201,6 +201,11 @@ class Method(nn.Module):
         parts (prefix tuning's reparameterisation MLP) return the compact form."""
         return self.config, dict(self.trainable(model))
 
+    def disable_refusal(self) -> str | None:
+        """None when the method can be bypassed (`disable()`, `set_active` without it), else why
+        not; checked for every method before any is bypassed."""
+        return None
+
     def set_enabled(self, model: nn.Module, enabled: bool) -> None:
         self.enabled = enabled
         for _, tuner in self.tuners(model):

@@ -15,7 +15,13 @@ from petlkit.registry import register_method
 
 @dataclasses.dataclass(frozen=True)
 class FullFineTuneConfig(MethodConfig):
-    """Train every backbone weight. Keeps the pretrained weights to give `disable()` exactly."""
+    """Train every backbone weight. keep_pretrained: keep a copy of every pretrained weight
+    beside the model, on its device (one more backbone's worth of memory), so that `disable()`
+    and removing the method give the pretrained backbone back exactly; False keeps none (a
+    larger model fits): the method then cannot be bypassed, and removing it leaves the
+    fine-tuned weights."""
+
+    keep_pretrained: bool = True
 
 
 def _key(name: str) -> str:
@@ -33,14 +39,25 @@ class FullFineTune(Method):
         self._params = backbone_parameters(model)
         # buffers (not saved in state dicts): they move with the model on .to(device)
         self.pretrained = nn.Module()
-        for name, param in self._params.items():
-            self.pretrained.register_buffer(_key(name), param.detach().clone(), persistent=False)
+        if self.config.keep_pretrained:
+            for name, param in self._params.items():
+                self.pretrained.register_buffer(_key(name), param.detach().clone(),
+                                                persistent=False)  # fmt: skip
         self._swapped = False
+
+    def disable_refusal(self) -> str | None:
+        if self.config.keep_pretrained:
+            return None
+        return (f"{self.name!r} (full) keeps no pretrained weights (keep_pretrained=False), so "
+                "it cannot be bypassed; attach it with keep_pretrained=True to compare with the "
+                "pretrained model")  # fmt: skip
 
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return backbone_parameters(model)
 
     def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        if not enabled and self.disable_refusal() is not None:
+            raise PetlError(self.disable_refusal())
         super().set_enabled(model, enabled)
         if enabled == self._swapped:  # swap tensors, no copies
             for name, param in self._params.items():
@@ -50,7 +67,10 @@ class FullFineTune(Method):
             self._swapped = not enabled
 
     def detach(self, model: nn.Module) -> None:
-        """Removing full fine-tuning gives the pretrained backbone back."""
+        """Removing full fine-tuning gives the pretrained backbone back (with keep_pretrained=False
+        there is none to give: the fine-tuned weights stay)."""
+        if not self.config.keep_pretrained:
+            return
         with torch.no_grad():
             for name, param in self._params.items():
                 if not self._swapped:
