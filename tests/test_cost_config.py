@@ -4,9 +4,9 @@ weights read or made, counted as the same architecture with weights is."""
 from __future__ import annotations
 
 import pytest
-from transformers import BertConfig, LlamaConfig, ViTConfig
+from transformers import BertConfig, LlamaConfig, PretrainedConfig, SiglipTextConfig, ViTConfig
 
-from petlkit.cost.cases import FLOOR, build_case, case_from_config, count
+from petlkit.cost.cases import FLOOR, _model, build_case, case_from_config, count
 from petlkit.errors import PetlError
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -53,3 +53,20 @@ def test_the_cost_command_counts_a_config_and_refuses_one_without_a_vocabulary(t
               intermediate_size=64).save_pretrained(tmp_path / "vit")  # fmt: skip
     with pytest.raises(PetlError, match="text model's config"):
         build_case(str(tmp_path / "vit"), batch=2, size=8)
+
+
+def test_a_text_tower_automodel_does_not_map_is_built_from_its_own_class(tmp_path):
+    SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=500).save_pretrained(tmp_path)  # fmt: skip
+    without = case_from_config(tmp_path / "config.json", batch=2, size=8)
+    assert type(without.model.encoder).__name__ == "SiglipTextModel"
+    weighted = case_from_config(tmp_path / "config.json", batch=2, size=8, device="cpu")
+    assert count(without, "lora").totals() == count(weighted, "lora").totals()
+
+
+def test_a_config_with_no_model_class_is_named(tmp_path):
+    class NoSuchConfig(PretrainedConfig):
+        model_type = "no-such"
+
+    with pytest.raises(PetlError, match="no model class for NoSuchConfig.*NoSuchModel"):
+        _model(NoSuchConfig(), tmp_path / "config.json")

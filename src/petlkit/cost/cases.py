@@ -73,7 +73,7 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
     meta device (`device`): no weights are read or made, so a model too large for this
     machine is counted as well (the counter makes each meta tensor a fake CPU one). A decoder
     pools its last token, an encoder its first, as `petlkit train` would."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from petlkit.backbones.text import TextClassifier
     from petlkit.layout import layout_of
@@ -86,14 +86,30 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
                         "such as vit-b16")  # fmt: skip
     with torch.device(device):
         try:
-            encoder = AutoModel.from_config(config, add_pooling_layer=False)
+            encoder = _model(config, config_file, add_pooling_layer=False)
         except TypeError:  # architectures without a pooler
-            encoder = AutoModel.from_config(config)
+            encoder = _model(config, config_file)
         pooling = "last" if layout_of(encoder).causal else "cls"
         model = TextClassifier(encoder, num_classes, pooling)
     labels = torch.randint(0, num_classes, (batch,))
     ids = torch.randint(0, vocabulary, (batch, size))
     return Case(model, {"input_ids": ids}, labels, "text")
+
+
+def _model(config, source: Path, **kwargs) -> nn.Module:
+    """The bare model of `config`: AutoModel's, else the class named after the config (a text
+    tower AutoModel does not map, such as SiglipTextConfig → SiglipTextModel)."""
+    import transformers
+
+    try:
+        return transformers.AutoModel.from_config(config, **kwargs)
+    except ValueError:
+        name = type(config).__name__.removesuffix("Config") + "Model"
+        if not hasattr(transformers, name):
+            kind = type(config).__name__
+            raise PetlError(f"{source}: transformers has no model class for {kind} (looked "
+                            f"for AutoModel's and {name})") from None  # fmt: skip
+        return getattr(transformers, name)(config, **kwargs)
 
 
 def floor_model(case: Case) -> tuple[nn.Module, dict]:
