@@ -69,10 +69,11 @@ def _config_file(backbone: str) -> Path | None:
 
 def case_from_config(config_file: Path, batch: int, size: int, num_classes: int = 10,
                      device: str = "meta") -> Case:  # fmt: skip
-    """A text task model of the architecture a transformers config describes, built on the
-    meta device (`device`): no weights are read or made, so a model too large for this
-    machine is counted as well (the counter makes each meta tensor a fake CPU one). A decoder
-    pools its last token, an encoder its first, as `petlkit train` would."""
+    """A task model of the architecture a transformers config describes, built on the meta
+    device (`device`): no weights are read or made, so a model too large for this machine is
+    counted as well (the counter makes each meta tensor a fake CPU one). A text model gets a
+    classifier (a decoder pools its last token, an encoder its first, as `petlkit train`
+    would); an image model is transformers' own classifier of it, at `size` pixels."""
     from transformers import AutoConfig
 
     from petlkit.backbones.text import TextClassifier
@@ -80,15 +81,17 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
 
     config = AutoConfig.from_pretrained(config_file)
     vocabulary = getattr(config, "vocab_size", None)
+    if not vocabulary and getattr(config, "image_size", None):
+        return _image_case(config, config_file, batch, size, num_classes, device)
     if not vocabulary:
-        raise PetlError(f"{config_file}: counting from a config takes a text model's "
-                        "config (one with vocab_size); a ViT is counted by its shape name, "
-                        "such as vit-b16")  # fmt: skip
+        raise PetlError(f"{config_file}: counting from a config takes a text model's config "
+                        "(one with vocab_size) or an image model's (image_size)")  # fmt: skip
     with torch.device(device):
         try:
-            encoder = _model(config, config_file, add_pooling_layer=False)
+            encoder = _built(config, config_file, "AutoModel", "Model", "model",
+                             add_pooling_layer=False)  # fmt: skip
         except TypeError:  # architectures without a pooler
-            encoder = _model(config, config_file)
+            encoder = _built(config, config_file, "AutoModel", "Model", "model")
         pooling = "last" if layout_of(encoder).causal else "cls"
         model = TextClassifier(encoder, num_classes, pooling)
     labels = torch.randint(0, num_classes, (batch,))
@@ -96,19 +99,35 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
     return Case(model, {"input_ids": ids}, labels, "text")
 
 
-def _model(config, source: Path, **kwargs) -> nn.Module:
-    """The bare model of `config`: AutoModel's, else the class named after the config (a text
-    tower AutoModel does not map, such as SiglipTextConfig → SiglipTextModel)."""
+def _image_case(config, source: Path, batch: int, size: int, num_classes: int,
+                device: str) -> Case:  # fmt: skip
+    """An image classifier of the architecture `config` describes (transformers' own, with its
+    head), at `size` pixels, on `device`."""
+    config.image_size, config.num_labels = size, num_classes
+    with torch.device(device):
+        model = _built(config, source, "AutoModelForImageClassification",
+                       "ForImageClassification", "image classifier")  # fmt: skip
+    labels = torch.randint(0, num_classes, (batch,))
+    pixels = torch.randn(batch, getattr(config, "num_channels", 3), size, size)
+    return Case(model, {"pixel_values": pixels}, labels, "vision")
+
+
+def _built(config, source: Path, auto: str, suffix: str, what: str, **kwargs) -> nn.Module:
+    """`config`'s model from transformers' `auto` class, else from the class named after the
+    config (a text tower AutoModel does not map, SiglipTextConfig → SiglipTextModel; a config
+    the auto class maps to several, DeiTConfig → DeiTForImageClassification)."""
     import transformers
 
     try:
-        return transformers.AutoModel.from_config(config, **kwargs)
-    except ValueError:
-        name = type(config).__name__.removesuffix("Config") + "Model"
+        return getattr(transformers, auto).from_config(config, **kwargs)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, TypeError) and config.architectures is not None:
+            raise  # an argument the class does not take (a pooler where there is none)
+        name = type(config).__name__.removesuffix("Config") + suffix
         if not hasattr(transformers, name):
             kind = type(config).__name__
-            raise PetlError(f"{source}: transformers has no model class for {kind} (looked "
-                            f"for AutoModel's and {name})") from None  # fmt: skip
+            raise PetlError(f"{source}: transformers builds no {what} from {kind} (looked for "
+                            f"{auto}'s and {name})") from None  # fmt: skip
         return getattr(transformers, name)(config, **kwargs)
 
 
@@ -117,8 +136,9 @@ def floor_model(case: Case) -> tuple[nn.Module, dict]:
     output (token ids have no gradient). No PETL step can cost less."""
     model = copy.deepcopy(case.model).train()
     model.requires_grad_(False)
-    if case.family == "vision":
-        return model, dict(case.batch, pixels=case.batch["pixels"].clone().requires_grad_(True))
+    if case.family == "vision":  # one input: the images, as `pixels` or `pixel_values`
+        ((key, images),) = case.batch.items()
+        return model, {key: images.clone().requires_grad_(True)}
     _input_embeddings(model).register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     return model, case.batch
 

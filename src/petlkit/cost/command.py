@@ -14,9 +14,9 @@ def add_parser(sub) -> None:
     cost.add_argument(
         "--backbone",
         default="vit-b16",
-        help="vit-b16, vit-tiny, any backbone name, or a transformers text model's config (a "
-        "config.json or a folder holding one: counted at its shapes, its weights never read) "
-        "(default vit-b16)",
+        help="vit-b16, vit-tiny, any backbone name, or a transformers text model's or image "
+        "classifier's config (a config.json or a folder holding one: counted at its shapes, "
+        "its weights never read) (default vit-b16)",
     )
     cost.add_argument("--batch", type=int, default=128)
     cost.add_argument(
