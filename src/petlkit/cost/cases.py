@@ -42,10 +42,10 @@ def build_case(backbone: str, batch: int, size: int, num_classes: int = 10) -> C
     config (a config.json, or a folder holding one) is counted at its shapes without its
     weights (`case_from_config`)."""
     torch.manual_seed(0)
-    labels = torch.randint(0, num_classes, (batch,))
     config = _config_file(backbone)
     if config is not None:
         return case_from_config(config, batch, size, num_classes)
+    labels = torch.randint(0, num_classes, (batch,))
     if backbone in VIT_SHAPES:
         shape = dict(VIT_SHAPES[backbone])
         model = vit(shape.pop("preset"), img_size=size, num_classes=num_classes, **shape)
@@ -80,9 +80,10 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
     from petlkit.layout import layout_of
 
     config = AutoConfig.from_pretrained(config_file)
+    labels = torch.randint(0, num_classes, (batch,))
     vocabulary = getattr(config, "vocab_size", None)
     if not vocabulary and getattr(config, "image_size", None):
-        return _image_case(config, config_file, batch, size, num_classes, device)
+        return _image_case(config, config_file, size, num_classes, labels, device)
     if not vocabulary:
         raise PetlError(f"{config_file}: counting from a config takes a text model's config "
                         "(one with vocab_size) or an image model's (image_size)")  # fmt: skip
@@ -94,12 +95,11 @@ def case_from_config(config_file: Path, batch: int, size: int, num_classes: int 
             encoder = _built(config, config_file, "AutoModel", "Model", "model")
         pooling = "last" if layout_of(encoder).causal else "cls"
         model = TextClassifier(encoder, num_classes, pooling)
-    labels = torch.randint(0, num_classes, (batch,))
     ids = torch.randint(0, vocabulary, (batch, size))
     return Case(model, {"input_ids": ids}, labels, "text")
 
 
-def _image_case(config, source: Path, batch: int, size: int, num_classes: int,
+def _image_case(config, source: Path, size: int, num_classes: int, labels: torch.Tensor,
                 device: str) -> Case:  # fmt: skip
     """An image classifier of the architecture `config` describes (transformers' own, with its
     head), at `size` pixels, on `device`."""
@@ -107,8 +107,7 @@ def _image_case(config, source: Path, batch: int, size: int, num_classes: int,
     with torch.device(device):
         model = _built(config, source, "AutoModelForImageClassification",
                        "ForImageClassification", "image classifier")  # fmt: skip
-    labels = torch.randint(0, num_classes, (batch,))
-    pixels = torch.randn(batch, getattr(config, "num_channels", 3), size, size)
+    pixels = torch.randn(len(labels), getattr(config, "num_channels", 3), size, size)
     return Case(model, {"pixel_values": pixels}, labels, "vision")
 
 
@@ -120,15 +119,16 @@ def _built(config, source: Path, auto: str, suffix: str, what: str, **kwargs) ->
 
     try:
         return getattr(transformers, auto).from_config(config, **kwargs)
-    except (ValueError, TypeError) as err:
-        if isinstance(err, TypeError) and config.architectures is not None:
+    except TypeError:
+        if kwargs:
             raise  # an argument the class does not take (a pooler where there is none)
-        name = type(config).__name__.removesuffix("Config") + suffix
-        if not hasattr(transformers, name):
-            kind = type(config).__name__
-            raise PetlError(f"{source}: transformers builds no {what} from {kind} (looked for "
-                            f"{auto}'s and {name})") from None  # fmt: skip
-        return getattr(transformers, name)(config, **kwargs)
+    except ValueError:
+        pass  # a config the auto class does not map
+    name = type(config).__name__.removesuffix("Config") + suffix
+    if not hasattr(transformers, name):
+        raise PetlError(f"{source}: transformers builds no {what} from {type(config).__name__} "
+                        f"(looked for {auto}'s and {name})")  # fmt: skip
+    return getattr(transformers, name)(config, **kwargs)
 
 
 def floor_model(case: Case) -> tuple[nn.Module, dict]:

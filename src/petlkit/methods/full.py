@@ -56,8 +56,9 @@ class FullFineTune(Method):
         return backbone_parameters(model)
 
     def set_enabled(self, model: nn.Module, enabled: bool) -> None:
-        if not enabled and self.disable_refusal() is not None:
-            raise PetlError(self.disable_refusal())
+        refusal = None if enabled else self.disable_refusal()
+        if refusal is not None:
+            raise PetlError(refusal)
         super().set_enabled(model, enabled)
         if enabled == self._swapped:  # swap tensors, no copies
             for name, param in self._params.items():
